@@ -1,0 +1,11 @@
+"""Thin ComfyUI nodes over `pipeline/`; one module per family."""
+from comfy_api.latest import ComfyExtension, io
+
+from . import loader
+
+NODE_CLASSES = [*loader.NODES]
+
+
+class NewBieExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODE_CLASSES

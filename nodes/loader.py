@@ -1,0 +1,82 @@
+"""NewBie Loader: MODEL, CLIP and VAE from ComfyUI's single files or the official folder layout."""
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..pipeline import loader, model_files
+
+
+def _dit_choices() -> list[str]:
+    folders = model_files.newbie_folders(folder_paths.get_folder_paths("diffusers"))
+    return [model_files.FOLDER_PREFIX + f for f in folders] + folder_paths.get_filename_list("diffusion_models")
+
+
+class NewBieLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="NewBieLoader",
+            display_name="NewBie Loader",
+            category="NewBie",
+            description="Loads NewBie-image (DiT, Gemma-3 + Jina CLIP v2 text encoders, FLUX VAE) as ComfyUI's own "
+                        "MODEL, CLIP and VAE, in fp16 by default.",
+            inputs=[
+                io.Combo.Input("diffusion_model", options=_dit_choices(),
+                               tooltip="The NewBie DiT from models/diffusion_models, or 'folder: <name>' for the "
+                                       "official repository layout under models/diffusers."),
+                io.Combo.Input("gemma", options=[model_files.AUTO] + folder_paths.get_filename_list("text_encoders"),
+                               default=model_files.AUTO,
+                               tooltip="Gemma-3-4B text encoder (models/text_encoders). 'auto': the folder's own, "
+                                       "or the one file whose name contains 'gemma'."),
+                io.Combo.Input("jina", options=[model_files.AUTO] + folder_paths.get_filename_list("text_encoders"),
+                               default=model_files.AUTO,
+                               tooltip="Jina CLIP v2 text encoder (models/text_encoders). 'auto': the folder's own, "
+                                       "or the one file whose name contains 'jina'."),
+                io.Combo.Input("vae", options=[model_files.AUTO] + folder_paths.get_filename_list("vae"),
+                               default=model_files.AUTO,
+                               tooltip="FLUX.1 VAE (models/vae). 'auto': the folder's own, or ae.safetensors."),
+                io.Combo.Input("precision", options=list(loader.PRECISIONS), default="fp16",
+                               tooltip="DiT weight precision. fp16 runs on every CUDA card (T4, V100, RTX 20xx "
+                                       "included); bf16 needs Ampere or newer; fp32 doubles memory."),
+                io.Combo.Input("text_encoder_precision", options=["auto"] + list(loader.PRECISIONS), default="auto",
+                               tooltip="Precision of Gemma-3 and Jina. 'auto' lets ComfyUI choose for this GPU."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL"),
+                io.Clip.Output(display_name="CLIP"),
+                io.Vae.Output(display_name="VAE"),
+                io.String.Output(display_name="report", tooltip="What was loaded: sizes, precisions, files."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, diffusion_model, gemma, jina, vae, precision, text_encoder_precision) -> io.NodeOutput:
+        if diffusion_model.startswith(model_files.FOLDER_PREFIX):
+            folder = model_files.resolve_folder(diffusion_model[len(model_files.FOLDER_PREFIX):],
+                                                folder_paths.get_folder_paths("diffusers"))
+            parts = loader.read_folder(folder)
+            # Single files picked explicitly replace the folder's own part.
+            overrides = {k: v for k, v in (("gemma", gemma), ("jina", jina), ("vae", vae)) if v != model_files.AUTO}
+            if overrides:
+                single = loader.read_single_files({**parts.paths, **{k: _full(k, v) for k, v in overrides.items()}})
+                parts = loader.NewBieParts(parts.dit, single.gemma, single.jina, single.vae,
+                                           single.gemma_tokenizer, single.jina_tokenizer,
+                                           {**parts.paths, **{k: _full(k, v) for k, v in overrides.items()}})
+        else:
+            paths = {"dit": folder_paths.get_full_path_or_raise("diffusion_models", diffusion_model)}
+            for part, choice, kind in (("gemma", gemma, "text_encoders"), ("jina", jina, "text_encoders"),
+                                       ("vae", vae, "vae")):
+                if choice == model_files.AUTO:
+                    choice = model_files.pick_auto(part, folder_paths.get_filename_list(kind), f"models/{kind}")
+                paths[part] = _full(part, choice)
+            parts = loader.read_single_files(paths)
+        loaded = loader.load_newbie(parts, precision, text_encoder_precision)
+        return io.NodeOutput(loaded.model, loaded.clip, loaded.vae, loaded.report)
+
+
+def _full(part: str, name: str) -> str:
+    return folder_paths.get_full_path_or_raise("vae" if part == "vae" else "text_encoders", name)
+
+
+NODES = [NewBieLoader]

@@ -1,0 +1,241 @@
+"""Build ComfyUI's own MODEL (ModelPatcher), CLIP and VAE objects from NewBie files of any size.
+
+Two layouts are read: ComfyUI's single files (one file per part) and the official repository's
+diffusers-style folder (converted to ComfyUI key names by `keymaps`). Dimensions come from the tensors
+(`detect`), so a tiny test model and the full 3.5B model go through the same code. The objects returned
+are plain ComfyUI objects: KSampler, LoRA loaders, ModelSamplingAuraFlow and every other node accept them.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, detect
+from .errors import ModelFileError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+EXPECT = {
+    "dit": "a NewBie-image DiT (.safetensors, e.g. NewBie-Image-Exp0.1-bf16.safetensors)",
+    "gemma": "the Gemma-3-4B text encoder (.safetensors, e.g. gemma_3_4b_it_bf16.safetensors)",
+    "jina": "the Jina CLIP v2 text encoder (.safetensors, e.g. jina_clip_v2_bf16.safetensors)",
+    "vae": "the FLUX.1 VAE (.safetensors, e.g. ae.safetensors)",
+}
+
+
+@dataclass
+class NewBieParts:
+    """The four parts in ComfyUI's key layout, with the tokenizers and where each came from."""
+    dit: dict
+    gemma: dict
+    jina: dict
+    vae: dict
+    gemma_tokenizer: object
+    jina_tokenizer: object
+    paths: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoadedNewBie:
+    model: object
+    clip: object
+    vae: object
+    report: str
+
+
+def _expect_kind(sd: dict, path, part: str, signature: str) -> None:
+    if signature not in sd:
+        raise ModelFileError(path, f"this file holds {checkpoint.identify(sd.keys())}", EXPECT[part])
+
+
+def read_single_files(paths: dict) -> NewBieParts:
+    """paths: {'dit', 'gemma', 'jina', 'vae'} -> file paths (ComfyUI's single-file layout)."""
+    sds = {part: checkpoint.load_state_dict(paths[part], EXPECT[part]) for part in ("dit", "gemma", "jina", "vae")}
+    # Full checkpoints carry the DiT under model.diffusion_model.; ComfyUI's UNETLoader accepts both.
+    sds["dit"] = checkpoint.strip_prefix(sds["dit"], ("model.diffusion_model.", "diffusion_model."))
+    _expect_kind(sds["dit"], paths["dit"], "dit", "cap_embedder.1.weight")
+    _expect_kind(sds["gemma"], paths["gemma"], "gemma", "model.layers.0.self_attn.q_norm.weight")
+    _expect_kind(sds["jina"], paths["jina"], "jina", "model.encoder.layers.0.mixer.Wqkv.weight")
+    _expect_kind(sds["vae"], paths["vae"], "vae", "decoder.conv_in.weight")
+    for part in ("gemma", "jina"):
+        if "spiece_model" not in sds[part]:
+            raise ModelFileError(paths[part], "has no embedded tokenizer ('spiece_model')",
+                                 "ComfyUI's single-file text encoder with its tokenizer inside")
+    gemma_tok = sds["gemma"].pop("spiece_model")
+    jina_tok = sds["jina"].pop("spiece_model")
+    return NewBieParts(sds["dit"], sds["gemma"], sds["jina"], sds["vae"], gemma_tok, jina_tok, dict(paths))
+
+
+def _folder_file(folder: Path, sub: str, names: tuple, part: str) -> Path:
+    for name in names:
+        p = folder / sub / name
+        if p.exists():
+            return p
+    raise ModelFileError(folder / sub, f"no {' or '.join(names)} found",
+                         f"{EXPECT[part]} in the official folder layout")
+
+
+def read_folder(folder: Path) -> NewBieParts:
+    """The official repository's diffusers-style folder (model_index.json, transformer/, text_encoder/, ...)."""
+    from . import keymaps
+
+    folder = Path(folder)
+    if not (folder / "model_index.json").exists():
+        raise ModelFileError(folder, "model_index.json is missing", "the official NewBie folder layout")
+    weights = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+    paths = {
+        "dit": _folder_file(folder, "transformer", weights, "dit"),
+        "gemma": _folder_file(folder, "text_encoder", weights, "gemma"),
+        "jina": _folder_file(folder, "clip_model", weights, "jina"),
+        "vae": _folder_file(folder, "vae", weights, "vae"),
+    }
+    tok_paths = {
+        "gemma": _folder_file(folder, "tokenizer", ("tokenizer.model",), "gemma"),
+        "jina": _folder_file(folder, "clip_tokenizer", ("sentencepiece.bpe.model", "tokenizer.model"), "jina"),
+    }
+    raw = {part: checkpoint.load_state_dict(p, EXPECT[part]) for part, p in paths.items()}
+    try:
+        dit = keymaps.dit_from_diffusers(raw["dit"])
+        gemma = keymaps.gemma_from_transformers(raw["gemma"])
+        jina = keymaps.jina_from_remote_code(raw["jina"])
+    except KeyError as e:
+        raise ModelFileError(folder, f"a tensor the layout needs is missing: {e}", "the official NewBie folder layout")
+    vae = raw["vae"]  # ComfyUI's VAE converts diffusers' AutoencoderKL names itself
+    for part, sd, sig in (("dit", dit, "cap_embedder.1.weight"),
+                          ("gemma", gemma, "model.layers.0.self_attn.q_norm.weight"),
+                          ("jina", jina, "model.encoder.layers.0.mixer.Wqkv.weight")):
+        _expect_kind(sd, paths[part], part, sig)
+    toks = {k: torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for k, p in tok_paths.items()}
+    return NewBieParts(dit, gemma, jina, vae, toks["gemma"], toks["jina"], {**paths, "folder": folder})
+
+
+def _dtype_name(dt) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dt, str(dt))
+
+
+def build_model(parts: NewBieParts, precision: str):
+    """ComfyUI's Lumina2 model (NextDiT) with NewBie's dimensions, in a ModelPatcher."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    unet_config = detect.nextdit_config(parts.dit, parts.paths.get("dit"))
+    model_config = comfy.supported_models.Lumina2(unet_config)
+    # Upstream allows only bf16/fp32 for Lumina2/NewBie; the pack adds fp16 (made overflow-safe separately).
+    model_config.supported_inference_dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    dtype = PRECISIONS[precision]
+    load_device = mm.get_torch_device()
+    manual_cast = mm.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
+    if "device" in inspect.signature(model_config.set_inference_dtype).parameters:
+        model_config.set_inference_dtype(dtype, manual_cast, device=load_device)
+    else:
+        model_config.set_inference_dtype(dtype, manual_cast)
+    model = model_config.get_model(parts.dit, "")
+    patcher_cls = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    patcher = patcher_cls(model, load_device=load_device, offload_device=mm.unet_offload_device())
+    kwargs = {}
+    if "assign" in inspect.signature(model.load_model_weights).parameters and hasattr(patcher, "is_dynamic"):
+        kwargs["assign"] = patcher.is_dynamic()
+    missing_before = set(model.diffusion_model.state_dict().keys())
+    model.load_model_weights(parts.dit, "", **kwargs)
+    unexpected = set(parts.dit.keys()) - missing_before
+    if unexpected:
+        log.info("NewBie DiT: %d tensors not used by the model: %s", len(unexpected), sorted(unexpected)[:5])
+    return patcher, unet_config, dtype, manual_cast
+
+
+def _te_classes(gemma_cfg: dict, jina_cfg: dict):
+    """Text-encoder classes like ComfyUI's NewBieTEModel, built with the dimensions found in the files."""
+    import comfy.sd1_clip
+    import comfy.text_encoders.jina_clip_2 as jina
+    import comfy.text_encoders.llama as llama
+    import comfy.text_encoders.newbie as newbie
+
+    class GemmaTE(comfy.sd1_clip.SDClipModel):
+        # Same settings as comfy.text_encoders.lumina2.Gemma3_4BModel: features = hidden_states[-2].
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            super().__init__(device=device, layer="hidden", layer_idx=-2, textmodel_json_config=dict(gemma_cfg),
+                             dtype=dtype, special_tokens={"start": 2, "pad": 0}, layer_norm_hidden_state=False,
+                             model_class=llama.Gemma3_4B, enable_attention_masks=True,
+                             return_attention_masks=True, model_options=model_options)
+
+    class JinaTE(comfy.sd1_clip.SDClipModel):
+        # Same settings as comfy.text_encoders.jina_clip_2.JinaClip2TextModel.
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            super().__init__(device=device, dtype=dtype, textmodel_json_config=dict(jina_cfg),
+                             model_class=jina.XLMRobertaModel, special_tokens={"start": 0, "end": 2, "pad": 1},
+                             enable_attention_masks=True, return_attention_masks=True, model_options=model_options)
+
+    class NewBieTE(newbie.NewBieTEModel):
+        # Upstream's NewBieTEModel, with encoders sized from the files (its encode/load logic is reused).
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            torch.nn.Module.__init__(self)
+            self.gemma = GemmaTE(device=device, dtype=dtype, model_options=model_options)
+            self.jina = JinaTE(device=device, dtype=dtype, model_options=model_options)
+            self.dtypes = {dtype}
+
+    return NewBieTE, newbie.NewBieTokenizer
+
+
+def build_clip(parts: NewBieParts, te_precision: str | None):
+    import comfy.model_management as mm
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.utils
+    import folder_paths
+
+    gemma_cfg = detect.gemma_config(parts.gemma, parts.paths.get("gemma"))
+    jina_cfg = detect.jina_config(parts.jina, parts.paths.get("jina"))
+    te_cls, tok_cls = _te_classes(gemma_cfg, jina_cfg)
+    target = comfy.supported_models_base.ClipTarget(tok_cls, te_cls)
+    model_options = {}
+    if te_precision and te_precision != "auto":
+        model_options["dtype"] = PRECISIONS[te_precision]
+    params = comfy.utils.calculate_parameters(parts.gemma) + comfy.utils.calculate_parameters(parts.jina)
+    tokenizer_data = {"gemma_spiece_model": parts.gemma_tokenizer, "jina_spiece_model": parts.jina_tokenizer}
+    clip = comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                         parameters=params, tokenizer_data=tokenizer_data, state_dict=[parts.gemma, parts.jina],
+                         model_options=model_options)
+    return clip, gemma_cfg, jina_cfg, model_options.get("dtype") or mm.text_encoder_dtype()
+
+
+def build_vae(parts: NewBieParts):
+    import comfy.sd
+
+    w = parts.vae.get("decoder.conv_in.weight")
+    if w is None:  # diffusers layout: ComfyUI converts it, the check uses the diffusers name
+        w = parts.vae.get("decoder.conv_in.weight", parts.vae.get("decoder.conv_in.conv.weight"))
+    if w is not None and w.shape[1] != 16:
+        raise ModelFileError(parts.paths.get("vae"), f"VAE with {w.shape[1]} latent channels",
+                             "the FLUX.1 VAE with 16 latent channels (ae.safetensors)")
+    return comfy.sd.VAE(sd=parts.vae)
+
+
+def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str | None = "auto") -> LoadedNewBie:
+    t0 = time.perf_counter()
+    dit_cfg = detect.nextdit_config(parts.dit, parts.paths.get("dit"))
+    detect.check_compatible(dit_cfg, detect.gemma_config(parts.gemma, parts.paths.get("gemma")),
+                            detect.jina_config(parts.jina, parts.paths.get("jina")), parts.paths)
+    model, unet_config, dtype, manual_cast = build_model(parts, precision)
+    clip, gemma_cfg, jina_cfg, te_dtype = build_clip(parts, te_precision)
+    vae = build_vae(parts)
+    n_params = sum(v.numel() for v in parts.dit.values()) / 1e6
+    compute = _dtype_name(manual_cast) if manual_cast is not None else _dtype_name(dtype)
+    report = "\n".join([
+        f"DiT: {n_params:.1f}M params, dim {unet_config['dim']}, {unet_config['n_layers']} layers, "
+        f"{unet_config['n_heads']}/{unet_config['n_kv_heads']} heads; weights {_dtype_name(dtype)}, compute {compute}",
+        f"Gemma-3: {gemma_cfg['num_hidden_layers']} layers, width {gemma_cfg['hidden_size']}; "
+        f"Jina CLIP v2: {jina_cfg['num_hidden_layers']} layers, width {jina_cfg['hidden_size']}; "
+        f"text encoders {_dtype_name(te_dtype)}",
+        "from: " + ", ".join(f"{k}={Path(str(v)).name}" for k, v in parts.paths.items()),
+        f"loaded in {time.perf_counter() - t0:.1f} s",
+    ])
+    log.info("NewBie loaded:\n%s", report)
+    return LoadedNewBie(model, clip, vae, report)

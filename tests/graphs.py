@@ -1,0 +1,37 @@
+"""API-format graphs for the host tests, built like ComfyUI's own tests build them (node id -> class + inputs)."""
+from __future__ import annotations
+
+TINY_DIT = "newbie-tiny.safetensors"
+TINY_GEMMA = "newbie-tiny-gemma3.safetensors"
+TINY_JINA = "newbie-tiny-jina-clip-v2.safetensors"
+TINY_VAE = "newbie-tiny-flux-ae.safetensors"
+TINY_FOLDER = "folder: newbie-tiny"
+
+XML_PROMPT = ("<character_1><n>$character_1$</n><gender>1girl</gender><appearance>blue_hair, long_twintails, "
+              "teal_eyes</appearance><expression>smile</expression></character_1>\n<general_tags><count>1girl"
+              "</count><style>anime_style</style><quality>masterpiece</quality></general_tags>")
+NEGATIVE = "lowres, bad_anatomy, worst_quality"
+
+
+def loader(diffusion_model=TINY_DIT, gemma="auto", jina="auto", vae="auto", precision="fp16",
+           text_encoder_precision="auto") -> dict:
+    return {"class_type": "NewBieLoader", "inputs": {
+        "diffusion_model": diffusion_model, "gemma": gemma, "jina": jina, "vae": vae, "precision": precision,
+        "text_encoder_precision": text_encoder_precision}}
+
+
+def txt2img(seed=1, width=64, height=64, steps=3, cfg=4.0, sampler="euler_ancestral", scheduler="simple",
+            positive=XML_PROMPT, negative=NEGATIVE, prefix="newbie", **loader_args) -> dict:
+    """NewBieLoader -> CLIPTextEncode x2 -> EmptySD3LatentImage -> KSampler -> VAEDecode -> SaveImage."""
+    return {
+        "1": loader(**loader_args),
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": positive, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["1", 1]}},
+        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+            "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler,
+            "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
+    }
