@@ -1,0 +1,2 @@
+"""guard nodes (being written)."""
+NODES = []

@@ -1,0 +1,2 @@
+"""prompt nodes (being written)."""
+NODES = []

@@ -1,0 +1,2 @@
+"""sampling nodes (being written)."""
+NODES = []

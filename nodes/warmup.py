@@ -1,0 +1,2 @@
+"""warmup nodes (being written)."""
+NODES = []
