@@ -83,7 +83,14 @@ def _folder_file(folder: Path, sub: str, names: tuple, part: str) -> Path:
 
 
 def read_folder(folder: Path) -> NewBieParts:
-    """The official repository's diffusers-style folder (model_index.json, transformer/, text_encoder/, ...)."""
+    """The official repository's folder (model_index.json, transformer/, text_encoder/, clip_model/, vae/).
+
+    Names and places follow the official converter (see pipeline/keymaps.py for the sources): the DiT keeps
+    NextDiT's own names, Gemma-3 is in transformers' layout, Jina CLIP v2 in its remote-code layout with LoRA
+    adapters (merged here for the configured default task), the VAE in diffusers' layout (ComfyUI converts it).
+    """
+    import json
+
     from . import keymaps
 
     folder = Path(folder)
@@ -97,23 +104,29 @@ def read_folder(folder: Path) -> NewBieParts:
         "vae": _folder_file(folder, "vae", weights, "vae"),
     }
     tok_paths = {
-        "gemma": _folder_file(folder, "tokenizer", ("tokenizer.model",), "gemma"),
-        "jina": _folder_file(folder, "clip_tokenizer", ("sentencepiece.bpe.model", "tokenizer.model"), "jina"),
+        "gemma": _folder_file(folder, "text_encoder", ("tokenizer.model",), "gemma"),
+        "jina": _folder_file(folder, "clip_model", ("sentencepiece.bpe.model", "tokenizer.model"), "jina"),
     }
     raw = {part: checkpoint.load_state_dict(p, EXPECT[part]) for part, p in paths.items()}
+    jina_config_path = folder / "clip_model" / "config.json"
     try:
-        dit = keymaps.dit_from_diffusers(raw["dit"])
-        gemma = keymaps.gemma_from_transformers(raw["gemma"])
-        jina = keymaps.jina_from_remote_code(raw["jina"])
-    except KeyError as e:
-        raise ModelFileError(folder, f"a tensor the layout needs is missing: {e}", "the official NewBie folder layout")
-    vae = raw["vae"]  # ComfyUI's VAE converts diffusers' AutoencoderKL names itself
-    for part, sd, sig in (("dit", dit, "cap_embedder.1.weight"),
-                          ("gemma", gemma, "model.layers.0.self_attn.q_norm.weight"),
-                          ("jina", jina, "model.encoder.layers.0.mixer.Wqkv.weight")):
-        _expect_kind(sd, paths[part], part, sig)
+        jina_config = json.loads(jina_config_path.read_text()) if jina_config_path.exists() else None
+    except ValueError as e:
+        raise ModelFileError(jina_config_path, f"is not valid JSON: {e}", "JinaCLIPModel's config.json") from None
+    converted = {}
+    for part, convert in (("dit", keymaps.dit_from_diffusers), ("gemma", keymaps.gemma_from_transformers),
+                          ("jina", lambda sd: keymaps.jina_from_remote_code(sd, jina_config))):
+        try:
+            converted[part] = convert(raw[part])
+        except (KeyError, ValueError) as e:
+            raise ModelFileError(paths[part], f"unexpected tensor layout: {e}",
+                                 f"{EXPECT[part]} in the official folder layout") from None
+    for part, sig in (("dit", "cap_embedder.1.weight"), ("gemma", "model.layers.0.self_attn.q_norm.weight"),
+                      ("jina", "model.encoder.layers.0.mixer.Wqkv.weight")):
+        _expect_kind(converted[part], paths[part], part, sig)
     toks = {k: torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for k, p in tok_paths.items()}
-    return NewBieParts(dit, gemma, jina, vae, toks["gemma"], toks["jina"], {**paths, "folder": folder})
+    return NewBieParts(converted["dit"], converted["gemma"], converted["jina"], raw["vae"], toks["gemma"],
+                       toks["jina"], {**paths, "folder": folder})
 
 
 def _dtype_name(dt) -> str:

@@ -83,7 +83,7 @@ class ModelSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 TINY = ModelSpec(
     name="newbie-tiny",
@@ -249,16 +249,15 @@ def write_folder_layout(root: Path, spec: ModelSpec = TINY, sds: dict | None = N
     jina_sd = dict(sds["jina"])
     jina_tok = jina_sd.pop("spiece_model")
 
+    # Where each part lives and how it is named: the official converter (see pipeline/keymaps.py).
     _save(keymaps.dit_to_diffusers(sds["dit"]), folder / "transformer" / "diffusion_pytorch_model.safetensors")
     _write_json(folder / "transformer" / "config.json", _transformer_config(spec))
     _save(keymaps.gemma_to_transformers(gemma_sd), folder / "text_encoder" / "model.safetensors")
     _write_json(folder / "text_encoder" / "config.json", _gemma_config(spec))
-    (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
-    (folder / "tokenizer" / "tokenizer.model").write_bytes(gemma_tok.numpy().tobytes())
+    (folder / "text_encoder" / "tokenizer.model").write_bytes(gemma_tok.numpy().tobytes())
     _save(keymaps.jina_to_remote_code(jina_sd), folder / "clip_model" / "model.safetensors")
     _write_json(folder / "clip_model" / "config.json", _jina_config(spec))
-    (folder / "clip_tokenizer").mkdir(parents=True, exist_ok=True)
-    (folder / "clip_tokenizer" / "sentencepiece.bpe.model").write_bytes(jina_tok.numpy().tobytes())
+    (folder / "clip_model" / "sentencepiece.bpe.model").write_bytes(jina_tok.numpy().tobytes())
     _save(keymaps.vae_to_diffusers(sds["vae"]), folder / "vae" / "diffusion_pytorch_model.safetensors")
     _write_json(folder / "vae" / "config.json", _VAE_CONFIG)
     _write_json(folder / "model_index.json", _MODEL_INDEX)
@@ -266,40 +265,48 @@ def write_folder_layout(root: Path, spec: ModelSpec = TINY, sds: dict | None = N
     return folder
 
 
-# Folder configs: field names as in the official repository's config files (shared/newbie.md; the
-# transformer's follow diffusers' Lumina2Transformer2DModel, the VAE's diffusers' AutoencoderKL).
-_MODEL_INDEX = {"_class_name": "NewbiePipeline", "transformer": ["diffusers", "Lumina2Transformer2DModel"],
-                "text_encoder": ["transformers", "Gemma3ForCausalLM"], "clip_model": ["transformers", "AutoModel"],
-                "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+# Folder configs as the official converter writes them (NewbieLoraTrainer/convert_newbie_to_diffusers.py,
+# 2025-12-07; field names from its model_index.json and transformer/config.json; see pipeline/keymaps.py).
+_MODEL_INDEX = {"_class_name": "NewbiePipeline", "_diffusers_version": "0.30.0",
+                "transformer": ["transformer", "NextDiT_3B_GQA_patch2_Adaln_Refiner_WHIT_CLIP"],
+                "text_encoder": ["text_encoder", "Gemma3ForConditionalGeneration"],
+                "tokenizer": ["text_encoder", "AutoTokenizer"],
+                "clip_model": ["clip_model", "JinaCLIPModel"],
+                "clip_tokenizer": ["clip_model", "AutoTokenizer"],
+                "vae": ["vae", "AutoencoderKL"]}
 _VAE_CONFIG = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 16,
-               "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "use_quant_conv": False,
-               "use_post_quant_conv": False, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+               "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32,
+               "use_quant_conv": False, "use_post_quant_conv": False, "scaling_factor": 0.3611,
+               "shift_factor": 0.1159}
 
 
 def _transformer_config(spec: ModelSpec) -> dict:
     d = spec.dit
-    return {"_class_name": "Lumina2Transformer2DModel", "patch_size": 2, "in_channels": 16, "hidden_size": d.dim,
-            "num_layers": d.n_layers, "num_refiner_layers": d.n_refiner_layers, "num_attention_heads": d.n_heads,
-            "num_kv_heads": d.n_kv_heads, "multiple_of": 1, "ffn_dim_multiplier": d.ffn_dim / d.dim,
-            "norm_eps": 1e-5, "cap_feat_dim": d.cap_feat_dim, "axes_dim_rope": list(d.axes_dims),
-            "axes_lens": list(d.axes_lens), "clip_text_dim": d.clip_text_dim}
+    return {"_class_name": "NextDiT_3B_GQA_patch2_Adaln_Refiner_WHIT_CLIP", "model_type": "nextdit_clip",
+            "patch_size": 2, "dim": d.dim, "n_layers": d.n_layers, "n_heads": d.n_heads, "n_kv_heads": d.n_kv_heads,
+            "in_channels": 16, "axes_dims": list(d.axes_dims), "axes_lens": list(d.axes_lens),
+            "clip_text_dim": d.clip_text_dim, "clip_img_dim": d.clip_text_dim}
 
 
 def _gemma_config(spec: ModelSpec) -> dict:
     g = spec.gemma
-    return {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": g.vocab_size,
-            "hidden_size": g.hidden_size, "intermediate_size": g.intermediate_size,
-            "num_hidden_layers": g.num_hidden_layers, "num_attention_heads": g.num_attention_heads,
-            "num_key_value_heads": g.num_key_value_heads, "head_dim": 256}
+    return {"architectures": ["Gemma3Model"], "model_type": "gemma3",
+            "text_config": {"model_type": "gemma3_text", "vocab_size": g.vocab_size, "hidden_size": g.hidden_size,
+                            "intermediate_size": g.intermediate_size, "num_hidden_layers": g.num_hidden_layers,
+                            "num_attention_heads": g.num_attention_heads,
+                            "num_key_value_heads": g.num_key_value_heads, "head_dim": 256}}
 
 
 def _jina_config(spec: ModelSpec) -> dict:
     j = spec.jina
-    return {"architectures": ["JinaCLIPModel"], "model_type": "jina_clip",
-            "text_config": {"hf_model_config_kwargs": {"vocab_size": j.vocab_size, "hidden_size": j.hidden_size,
+    return {"architectures": ["JinaCLIPModel"], "model_type": "jina_clip", "add_projections": False,
+            "text_config": {"default_lora_task": "retrieval.query", "embed_dim": j.hidden_size,
+                            "hf_model_config_kwargs": {"vocab_size": j.vocab_size, "hidden_size": j.hidden_size,
                                                        "intermediate_size": j.intermediate_size,
                                                        "num_hidden_layers": j.num_hidden_layers,
-                                                       "num_attention_heads": j.num_attention_heads}}}
+                                                       "num_attention_heads": j.num_attention_heads,
+                                                       "lora_adaptations": ["retrieval.query"], "lora_alpha": 4,
+                                                       "lora_rank": 4}}}
 
 
 def _write_json(path: Path, obj: dict) -> None:

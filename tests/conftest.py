@@ -55,7 +55,7 @@ def models_root(comfy_import_path, tmp_path_factory) -> Path:
     from pipeline import tiny_models
 
     cache = _cache_dir()
-    tiny_models.write_single_files(cache)  # TODO(folder): write_all once keymaps lands
+    tiny_models.write_all(cache)
     root = tmp_path_factory.mktemp("models")
     for sub in ("diffusion_models", "text_encoders", "vae", "diffusers"):
         (root / sub).mkdir()

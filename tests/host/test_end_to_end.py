@@ -1,6 +1,8 @@
 """The pack inside a real ComfyUI server: node schemas, a full text-to-image graph, broken inputs."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -81,3 +83,22 @@ def test_broken_model_file_fails_only_that_prompt(server, models_root, case):
     # The server goes on serving: the next good prompt succeeds.
     ok = server.run(graphs.txt2img(seed=3, prefix=f"after-{case}"))
     assert server.output_images(ok)
+
+
+def test_folder_layout_gives_the_same_image_as_single_files(server):
+    """Both layouts hold the same weights (tiny_models.write_all), so the pictures must be identical."""
+    single = server.output_images(server.run(graphs.txt2img(seed=5, prefix=f"single-{server.lane}")))
+    folder = server.output_images(server.run(graphs.txt2img(seed=5, prefix=f"folder-{server.lane}",
+                                                            diffusion_model=graphs.TINY_FOLDER)))
+    assert np.array_equal(_pixels(single[0]), _pixels(folder[0]))
+
+
+def test_loader_report_names_precision_and_files(server):
+    graph = {"1": graphs.loader(precision="bf16"),
+             "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 3]}}}
+    info = server.get("/object_info")
+    if "PreviewAny" not in info:
+        pytest.skip("this host has no PreviewAny node to show a STRING")
+    entry = server.run(graph)
+    text = json.dumps(entry["outputs"])
+    assert "weights bf16" in text and graphs.TINY_DIT in text
