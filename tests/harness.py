@@ -190,8 +190,10 @@ class ComfyServer:
                     msg = ws.recv()
                 except Exception:
                     return
-                if isinstance(msg, str):
-                    events.append(json.loads(msg))
+                if isinstance(msg, str) and msg:
+                    event = json.loads(msg)
+                    event["_t"] = time.perf_counter()
+                    events.append(event)
                 else:
                     events.append({"type": "binary", "bytes": len(msg)})
 
