@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, detect
+from . import checkpoint, detect, precision as precision_mod
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,11 @@ def _dtype_name(dt) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dt, str(dt))
 
 
-def build_model(parts: NewBieParts, precision: str):
-    """ComfyUI's Lumina2 model (NextDiT) with NewBie's dimensions, in a ModelPatcher."""
+def build_model(parts: NewBieParts, precision: str, safe_fp16: bool = True):
+    """ComfyUI's Lumina2 model (NextDiT) with NewBie's dimensions, in a ModelPatcher.
+
+    safe_fp16=False gives what upstream does with --fp16-unet (plain fp16 everywhere): only for comparisons.
+    """
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
@@ -145,7 +148,15 @@ def build_model(parts: NewBieParts, precision: str):
     model_config.supported_inference_dtypes = [torch.float16, torch.bfloat16, torch.float32]
     dtype = PRECISIONS[precision]
     load_device = mm.get_torch_device()
-    manual_cast = mm.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
+    safe_fp16 = safe_fp16 and precision == "fp16"
+    if safe_fp16:
+        # fp16 weights and GEMMs, fp32 activations (pipeline/precision.py explains why this cannot overflow).
+        manual_cast = torch.float32
+        precision_mod.configure_model_config(model_config)
+    elif precision == "fp16":
+        manual_cast = None  # plain fp16 compute, as upstream's --fp16-unet (comparisons only)
+    else:
+        manual_cast = mm.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
     if "device" in inspect.signature(model_config.set_inference_dtype).parameters:
         model_config.set_inference_dtype(dtype, manual_cast, device=load_device)
     else:
@@ -157,10 +168,11 @@ def build_model(parts: NewBieParts, precision: str):
     if "assign" in inspect.signature(model.load_model_weights).parameters and hasattr(patcher, "is_dynamic"):
         kwargs["assign"] = patcher.is_dynamic()
     missing_before = set(model.diffusion_model.state_dict().keys())
-    model.load_model_weights(parts.dit, "", **kwargs)
+    model.load_model_weights(dict(parts.dit), "", **kwargs)  # ComfyUI pops what it loads
     unexpected = set(parts.dit.keys()) - missing_before
     if unexpected:
         log.info("NewBie DiT: %d tensors not used by the model: %s", len(unexpected), sorted(unexpected)[:5])
+    precision_mod.attach(patcher, safe_fp16)
     return patcher, unet_config, dtype, manual_cast
 
 
@@ -240,7 +252,10 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
     clip, gemma_cfg, jina_cfg, te_dtype = build_clip(parts, te_precision)
     vae = build_vae(parts)
     n_params = sum(v.numel() for v in parts.dit.values()) / 1e6
-    compute = _dtype_name(manual_cast) if manual_cast is not None else _dtype_name(dtype)
+    if precision == "fp16":
+        compute = "fp16 matmuls + fp32 activations (overflow-safe)"
+    else:
+        compute = _dtype_name(manual_cast) if manual_cast is not None else _dtype_name(dtype)
     report = "\n".join([
         f"DiT: {n_params:.1f}M params, dim {unet_config['dim']}, {unet_config['n_layers']} layers, "
         f"{unet_config['n_heads']}/{unet_config['n_kv_heads']} heads; weights {_dtype_name(dtype)}, compute {compute}",

@@ -1,0 +1,120 @@
+"""fp16 that cannot overflow: the building blocks (pure torch) and the whole tiny DiT inside ComfyUI's classes."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline import precision, stress
+
+
+def test_scaled_linear_survives_inputs_far_beyond_fp16():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 64, generator=g) * 1e6
+    w = torch.randn(32, 64, generator=g) / 8
+    b = torch.randn(32, generator=g)
+    ref = F.linear(x.double(), w.double(), b.double())
+    naive = F.linear(x.half(), w.half(), b.half())
+    assert not torch.isfinite(naive).all(), "the naive fp16 GEMM should overflow on this input"
+    out = precision.scaled_fp16_linear(x, w.half(), b)
+    assert out.dtype == torch.float32
+    assert stress.relative_error(out, ref) < 1e-2
+
+
+def test_scaled_sdpa_matches_fp32_with_huge_values():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, 16, 48, generator=g) * 300
+    k = torch.randn(1, 2, 16, 48, generator=g) * 300
+    v = torch.randn(1, 2, 16, 48, generator=g) * 1e6
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    naive = F.scaled_dot_product_attention(q.half(), k.half(), v.half())
+    assert not torch.isfinite(naive).all()
+    out = precision.scaled_fp16_sdpa(q, k, v)
+    assert stress.relative_error(out, ref) < 1e-2
+
+
+def test_row_l1_bound_marks_layers_that_could_still_overflow():
+    layer = torch.nn.Linear(4, 2)
+    layer.newbie_fp32_fallback = False
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    model = torch.nn.Sequential(layer)
+    assert precision.check_weights(model) == []
+    with torch.no_grad():
+        layer.weight.fill_(1e5)
+    assert precision.check_weights(model) == ["0"]
+    assert layer.newbie_fp32_fallback
+
+
+# --- the whole tiny DiT, built with ComfyUI's own classes on the CPU ------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_parts(comfy_import_path):
+    from pipeline import loader, tiny_models
+
+    sds = tiny_models.build_state_dicts(tiny_models.TINY)
+    gemma = dict(sds["gemma"])
+    jina = dict(sds["jina"])
+    return loader.NewBieParts(sds["dit"], gemma, jina, sds["vae"], gemma.pop("spiece_model"),
+                              jina.pop("spiece_model"), {"dit": "tiny"})
+
+
+def _forward(parts, precision_name, safe=True):
+    """One DiT call through BaseModel.apply_model, as a sampler makes it (conditioning like CFG's batch of 2)."""
+    from pipeline import loader
+
+    patcher, cfg, _, _ = loader.build_model(parts, precision_name, safe_fp16=safe)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 16, 8, 8, generator=g)
+    context = torch.randn(2, 12, cfg["cap_feat_dim"], generator=g)
+    pooled = torch.randn(2, cfg["clip_text_dim"], generator=g)
+    sigma = torch.tensor([0.7, 0.7])
+    topts = dict(patcher.model_options.get("transformer_options", {}))
+    topts["wrappers"] = patcher.wrappers
+    with torch.no_grad():
+        return patcher.model.apply_model(x, sigma, c_crossattn=context, num_tokens=12, clip_text_pooled=pooled,
+                                         transformer_options=topts).float()
+
+
+def _with_dit(parts, dit):
+    p = copy.copy(parts)
+    p.dit = dit
+    return p
+
+
+@pytest.mark.host
+def test_tiny_dit_fp16_matches_fp32_on_random_weights(tiny_parts):
+    ref = _forward(tiny_parts, "fp32")
+    out = _forward(tiny_parts, "fp16")
+    assert stress.relative_error(out, ref) < 1e-2
+
+
+@pytest.mark.host
+def test_stress_set_overflows_plain_fp16_but_not_the_pack(tiny_parts):
+    stressed = _with_dit(tiny_parts, stress.stress_state_dict(tiny_parts.dit))
+    ref = _forward(stressed, "fp32")
+    assert torch.isfinite(ref).all()
+    naive = _forward(stressed, "fp16", safe=False)
+    naive_err = stress.relative_error(naive, ref)
+    assert naive_err > 1e-2, f"the stress set should break plain fp16 (error {naive_err})"
+    out = _forward(stressed, "fp16")
+    err = stress.relative_error(out, ref)
+    assert err < 1e-2, f"pack fp16 relative error {err} (plain fp16: {naive_err})"
+    assert precision.recomputations() == 0, "the scaled path should not have needed the fp32 fallback"
+
+
+@pytest.mark.host
+def test_nonfinite_output_is_recomputed_in_fp32():
+    calls = []
+
+    def executor(x):
+        calls.append(precision._state["force_fp32"])
+        return x / 0.0 if not precision._state["force_fp32"] else x
+
+    before = precision.recomputations()
+    out = precision.nonfinite_guard(executor, torch.ones(3))
+    assert torch.equal(out, torch.ones(3))
+    assert calls == [False, True]
+    assert precision.recomputations() == before + 1
