@@ -167,9 +167,8 @@ def build_model(parts: NewBieParts, precision: str, safe_fp16: bool = True):
     kwargs = {}
     if "assign" in inspect.signature(model.load_model_weights).parameters and hasattr(patcher, "is_dynamic"):
         kwargs["assign"] = patcher.is_dynamic()
-    missing_before = set(model.diffusion_model.state_dict().keys())
     model.load_model_weights(dict(parts.dit), "", **kwargs)  # ComfyUI pops what it loads
-    unexpected = set(parts.dit.keys()) - missing_before
+    unexpected = set(parts.dit.keys()) - set(model.diffusion_model.state_dict().keys())
     if unexpected:
         log.info("NewBie DiT: %d tensors not used by the model: %s", len(unexpected), sorted(unexpected)[:5])
     precision_mod.attach(patcher, safe_fp16)

@@ -163,21 +163,24 @@ def _meta_state_shapes(spec: ModelSpec) -> dict[str, dict[str, tuple]]:
 
 def _init_tensor(key: str, shape: tuple, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
     """Scale-aware random values: norms ~1, biases ~0, weights ~N(0, 1/fan_in) so activations stay O(1)."""
+    dev = gen.device
     if len(shape) == 1:
         if key.endswith("bias"):
-            t = torch.randn(shape, generator=gen) * 0.02
+            t = torch.randn(shape, generator=gen, device=dev) * 0.02
         elif "norm" in key or key.endswith(("emb_ln.weight", "norm1.weight", "norm2.weight")):
-            t = 1.0 + torch.randn(shape, generator=gen) * 0.02
+            t = 1.0 + torch.randn(shape, generator=gen, device=dev) * 0.02
         else:
-            t = torch.randn(shape, generator=gen) * 0.02
+            t = torch.randn(shape, generator=gen, device=dev) * 0.02
     else:
         fan_in = math.prod(shape[1:])
-        t = torch.randn(shape, generator=gen) * (1.0 / math.sqrt(fan_in))
-    return t.to(dtype)
+        t = torch.randn(shape, generator=gen, device=dev) * (1.0 / math.sqrt(fan_in))
+    return t.to(dtype).cpu()
 
 
-def random_state_dict(shapes: dict[str, tuple], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
+def random_state_dict(shapes: dict[str, tuple], seed: int, dtype: torch.dtype,
+                      device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Seeded values; `device='cuda'` draws them on the GPU (much faster for full-size weights)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     return {k: _init_tensor(k, s, gen, dtype) for k, s in shapes.items()}
 
 
@@ -199,11 +202,11 @@ def _spiece_tensor(model_bytes: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(model_bytes), dtype=torch.uint8).clone()
 
 
-def build_state_dicts(spec: ModelSpec) -> dict[str, dict[str, torch.Tensor]]:
+def build_state_dicts(spec: ModelSpec, device: str = "cpu") -> dict[str, dict[str, torch.Tensor]]:
     """The four parts in ComfyUI's key layout, tokenizers included."""
     dtype = getattr(torch, spec.dtype)
     shapes = _meta_state_shapes(spec)
-    sds = {part: random_state_dict(shapes[part], spec.seed + i, dtype)
+    sds = {part: random_state_dict(shapes[part], spec.seed + i, dtype, device)
            for i, part in enumerate(("dit", "gemma", "jina", "vae"))}
     # Gemma-3 ids: pad 0, eos 1, bos 2, unk 3; XLM-RoBERTa (Jina) ids: bos 0, pad 1, eos 2, unk 3.
     sds["gemma"]["spiece_model"] = _spiece_tensor(train_tokenizer(spec.gemma.tokenizer_vocab, 0, 3, 2, 1))
@@ -220,14 +223,15 @@ def _save(sd: dict, path: Path, metadata: dict | None = None) -> None:
     tmp.replace(path)
 
 
-def write_single_files(root: Path, spec: ModelSpec = TINY, sds: dict | None = None) -> dict[str, Path]:
+def write_single_files(root: Path, spec: ModelSpec = TINY, sds: dict | None = None,
+                       device: str = "cpu") -> dict[str, Path]:
     """Write ComfyUI's single-file layout under `root` (diffusion_models/, text_encoders/, vae/)."""
     root = Path(root)
     paths = {part: root / pattern.format(name=spec.name) for part, pattern in SINGLE_FILE_NAMES.items()}
     stamp = root / f".{spec.name}.{spec.fingerprint()}.single"
     if stamp.exists() and all(p.exists() for p in paths.values()):
         return paths
-    sds = sds or build_state_dicts(spec)
+    sds = sds or build_state_dicts(spec, device)
     for part, path in paths.items():
         _save(sds[part], path)
     stamp.write_text("ok")

@@ -1,0 +1,197 @@
+"""Side-by-side benchmark on a CUDA machine: the pack's graph vs upstream ComfyUI's native NewBie graph, in one
+run, on the same full-size random weights (shared/baseline.md's method).
+
+For each configuration: a fresh ComfyUI server (optionally under a memory budget: a second process holds all
+free GPU memory but BUDGET + 0.6 GiB), one cold prompt and one warm prompt (new seed), recording wall time,
+per-stage times (from the websocket), sampling it/s (from progress events), and the server process's peak GPU
+memory (nvidia-smi, every 50 ms) with its trace. Results go to OUT/results.json as each configuration ends.
+
+    python3 bench/run.py --out $OUT --configs upstream-bf16@16,pack-fp16@16 [--steps 25] [--size 1024x1024]
+
+A configuration is NAME@BUDGET (BUDGET in GiB, or 'none'); NAMEs are listed in CONFIGS below.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "tests"), str(REPO)]
+
+import harness  # noqa: E402
+
+XML = ("<character_1><n>$character_1$</n><gender>1girl</gender><appearance>blue_hair, long_twintails, teal_eyes"
+       "</appearance><clothing>white_shirt, black_skirt</clothing><expression>smile</expression><position>"
+       "center_left</position></character_1>\n<general_tags><count>1girl</count><style>anime_style, digital_art"
+       "</style><background>night_sky</background><quality>high_quality, masterpiece</quality></general_tags>")
+NEG = "lowres, bad_anatomy, worst_quality, low_quality"
+
+# name -> (graph kind, precision for the pack loader, extra server flags)
+CONFIGS = {
+    "upstream-bf16": ("upstream", None, []),
+    "upstream-gpu-only": ("upstream", None, ["--gpu-only"]),
+    "upstream-legacy": ("upstream", None, ["--disable-dynamic-vram"]),
+    "upstream-fp32": ("upstream", None, ["--fp32-unet"]),
+    "upstream-fp16-forced": ("upstream", None, ["--fp16-unet"]),
+    "pack-fp16": ("pack", "fp16", []),
+    "pack-bf16": ("pack", "bf16", []),
+    "pack-fp16-gpu-only": ("pack", "fp16", ["--gpu-only"]),
+    "pack-bf16-gpu-only": ("pack", "bf16", ["--gpu-only"]),
+}
+
+
+def graph(kind: str, precision: str | None, names: dict, seed: int, width: int, height: int, steps: int) -> dict:
+    if kind == "pack":
+        nodes = {"1": {"class_type": "NewBieLoader", "inputs": {
+            "diffusion_model": names["dit"], "gemma": names["gemma"], "jina": names["jina"], "vae": names["vae"],
+            "precision": precision, "text_encoder_precision": "auto"}}}
+        model, clip, vae = ["1", 0], ["1", 1], ["1", 2]
+    else:
+        nodes = {
+            "1": {"class_type": "UNETLoader", "inputs": {"unet_name": names["dit"], "weight_dtype": "default"}},
+            "8": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": names["gemma"], "clip_name2": names["jina"],
+                                                            "type": "newbie", "device": "default"}},
+            "9": {"class_type": "VAELoader", "inputs": {"vae_name": names["vae"]}},
+        }
+        model, clip, vae = ["1", 0], ["8", 0], ["9", 0]
+    nodes.update({
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": XML, "clip": clip}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": NEG, "clip": clip}},
+        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": model, "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "seed": seed, "steps": steps, "cfg": 5.0,
+                                                   "sampler_name": "euler_ancestral", "scheduler": "simple",
+                                                   "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": vae}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "bench"}},
+    })
+    return nodes
+
+
+class GpuMemoryTrace:
+    """nvidia-smi streaming per-process used memory every 50 ms; keeps (t, MiB) for one pid."""
+
+    def __init__(self, pid: int):
+        self.pid, self.samples, self.t0 = pid, [], time.perf_counter()
+        self.proc = subprocess.Popen(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                                      "--format=csv,noheader,nounits", "-lms", "50"],
+                                     stdout=subprocess.PIPE, text=True)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                pid, used = (int(x) for x in line.strip().split(","))
+            except ValueError:
+                continue
+            if pid == self.pid:
+                self.samples.append((round(time.perf_counter() - self.t0, 3), used))
+
+    def mark(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+    def peak_between(self, a: float, b: float) -> float:
+        vals = [m for t, m in self.samples if a <= t <= b]
+        return max(vals) / 1024 if vals else 0.0
+
+
+def stage_times(graph_: dict, events: list) -> dict:
+    starts = [(e["data"]["node"], e["_t"]) for e in events if e.get("type") == "executing"]
+    out = {}
+    for (node, t), (_, t_next) in zip(starts, starts[1:]):
+        if node is None:
+            continue
+        cls = graph_[node]["class_type"]
+        key = {"CLIPTextEncode": "text_encode", "KSampler": "sampling", "VAEDecode": "decode"}.get(cls, cls)
+        out[key] = round(out.get(key, 0.0) + t_next - t, 3)
+    prog = [e["_t"] for e in events if e.get("type") == "progress" and e["data"].get("node") == "5"]
+    if len(prog) > 2:
+        out["it_per_s"] = round((len(prog) - 1) / (prog[-1] - prog[0]), 3)
+    return out
+
+
+def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -> dict:
+    kind, precision, flags = CONFIGS[name]
+    hog = None
+    result = {"config": name, "budget_gib": budget, "flags": flags, "kind": kind, "precision": precision}
+    if budget is not None:
+        hog = subprocess.Popen([sys.executable, str(REPO / "bench" / "budget.py"), str(budget)],
+                               stdout=subprocess.PIPE, text=True)
+        result["budget_note"] = hog.stdout.readline().strip()
+    server = harness.ComfyServer(Path(os.environ["COMFYUI_PATH"]), work / f"{name}-{budget}", models,
+                                 extra_args=flags, cpu=False)
+    try:
+        t = time.perf_counter()
+        server.start()
+        result["server_start_s"] = round(time.perf_counter() - t, 2)
+        trace = GpuMemoryTrace(server.proc.pid)
+        for run, seed in (("cold", 1), ("warm", 2)):
+            g = graph(kind, precision, names, seed, args.width, args.height, args.steps)
+            a = trace.mark()
+            t = time.perf_counter()
+            try:
+                entry, events = server.run_with_events(g, timeout=args.timeout)
+            except Exception as e:  # a failed configuration is a result too
+                result[run] = {"error": str(e)[:2000]}
+                break
+            wall = time.perf_counter() - t
+            result[run] = {"wall_s": round(wall, 3), "peak_gib": round(trace.peak_between(a, trace.mark()), 3),
+                           **stage_times(g, events), "image": str(server.output_images(entry)[0])}
+        trace.stop()
+        result["trace"] = trace.samples[::4]
+    finally:
+        server.stop()
+        if hog:
+            hog.kill()
+            hog.wait()
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
+    ap.add_argument("--models", type=Path, default=Path("/tmp/models"))
+    ap.add_argument("--configs", required=True)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--size", default="1024x1024")
+    ap.add_argument("--timeout", type=float, default=240)
+    ap.add_argument("--tiny", action="store_true", help="use the tiny model (smoke test)")
+    args = ap.parse_args()
+    args.width, args.height = (int(v) for v in args.size.split("x"))
+    sys.path.insert(0, os.environ["COMFYUI_PATH"])
+    from pipeline import tiny_models
+
+    spec = tiny_models.TINY if args.tiny else tiny_models.FULL
+    t = time.perf_counter()
+    paths = tiny_models.write_single_files(args.models, spec, device="cuda")
+    names = {k: p.name for k, p in paths.items()}
+    print(f"[bench] weights ready in {time.perf_counter() - t:.1f} s: {names}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else []
+    work = Path("/tmp/bench-work")
+    for item in args.configs.split(","):
+        name, _, budget = item.partition("@")
+        budget = None if budget in ("", "none") else float(budget)
+        t = time.perf_counter()
+        r = run_config(name, budget, names, args.models, work, args)
+        r.update(steps=args.steps, size=args.size, model=spec.name)
+        results.append(r)
+        results_path.write_text(json.dumps(results, indent=1))
+        brief = {k: v for k, v in r.items() if k in ("cold", "warm", "server_start_s")}
+        print(f"[bench] {item} ({time.perf_counter() - t:.0f} s): {json.dumps(brief)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
