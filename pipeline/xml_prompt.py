@@ -705,7 +705,10 @@ def flatten_tags(parsed: ParsedPrompt) -> str:
 def encoder_texts(parsed: ParsedPrompt, mode: str) -> tuple[str, str]:
     """(gemma_text, jina_text) for the given mode: "official", "tags" or "raw"."""
     if mode == "official":
-        system_prompt = SYSTEM_PROMPT_XML if parsed.kind == "xml" else SYSTEM_PROMPT_TEXT
+        # A system prompt the user typed (e.g. the low-quality one in front of a negative) is kept, never doubled;
+        # JSON-wrapped prompts are rebuilt as XML, so they get the XML system prompt they were trained with.
+        typed = parsed.system_prompt_found if parsed.shape != "json" else None
+        system_prompt = typed or (SYSTEM_PROMPT_XML if parsed.kind == "xml" else SYSTEM_PROMPT_TEXT)
         return system_prompt + parsed.body, parsed.body
     if mode == "tags":
         text = flatten_tags(parsed) or parsed.body

@@ -143,7 +143,7 @@ def test_system_prompt_in_front_is_recognised_and_never_doubled(system_prompt, b
     gemma, jina = encoder_texts(p, "official")
     assert gemma.count("<Prompt Start>") == 1
     assert jina == body
-    expected = SYSTEM_PROMPT_XML if body.startswith("<") else SYSTEM_PROMPT_TEXT
+    expected = system_prompt  # the one typed is kept, never replaced nor doubled
     assert gemma == expected + body
 
 
