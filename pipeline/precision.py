@@ -6,18 +6,21 @@ additions), the SwiGLU product silu(w1 x) * (w3 x) feeding w2, and the raw outpu
 projections before their sandwich RMSNorm. Upstream's own fp16 escape hatch (`clamp_fp16`) clips those
 values to +-65504, which changes the result whenever it fires.
 
-What this module does instead, by construction:
-- Activations stay fp32 between operations (the model runs with compute dtype fp32): residual stream, norms,
-  gates, RoPE and the SwiGLU product can never overflow.
-- Every Linear runs its matrix multiply in fp16 on scaled input: s = max|x| (per tensor, a power of two), the
-  GEMM sees x / s (all values in [-1, 1]) and fp16 weights; its fp32-accumulated result is multiplied back by
-  s in fp32. An fp16 output element is then bounded by the largest row L1-norm of the weight, which the
-  loader checks once (`check_weights`): a layer whose bound exceeds fp16 runs in fp32 instead.
-- Attention runs PyTorch SDPA in fp16 on q*r, k/r (r balances their scales, leaving q.k unchanged) and v/s_v,
-  the output multiplied by s_v: the same attention, every fp16 tensor within range.
-- At run time the DiT's output is checked once per call; if anything non-finite appears anyway (a bound was
-  too optimistic), that call is recomputed with fp32 matrix multiplies and the event is logged: the sampler
-  never sees a NaN.
+What this module does instead:
+- The residual stream stays fp32 (the model's compute dtype is fp32, and every block adds its fp16 branch
+  output into the fp32 stream), so the quantity that only grows can never overflow; embeddings, modulation,
+  the final layer and the norms of the stream run in fp32 too.
+- Inside each block the matrix multiplies and the activations between them are fp16 (the fast path). Every
+  Linear's fp16 input and output is checked on the GPU for values at or beyond fp16's range (one reduction
+  each, accumulated into a flag: no host synchronisation), which also catches what upstream's `clamp_fp16`
+  would otherwise silently clip to 65504 (a clipped SwiGLU product arrives at w2 as 65504 and is flagged).
+- Once per DiT call the flag is read. If it is set, that call is recomputed in the scaled form, which cannot
+  overflow by construction: activations fp32, each GEMM in fp16 on x / s with s = 2^ceil(log2 max|x|) (all
+  inputs in [-1, 1]) and the fp32-accumulated result multiplied back by s; attention in fp16 on q*r, k/r
+  (r = sqrt(s_k/s_q), leaving q.k unchanged) and v/s_v, the output multiplied by s_v. An fp16 GEMM output is
+  then bounded by the largest row L1-norm of the weight, checked once at load (`check_weights`): a layer whose
+  bound exceeds fp16 runs in fp32. If even that call came out non-finite, it is recomputed with fp32 GEMMs.
+  The sampler never sees a NaN, and each recomputation is logged and counted.
 The large matrix multiplies (all but a few percent of the FLOPs) run in fp16 on tensor cores, so cards
 without bf16 (T4, V100, RTX 20xx) get 16-bit speed and half of fp32's weight memory.
 """
@@ -35,7 +38,15 @@ FP16_MAX = 65504.0
 # Safety margin below FP16_MAX for the a-priori bound (the GEMM accumulates in fp32 but rounds to fp16).
 _BOUND_LIMIT = FP16_MAX / 4
 
-_state = {"force_fp32": False}
+# mode: "fast" (fp16 block activations, checked), "scaled" (overflow-safe by construction), "fp32" (last resort).
+_state = {"mode": "fast", "flag": None, "recomputed": 0}
+
+
+def _flag_out_of_range(t: torch.Tensor) -> None:
+    """OR into the current call's flag whether `t` holds values at/after fp16's limit (or NaN). No sync."""
+    flag = _state["flag"]
+    if flag is not None:
+        flag |= ~(torch.linalg.vector_norm(t, float("inf")) < FP16_MAX)
 
 
 def _pow2_scale(x: torch.Tensor) -> torch.Tensor:
@@ -79,18 +90,26 @@ def make_ops():
     class SafeFP16Ops(base):
         class Linear(base.Linear):
             newbie_fp32_fallback = False  # set per layer by check_weights
+            newbie_fp32_output = True  # False inside transformer blocks (set by mark_block_linears)
 
             def forward_comfy_cast_weights(self, input):
-                fp32 = self.newbie_fp32_fallback or _state["force_fp32"]
-                dtype = torch.float32 if fp32 else torch.float16
-                result = comfy.ops.cast_bias_weight(self, input, dtype=dtype, bias_dtype=torch.float32,
+                mode = "fp32" if self.newbie_fp32_fallback else _state["mode"]
+                dtype = torch.float32 if mode == "fp32" else torch.float16
+                bias_dtype = torch.float16 if mode == "fast" else torch.float32
+                result = comfy.ops.cast_bias_weight(self, input, dtype=dtype, bias_dtype=bias_dtype,
                                                     offloadable=True)
                 weight, bias = result[0], result[1]
                 stream = result[2] if len(result) > 2 else None
                 try:
-                    if fp32:
+                    if mode == "fp32":
                         return F.linear(input.float(), weight, bias)
-                    return scaled_fp16_linear(input, weight, bias)
+                    if mode == "scaled":
+                        return scaled_fp16_linear(input, weight, bias)
+                    x16 = input.to(torch.float16)
+                    y = F.linear(x16, weight, bias)
+                    _flag_out_of_range(x16)
+                    _flag_out_of_range(y)
+                    return y.float() if self.newbie_fp32_output else y
                 finally:
                     if stream is not None:
                         comfy.ops.uncast_bias_weight(self, weight, bias, stream)
@@ -101,6 +120,20 @@ def make_ops():
 def row_l1_bound(weight: torch.Tensor) -> float:
     """Largest |W x| element possible for |x| <= 1: the largest row L1-norm."""
     return float(weight.detach().float().abs().sum(dim=1).max())
+
+
+_BLOCK_BRANCH = ("layers.", "noise_refiner.", "context_refiner.")
+
+
+def mark_block_linears(diffusion_model: torch.nn.Module) -> int:
+    """Linears of the attention and FFN branches keep fp16 outputs; everything else returns fp32."""
+    n = 0
+    for name, module in diffusion_model.named_modules():
+        if hasattr(module, "newbie_fp32_output") and name.startswith(_BLOCK_BRANCH) and \
+                (".attention." in name or ".feed_forward." in name):
+            module.newbie_fp32_output = False
+            n += 1
+    return n
 
 
 def check_weights(diffusion_model: torch.nn.Module) -> list[str]:
@@ -142,12 +175,24 @@ def _sdpa_call(args, kwargs, attention):
     return out.transpose(1, 2).reshape(b, n, h * d)
 
 
+def _fast_fp16_sdpa(q, k, v, m):
+    q, k, v = (t.to(torch.float16) for t in (q, k, v))
+    for t in (q, k, v):
+        _flag_out_of_range(t)
+    if m is not None and m.dtype != torch.bool:
+        m = m.to(torch.float16)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+
 def attention_override(func, *args, **kwargs):
-    """transformer_options['optimized_attention_override'] for fp16: scaled fp16 SDPA."""
-    if _state["force_fp32"]:
+    """transformer_options['optimized_attention_override'] for fp16, by mode (see the module docstring)."""
+    mode = _state["mode"]
+    if mode == "fp32":
         return _sdpa_call(args, kwargs, lambda q, k, v, m: F.scaled_dot_product_attention(
             q.float(), k.float(), v.float(), attn_mask=m if m is None or m.dtype == torch.bool else m.float()))
-    return _sdpa_call(args, kwargs, lambda q, k, v, m: scaled_fp16_sdpa(q, k, v, attn_mask=m))
+    if mode == "scaled":
+        return _sdpa_call(args, kwargs, lambda q, k, v, m: scaled_fp16_sdpa(q, k, v, attn_mask=m))
+    return _sdpa_call(args, kwargs, _fast_fp16_sdpa)
 
 
 def sdpa_override(func, *args, **kwargs):
@@ -160,22 +205,28 @@ def sdpa_override(func, *args, **kwargs):
 
 
 def nonfinite_guard(executor, *args, **kwargs):
-    """DIFFUSION_MODEL wrapper: one finiteness check per call; recompute the call in fp32 GEMMs if needed."""
-    out = executor(*args, **kwargs)
-    if torch.isfinite(out).all():
-        return out
-    log.warning("fp16: non-finite values in the DiT output; recomputing this step with fp32 matrix multiplies")
-    _state["force_fp32"] = True
+    """DIFFUSION_MODEL wrapper: the fast fp16 call, one flag read; on overflow the scaled call, then fp32."""
+    x = args[0] if args else kwargs.get("x")
+    _state["flag"] = torch.zeros((), dtype=torch.bool, device=x.device)
+    _state["mode"] = "fast"
     try:
         out = executor(*args, **kwargs)
+        if not bool(_state["flag"] | ~torch.isfinite(out).all()):
+            return out
+        for mode in ("scaled", "fp32"):
+            log.warning("fp16: values beyond fp16's range in this DiT call; recomputing it in %s form", mode)
+            _state["mode"] = mode
+            _state["recomputed"] += 1
+            out = executor(*args, **kwargs)
+            if torch.isfinite(out).all():
+                return out
+        return out
     finally:
-        _state["force_fp32"] = False
-    _state["recomputed"] = _state.get("recomputed", 0) + 1
-    return out
+        _state["mode"], _state["flag"] = "fast", None
 
 
 def recomputations() -> int:
-    return _state.get("recomputed", 0)
+    return _state["recomputed"]
 
 
 def configure_model_config(model_config) -> None:
@@ -193,6 +244,7 @@ def attach(patcher, safe_fp16: bool) -> None:
         opts["optimized_attention_override"] = sdpa_override
         return
     check_weights(patcher.model.diffusion_model)
+    mark_block_linears(patcher.model.diffusion_model)
     opts["optimized_attention_override"] = attention_override
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "newbie_fp16_guard",
                                  nonfinite_guard)

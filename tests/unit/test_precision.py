@@ -87,8 +87,10 @@ def _with_dit(parts, dit):
 @pytest.mark.host
 def test_tiny_dit_fp16_matches_fp32_on_random_weights(tiny_parts):
     ref = _forward(tiny_parts, "fp32")
+    before = precision.recomputations()
     out = _forward(tiny_parts, "fp16")
     assert stress.relative_error(out, ref) < 1e-2
+    assert precision.recomputations() == before, "ordinary weights should stay on the fast fp16 path"
 
 
 @pytest.mark.host
@@ -99,22 +101,39 @@ def test_stress_set_overflows_plain_fp16_but_not_the_pack(tiny_parts):
     naive = _forward(stressed, "fp16", safe=False)
     naive_err = stress.relative_error(naive, ref)
     assert naive_err > 1e-2, f"the stress set should break plain fp16 (error {naive_err})"
+    before = precision.recomputations()
     out = _forward(stressed, "fp16")
     err = stress.relative_error(out, ref)
     assert err < 1e-2, f"pack fp16 relative error {err} (plain fp16: {naive_err})"
-    assert precision.recomputations() == 0, "the scaled path should not have needed the fp32 fallback"
+    assert precision.recomputations() == before + 1, "the fast path must detect the overflow and recompute once"
 
 
-@pytest.mark.host
-def test_nonfinite_output_is_recomputed_in_fp32():
-    calls = []
+@pytest.mark.parametrize("fails_in, expected_modes", [((), ["fast"]), (("fast",), ["fast", "scaled"]),
+                                                       (("fast", "scaled"), ["fast", "scaled", "fp32"])])
+def test_guard_recomputes_until_finite(fails_in, expected_modes):
+    modes = []
 
     def executor(x):
-        calls.append(precision._state["force_fp32"])
-        return x / 0.0 if not precision._state["force_fp32"] else x
+        modes.append(precision._state["mode"])
+        return x / 0.0 if precision._state["mode"] in fails_in else x
 
     before = precision.recomputations()
     out = precision.nonfinite_guard(executor, torch.ones(3))
     assert torch.equal(out, torch.ones(3))
-    assert calls == [False, True]
-    assert precision.recomputations() == before + 1
+    assert modes == expected_modes
+    assert precision.recomputations() == before + len(expected_modes) - 1
+    assert precision._state["mode"] == "fast" and precision._state["flag"] is None
+
+
+def test_guard_acts_on_the_flag_even_when_the_output_is_finite():
+    """A value clipped to 65504 upstream-style leaves the output finite; the flag still triggers a recompute."""
+    modes = []
+
+    def executor(x):
+        modes.append(precision._state["mode"])
+        if precision._state["mode"] == "fast":
+            precision._flag_out_of_range(torch.tensor([65504.0]).half())
+        return x
+
+    precision.nonfinite_guard(executor, torch.ones(2))
+    assert modes == ["fast", "scaled"]
