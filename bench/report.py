@@ -1,0 +1,140 @@
+"""Regenerate docs/BENCHMARKS.md (tables) and docs/images/bench-*.png (plots) from the JSON that the device
+runs wrote (bench/results/<run>-results.json, <run>-fp16_accuracy.json, <run>-oom.json).
+
+    python bench/report.py     # needs matplotlib for the plots
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+DOC = REPO / "docs" / "BENCHMARKS.md"
+IMAGES = REPO / "docs" / "images"
+
+COMMANDS = {
+    "run2": "python3 bench/run.py --configs pack-fp16@16,upstream-bf16@16,pack-bf16@16,upstream-fp32@16 "
+            "--timeout 200 && python3 bench/fp16_accuracy.py",
+    "run3": "python3 bench/run.py --configs pack-fp16@16,pack-fp16-warmup@16,pack-fp16-gpu-only@none,"
+            "pack-bf16-gpu-only@none --timeout 200 && python3 bench/fp16_accuracy.py",
+}
+
+
+def _load(kind: str) -> dict[str, object]:
+    return {p.name.split("-")[0]: json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"*-{kind}.json"))}
+
+
+def _fmt(v, unit=""):
+    return "—" if v is None else (f"{v:.2f}{unit}" if isinstance(v, float) else f"{v}{unit}")
+
+
+def results_table(runs: dict) -> list[str]:
+    lines = ["| run | configuration | budget GiB | flags | cold s | warm s | warm it/s | text encode s (cold) | "
+             "sampling s (warm) | decode s (warm) | peak GiB (cold/warm) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for run, results in runs.items():
+        for r in results:
+            cold, warm = r.get("cold", {}), r.get("warm", {})
+            err = cold.get("error") or warm.get("error")
+            if err:
+                lines.append(f"| {run} | {r['config']} | {_fmt(r['budget_gib'])} | {' '.join(r['flags'])} | "
+                             f"failed: {err[:80]} | | | | | | |")
+                continue
+            lines.append(
+                f"| {run} | {r['config']} | {_fmt(r['budget_gib']) if r['budget_gib'] is not None else 'none'} | "
+                f"{' '.join(r['flags']) or 'default'} | {_fmt(cold.get('wall_s'))} | {_fmt(warm.get('wall_s'))} | "
+                f"{_fmt(warm.get('it_per_s'))} | {_fmt(cold.get('text_encode'))} | {_fmt(warm.get('sampling'))} | "
+                f"{_fmt(warm.get('decode'))} | {_fmt(cold.get('peak_gib'))} / {_fmt(warm.get('peak_gib'))} |")
+    return lines
+
+
+def accuracy_table(acc: dict) -> list[str]:
+    lines = ["| run | weights | precision | rel. error vs fp32 | non-finite values | DiT call s | recomputations |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for run, data in acc.items():
+        for weights, per in data.items():
+            for label, v in per.items():
+                err = v.get("rel_error_vs_fp32")
+                err_s = "reference" if label == "fp32" else ("inf (NaN/inf output)" if err in (None, float("inf"))
+                                                             else f"{err:.2e}")
+                lines.append(f"| {run} | {weights} | {label} | {err_s} | {v['nonfinite']} | {v['call_s']:.3f} | "
+                             f"{v['fp32_recomputations']} |")
+    return lines
+
+
+def plots(runs: dict) -> list[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["(plots skipped: matplotlib not installed)"]
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    out = []
+    latest = {}
+    for run, results in runs.items():
+        for r in results:
+            latest[(r["config"], r["budget_gib"])] = r
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for (config, budget), r in sorted(latest.items(), key=lambda kv: str(kv[0])):
+        trace = r.get("trace") or []
+        if trace:
+            ax.plot([t for t, _ in trace], [m / 1024 for _, m in trace],
+                    label=f"{config} @ {budget if budget is not None else 'none'} GiB", linewidth=1)
+    ax.set_xlabel("seconds since server start (cold run, then warm run)")
+    ax.set_ylabel("GPU memory of the server process, GiB")
+    ax.set_title("Memory over time (1024², 25 steps, CFG 5)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(IMAGES / "bench-memory.png", dpi=110)
+    plt.close(fig)
+    out.append("![memory over time](images/bench-memory.png)")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    names = [f"{c}\n@{b if b is not None else 'none'}" for (c, b) in latest]
+    warm = [latest[k].get("warm", {}).get("wall_s") or 0 for k in latest]
+    colors = ["tab:orange" if c.startswith("pack") else "tab:gray" for (c, _) in latest]
+    ax.bar(range(len(warm)), warm, color=colors)
+    ax.set_xticks(range(len(warm)), names, fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("warm wall time, s")
+    ax.set_title("Warm 1024² image, pack (orange) vs upstream (grey)")
+    fig.tight_layout()
+    fig.savefig(IMAGES / "bench-warm-time.png", dpi=110)
+    plt.close(fig)
+    out.append("![warm time per configuration](images/bench-warm-time.png)")
+    return out
+
+
+def main():
+    runs, acc = _load("results"), _load("fp16_accuracy")
+    parts = [
+        "# Benchmarks",
+        "",
+        "Generated by `python bench/report.py` from the JSON in `bench/results/`, which the device runs wrote.",
+        "Every figure below comes from one of these commands, run on the lent NVIDIA H100 80GB (torch 2.11+cu130,",
+        "ComfyUI v0.33.0 `0f1fa67a`) after `source bench/device_env.sh` (wheels + host carried; see bench/README.md):",
+        "",
+    ]
+    for run in runs:
+        parts.append(f"- **{run}**: `{COMMANDS.get(run, 'see bench/README.md')}`")
+    parts += ["", "Weights: full-size random NewBie weights (`pipeline/tiny_models.FULL`, bf16 files in ComfyUI's layout).",
+              "Graph: loader → CLIPTextEncode ×2 (XML positive, tag negative) → EmptySD3LatentImage 1024×1024 → KSampler "
+              "(euler_ancestral, simple, 25 steps, CFG 5) → VAEDecode → SaveImage. Pack = `NewBieLoader`; upstream = "
+              "UNETLoader + DualCLIPLoader(newbie) + VAELoader. A budget of B GiB: a second process holds all free GPU "
+              "memory but B + 0.6 GiB. Peak = the server process's `used_memory` from nvidia-smi every 50 ms. Stage "
+              "times come from the websocket's `executing` events; it/s from its `progress` events.", "",
+              "## Time and memory", ""]
+    parts += results_table(runs)
+    parts += ["", "## fp16 accuracy (one DiT call at 1024², CFG batch of 2, vs fp32)", ""]
+    parts += accuracy_table(acc)
+    parts += ["", "## Plots", ""]
+    parts += plots(runs)
+    extra = REPO / "bench" / "results" / "NOTES.md"
+    if extra.exists():
+        parts += ["", extra.read_text().strip()]
+    DOC.write_text("\n".join(parts) + "\n")
+    print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()
