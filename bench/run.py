@@ -43,6 +43,8 @@ CONFIGS = {
     "pack-bf16": ("pack", "bf16", []),
     "pack-fp16-gpu-only": ("pack", "fp16", ["--gpu-only"]),
     "pack-bf16-gpu-only": ("pack", "bf16", ["--gpu-only"]),
+    "pack-fp16-legacy": ("pack", "fp16", ["--disable-dynamic-vram"]),
+    "pack-bf16-legacy": ("pack", "bf16", ["--disable-dynamic-vram"]),
     # A fresh server that first runs a NewBieVRAMWarmup graph (timed separately), then the real job twice.
     "pack-fp16-warmup": ("pack", "fp16", []),
 }

@@ -39,14 +39,15 @@ FP16_MAX = 65504.0
 _BOUND_LIMIT = FP16_MAX / 4
 
 # mode: "fast" (fp16 block activations, checked), "scaled" (overflow-safe by construction), "fp32" (last resort).
+# flag: the running max |value| of the checked tensors in the current DiT call (a GPU scalar; NaN propagates).
 _state = {"mode": "fast", "flag": None, "recomputed": 0}
 
 
 def _flag_out_of_range(t: torch.Tensor) -> None:
-    """OR into the current call's flag whether `t` holds values at/after fp16's limit (or NaN). No sync."""
+    """Fold max|t| into the current call's running maximum: two kernels, no host synchronisation."""
     flag = _state["flag"]
     if flag is not None:
-        flag |= ~(torch.linalg.vector_norm(t, float("inf")) < FP16_MAX)
+        torch.maximum(flag, torch.linalg.vector_norm(t, float("inf")).float(), out=flag)
 
 
 def _pow2_scale(x: torch.Tensor) -> torch.Tensor:
@@ -91,6 +92,7 @@ def make_ops():
         class Linear(base.Linear):
             newbie_fp32_fallback = False  # set per layer by check_weights
             newbie_fp32_output = True  # False inside transformer blocks (set by mark_block_linears)
+            newbie_check = ""  # "out" / "in_out": which fp16 tensors to range-check (set by mark_block_linears)
 
             def forward_comfy_cast_weights(self, input):
                 mode = "fp32" if self.newbie_fp32_fallback else _state["mode"]
@@ -107,8 +109,10 @@ def make_ops():
                         return scaled_fp16_linear(input, weight, bias)
                     x16 = input.to(torch.float16)
                     y = F.linear(x16, weight, bias)
-                    _flag_out_of_range(x16)
-                    _flag_out_of_range(y)
+                    if self.newbie_check:
+                        if self.newbie_check == "in_out":
+                            _flag_out_of_range(x16)
+                        _flag_out_of_range(y)
                     return y.float() if self.newbie_fp32_output else y
                 finally:
                     if stream is not None:
@@ -123,15 +127,24 @@ def row_l1_bound(weight: torch.Tensor) -> float:
 
 
 _BLOCK_BRANCH = ("layers.", "noise_refiner.", "context_refiner.")
+# Which fp16 tensors must be range-checked, and why: upstream's block code passes the SwiGLU product, the
+# attention output and the FFN output through `clamp_fp16` (nan_to_num to +-65504), which would hide an
+# overflow. So the checks sit right before each clamp: w1 and w3 outputs (inf*0 = NaN would become 0), the
+# SwiGLU product (w2's input: a clipped 65504 is caught by the >= 65504 test), w2's output and the attention
+# projection's output. Anything else that overflows (q/k/v, embeddings, final layer) turns into inf/NaN that
+# reaches one of these checks or the DiT output, which is checked too.
+_CHECKS = {".feed_forward.w1": "out", ".feed_forward.w3": "out", ".feed_forward.w2": "in_out",
+           ".attention.out": "out"}
 
 
 def mark_block_linears(diffusion_model: torch.nn.Module) -> int:
-    """Linears of the attention and FFN branches keep fp16 outputs; everything else returns fp32."""
+    """Linears of the attention and FFN branches keep fp16 outputs (and get their checks); the rest return fp32."""
     n = 0
     for name, module in diffusion_model.named_modules():
         if hasattr(module, "newbie_fp32_output") and name.startswith(_BLOCK_BRANCH) and \
                 (".attention." in name or ".feed_forward." in name):
             module.newbie_fp32_output = False
+            module.newbie_check = next((c for suffix, c in _CHECKS.items() if name.endswith(suffix)), "")
             n += 1
     return n
 
@@ -176,9 +189,7 @@ def _sdpa_call(args, kwargs, attention):
 
 
 def _fast_fp16_sdpa(q, k, v, m):
-    q, k, v = (t.to(torch.float16) for t in (q, k, v))
-    for t in (q, k, v):
-        _flag_out_of_range(t)
+    q, k, v = (t.to(torch.float16) for t in (q, k, v))  # inf/NaN here reaches the checked out-projection
     if m is not None and m.dtype != torch.bool:
         m = m.to(torch.float16)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
@@ -207,11 +218,11 @@ def sdpa_override(func, *args, **kwargs):
 def nonfinite_guard(executor, *args, **kwargs):
     """DIFFUSION_MODEL wrapper: the fast fp16 call, one flag read; on overflow the scaled call, then fp32."""
     x = args[0] if args else kwargs.get("x")
-    _state["flag"] = torch.zeros((), dtype=torch.bool, device=x.device)
+    _state["flag"] = torch.zeros((), dtype=torch.float32, device=x.device)
     _state["mode"] = "fast"
     try:
         out = executor(*args, **kwargs)
-        if not bool(_state["flag"] | ~torch.isfinite(out).all()):
+        if bool((_state["flag"] < FP16_MAX) & torch.isfinite(out).all()):  # the one host sync per call
             return out
         for mode in ("scaled", "fp32"):
             log.warning("fp16: values beyond fp16's range in this DiT call; recomputing it in %s form", mode)
