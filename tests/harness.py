@@ -59,8 +59,10 @@ class PromptFailed(Exception):
 class ComfyServer:
     """Start with `start()`, stop with `stop()`; everything it writes goes under `workdir`."""
 
-    def __init__(self, comfy_dir: Path, workdir: Path, models_root: Path, extra_args=(), cpu=True):
+    def __init__(self, comfy_dir: Path, workdir: Path, models_root: Path, extra_args=(), cpu=True,
+                 env: dict | None = None):
         self.comfy_dir = Path(comfy_dir)
+        self.env = dict(env or {})  # extra environment variables for the server process
         self.workdir = Path(workdir)
         self.models_root = Path(models_root)
         self.extra_args = list(extra_args)
@@ -103,7 +105,7 @@ class ComfyServer:
         if not any(a.startswith("--front-end-root") for a in self.extra_args) and "--real-front-end" not in self.extra_args:
             cmd += ["--front-end-root", str(self.workdir / "frontend")]
         cmd += [a for a in self.extra_args if a != "--real-front-end"]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
