@@ -111,9 +111,35 @@ def graph_for(args, dit: str, prefix: str, max_retries: int | None) -> dict:
     return graph
 
 
-def run(server, graph: dict, grab_at: int | None = None, hog: Hog | None = None) -> dict:
-    """Queue the graph; when KSampler (node 5) reaches step `grab_at`, tell the hog to grab."""
+def _grab_on_signal(signal: Path, ack: Path, hog: Hog, out: dict, stop) -> None:
+    """Wait for the server's pause signal, take the memory, then let the server go on."""
+    while not stop.is_set():
+        if signal.exists():
+            out.update(hog.grab(), at="model call pause")
+            print(f"[oom_recovery] hog grabbed {out['taken'] / 2**30:.2f} GiB at the paused model call; "
+                  f"{out['free'] / 2**30:.2f} GiB free now", flush=True)
+            ack.write_text("grabbed")
+            return
+        stop.wait(0.02)
+
+
+def run(server, graph: dict, grab_at: int | None = None, hog: Hog | None = None, pause: dict | None = None) -> dict:
+    """Queue the graph; when KSampler (node 5) reaches step `grab_at`, tell the hog to grab. With `pause`
+    ({"signal", "ack"} paths of the server's fault plan), grab when the server signals instead."""
+    import threading
+
     import websocket  # websocket-client
+
+    watcher, paused_grab, stop = None, {}, threading.Event()
+    if pause is not None and hog is not None:
+        for p in (pause["signal"], pause["ack"]):
+            Path(p).unlink(missing_ok=True)
+        Path(pause["plan"]).write_text(json.dumps({"pause_at_call": pause["call"], "pause_signal": pause["signal"],
+                                                   "pause_ack": pause["ack"]}))
+        watcher = threading.Thread(target=_grab_on_signal, args=(Path(pause["signal"]), Path(pause["ack"]), hog,
+                                                                 paused_grab, stop), daemon=True)
+        watcher.start()
+        grab_at = None
 
     ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={server.client_id}", timeout=5)
     log_start = server.log_path.stat().st_size
@@ -156,6 +182,12 @@ def run(server, graph: dict, grab_at: int | None = None, hog: Hog | None = None)
         result["ok"] = False
         result["error"] = str(e)[:3000]
     finally:
+        stop.set()
+        if pause is not None:
+            Path(pause["plan"]).unlink(missing_ok=True)
+        if watcher is not None:
+            watcher.join(5)
+            result["grab"] = paused_grab or None
         if hog is not None:
             hog.release()
     result["seconds"] = round(time.perf_counter() - t0, 2)
@@ -199,6 +231,9 @@ def main() -> int:
     ap.add_argument("--precision", default="bf16", choices=["fp16", "bf16", "fp32"])
     ap.add_argument("--budget-gib", type=float, help="hold all but this much GPU memory for the whole run")
     ap.add_argument("--grab-at-step", type=int, default=3, help="0: when KSampler starts; N: after step N")
+    ap.add_argument("--grab-at-call", type=int, default=None,
+                    help="grab exactly before this model call (the server pauses there through the fault-plan "
+                         "hook until the grab is done), so the call meets a real CUDA OOM")
     ap.add_argument("--leave-gib", type=float, default=0.5, help="free memory the grab leaves")
     ap.add_argument("--greedy", action="store_true", help="keep taking what the server frees after the grab")
     ap.add_argument("--unguarded-too", action="store_true", help="also run the disturbed job without the guard")
@@ -233,7 +268,14 @@ def main() -> int:
 
     work = args.out / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
     budget = Hog(int((args.budget_gib + 0.6) * 2**30), immediate=True) if args.budget_gib else None
-    server = harness.ComfyServer(host, work, models, extra_args=args.server_arg, cpu=False)
+    pause, env = None, None
+    if args.grab_at_call is not None:
+        work.mkdir(parents=True, exist_ok=True)
+        # The plan file exists only while a disturbed run is queued (run() writes and removes it).
+        pause = {"signal": str(work / "pause.signal"), "ack": str(work / "pause.ack"),
+                 "plan": str(work / "fault-plan.json"), "call": args.grab_at_call}
+        env = {"NEWBIE_FAULT_PLAN": pause["plan"]}
+    server = harness.ComfyServer(host, work, models, extra_args=args.server_arg, cpu=False, env=env)
     summary = {"host": harness.host_version(Path(host)), "gpu": torch.cuda.get_device_name(0),
                "args": {k: str(v) for k, v in vars(args).items()}, "budget_hog": budget and budget.first}
     try:
@@ -243,7 +285,7 @@ def main() -> int:
         print(f"[oom_recovery] undisturbed: {summary['undisturbed']['seconds']} s, "
               f"ok={summary['undisturbed']['ok']}", flush=True)
         hog = Hog(int(args.leave_gib * 2**30), greedy=args.greedy)
-        summary["disturbed"] = run(server, graph_for(args, dit, "disturbed", 7), args.grab_at_step, hog)
+        summary["disturbed"] = run(server, graph_for(args, dit, "disturbed", 7), args.grab_at_step, hog, pause)
         d = summary["disturbed"]
         print(f"[oom_recovery] disturbed: {d['seconds']} s, ok={d['ok']}, recoveries={d['recoveries']}, "
               f"tiled VAE={d['comfy_tiled_vae']}", flush=True)
@@ -252,7 +294,7 @@ def main() -> int:
         if args.unguarded_too:
             hog = Hog(int(args.leave_gib * 2**30), greedy=args.greedy)
             summary["unguarded_disturbed"] = u = run(server, graph_for(args, dit, "unguarded", None),
-                                                     args.grab_at_step, hog)
+                                                     args.grab_at_step, hog, pause)
             if u["ok"] and summary["undisturbed"]["ok"]:
                 summary["unguarded_comparison"] = compare(summary["undisturbed"], u)
     finally:

@@ -41,6 +41,10 @@ means no faults), so tests may rewrite it between prompts. Keys:
     unrecoverable: bool  the chosen calls fail on every attempt
     vae_decode: bool     VAE decoding fails too: the first `vae_times` decode attempts of the prompt
     vae_times: int       default: `times`
+    pause_at_call: int   no injected error: before that model call's first attempt, write the file
+    pause_signal: str    `pause_signal` and wait (up to 120 s) for `pause_ack` to appear, so a second process
+    pause_ack: str       can take GPU memory at that exact point and the call meets a *real* CUDA OOM
+                         (bench/oom_recovery.py --grab-at-call)
 """
 from __future__ import annotations
 
@@ -126,8 +130,12 @@ class FaultPlan:
     unrecoverable: bool = False
     vae_decode: bool = False
     vae_times: int = 1
+    pause_at_call: int | None = None
+    pause_signal: str | None = None
+    pause_ack: str | None = None
 
-    KEYS = ("model_calls", "steps", "times", "unrecoverable", "vae_decode", "vae_times")
+    KEYS = ("model_calls", "steps", "times", "unrecoverable", "vae_decode", "vae_times", "pause_at_call",
+            "pause_signal", "pause_ack")
 
     @classmethod
     def load(cls) -> "FaultPlan | None":
@@ -149,7 +157,9 @@ class FaultPlan:
         return cls(path=path, model_calls=frozenset(int(i) for i in data.get("model_calls", [])),
                    steps=tuple(int(i) for i in data.get("steps", [])), times=times,
                    unrecoverable=bool(data.get("unrecoverable", False)),
-                   vae_decode=bool(data.get("vae_decode", False)), vae_times=int(data.get("vae_times", times)))
+                   vae_decode=bool(data.get("vae_decode", False)), vae_times=int(data.get("vae_times", times)),
+                   pause_at_call=data.get("pause_at_call"), pause_signal=data.get("pause_signal"),
+                   pause_ack=data.get("pause_ack"))
 
     def targets_model_call(self, call_index: int, step: int | None, n_steps: int | None) -> bool:
         if call_index in self.model_calls:
@@ -159,9 +169,22 @@ class FaultPlan:
         return any(s % n_steps == step for s in self.steps)
 
     def model_fault(self, site: "CallSite", attempt: int, need: int | None) -> None:
+        if self.pause_at_call == site.index and attempt == 0 and self.pause_signal and self.pause_ack:
+            self._pause()
         if self.targets_model_call(site.index, site.step, site.n_steps) and (self.unrecoverable or
                                                                             attempt < self.times):
             raise self._error(f"{site}, attempt {attempt + 1}", need)
+
+    def _pause(self) -> None:
+        import time
+
+        with open(self.pause_signal, "w", encoding="utf-8") as f:
+            f.write("paused")
+        deadline = time.monotonic() + 120
+        while not os.path.exists(self.pause_ack) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        log.info("NewBie OOM guard: fault plan pause at model call %s ended (%s)", self.pause_at_call,
+                 "acknowledged" if os.path.exists(self.pause_ack) else "timed out")
 
     def vae_fault(self, attempt_in_prompt: int, need: int | None) -> None:
         if self.vae_decode and (self.unrecoverable or attempt_in_prompt < self.vae_times):
