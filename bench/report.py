@@ -18,11 +18,21 @@ COMMANDS = {
             "--timeout 200 && python3 bench/fp16_accuracy.py",
     "run3": "python3 bench/run.py --configs pack-fp16@16,pack-fp16-warmup@16,pack-fp16-gpu-only@none,"
             "pack-bf16-gpu-only@none --timeout 200 && python3 bench/fp16_accuracy.py",
+    "run4": "python3 bench/run.py --configs pack-fp16-gpu-only@none,pack-fp16-legacy@none,pack-fp16@16,"
+            "upstream-gpu-only@none,upstream-legacy@none --timeout 200 && python3 bench/fp16_accuracy.py",
+    "run5": "python3 bench/run.py --configs pack-bf16@8,upstream-bf16@8,pack-fp16@8,pack-bf16@12 --timeout 200",
+    "run6": "python3 bench/run.py --configs upstream-bf16@12,pack-bf16@6,upstream-bf16@6,pack-bf16@4,"
+            "upstream-bf16@4 --timeout 200",
+    "run7": "python3 bench/oom_recovery.py --weights-dir /tmp/models --precision fp16 --budget-gib 16 "
+            "--grab-at-call 0 --leave-gib 0.2 --unguarded-too --server-arg=--disable-dynamic-vram (run7b: the same "
+            "without --server-arg, i.e. dynamic VRAM)",
+    "run8": "python3 bench/run.py --size 1024x1536 --configs pack-fp16@16,pack-bf16@16,upstream-bf16@16 && "
+            "python3 bench/run.py --size 768x768 --configs pack-fp16@16,upstream-bf16@16",
 }
 
 
 def _load(kind: str) -> dict[str, object]:
-    return {p.name.split("-")[0]: json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"*-{kind}.json"))}
+    return {p.name.rsplit("-", 1)[0]: json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"*-{kind}.json"))}
 
 
 def _fmt(v, unit=""):
@@ -30,19 +40,20 @@ def _fmt(v, unit=""):
 
 
 def results_table(runs: dict) -> list[str]:
-    lines = ["| run | configuration | budget GiB | flags | cold s | warm s | warm it/s | text encode s (cold) | "
+    lines = ["| run | configuration | size | budget GiB | flags | cold s | warm s | warm it/s | text encode s (cold) | "
              "sampling s (warm) | decode s (warm) | peak GiB (cold/warm) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run, results in runs.items():
         for r in results:
             cold, warm = r.get("cold", {}), r.get("warm", {})
             err = cold.get("error") or warm.get("error")
             if err:
-                lines.append(f"| {run} | {r['config']} | {_fmt(r['budget_gib'])} | {' '.join(r['flags'])} | "
-                             f"failed: {err[:80]} | | | | | | |")
+                lines.append(f"| {run} | {r['config']} | {r.get('size')} | {_fmt(r['budget_gib'])} | "
+                             f"{' '.join(r['flags'])} | failed: {err[:80]} | | | | | | |")
                 continue
             lines.append(
-                f"| {run} | {r['config']} | {_fmt(r['budget_gib']) if r['budget_gib'] is not None else 'none'} | "
+                f"| {run} | {r['config']} | {r.get('size')} | "
+                f"{_fmt(r['budget_gib']) if r['budget_gib'] is not None else 'none'} | "
                 f"{' '.join(r['flags']) or 'default'} | {_fmt(cold.get('wall_s'))} | {_fmt(warm.get('wall_s'))} | "
                 f"{_fmt(warm.get('it_per_s'))} | {_fmt(cold.get('text_encode'))} | {_fmt(warm.get('sampling'))} | "
                 f"{_fmt(warm.get('decode'))} | {_fmt(cold.get('peak_gib'))} / {_fmt(warm.get('peak_gib'))} |")
@@ -127,6 +138,16 @@ def main():
     parts += results_table(runs)
     parts += ["", "## fp16 accuracy (one DiT call at 1024², CFG batch of 2, vs fp32)", ""]
     parts += accuracy_table(acc)
+    oom = _load("oom")
+    if oom:
+        parts += ["", "## OOM Guard on the GPU", "", "| run | verdict | latent identical | pixels identical | guard log |",
+                  "| --- | --- | --- | --- | --- |"]
+        for run, d in oom.items():
+            c = d.get("comparison") or {}
+            log = "<br>".join(line.split("NewBie OOM guard: ")[-1][:160] for line in
+                              (d.get("disturbed") or {}).get("guard_log", [])[:4])
+            parts.append(f"| {run} | {d.get('verdict')} | {c.get('latent_identical')} | {c.get('pixels_identical')} | "
+                         f"{log or '—'} |")
     parts += ["", "## Plots", ""]
     parts += plots(runs)
     extra = REPO / "bench" / "results" / "NOTES.md"
