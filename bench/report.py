@@ -20,9 +20,12 @@ COMMANDS = {
             "pack-bf16-gpu-only@none --timeout 200 && python3 bench/fp16_accuracy.py",
     "run4": "python3 bench/run.py --configs pack-fp16-gpu-only@none,pack-fp16-legacy@none,pack-fp16@16,"
             "upstream-gpu-only@none,upstream-legacy@none --timeout 200 && python3 bench/fp16_accuracy.py",
-    "run5": "python3 bench/run.py --configs pack-bf16@8,upstream-bf16@8,pack-fp16@8,pack-bf16@12 --timeout 200",
+    "run5": "python3 bench/run.py --configs pack-bf16@8,upstream-bf16@8,pack-fp16@8,pack-bf16@12 --timeout 200; "
+            "python3 bench/oom_recovery.py --weights-dir /tmp/models --precision fp16 --budget-gib 16 "
+            "--grab-at-step 0 --unguarded-too",
     "run6": "python3 bench/run.py --configs upstream-bf16@12,pack-bf16@6,upstream-bf16@6,pack-bf16@4,"
-            "upstream-bf16@4 --timeout 200",
+            "upstream-bf16@4 --timeout 200; python3 bench/oom_recovery.py --weights-dir /tmp/models --precision fp16 "
+            "--budget-gib 16 --grab-at-step 0 --leave-gib 0.3 --unguarded-too --server-arg=--disable-dynamic-vram",
     "run7": "python3 bench/oom_recovery.py --weights-dir /tmp/models --precision fp16 --budget-gib 16 "
             "--grab-at-call 0 --leave-gib 0.2 --unguarded-too --server-arg=--disable-dynamic-vram (run7b: the same "
             "without --server-arg, i.e. dynamic VRAM)",
