@@ -50,7 +50,8 @@ CONFIGS = {
 }
 
 
-def graph(kind: str, precision: str | None, names: dict, seed: int, width: int, height: int, steps: int) -> dict:
+def graph(kind: str, precision: str | None, names: dict, seed: int, width: int, height: int, steps: int,
+          sampler: str = "euler_ancestral") -> dict:
     if kind == "pack":
         nodes = {"1": {"class_type": "NewBieLoader", "inputs": {
             "diffusion_model": names["dit"], "gemma": names["gemma"], "jina": names["jina"], "vae": names["vae"],
@@ -70,7 +71,7 @@ def graph(kind: str, precision: str | None, names: dict, seed: int, width: int, 
         "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
         "5": {"class_type": "KSampler", "inputs": {"model": model, "positive": ["2", 0], "negative": ["3", 0],
                                                    "latent_image": ["4", 0], "seed": seed, "steps": steps, "cfg": 5.0,
-                                                   "sampler_name": "euler_ancestral", "scheduler": "simple",
+                                                   "sampler_name": sampler, "scheduler": "simple",
                                                    "denoise": 1.0}},
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": vae}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "bench"}},
@@ -152,7 +153,7 @@ def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -
             result["warmup"] = {"wall_s": round(time.perf_counter() - t, 3),
                                 "report": json.dumps(entry.get("outputs", {}))[:1500]}
         for run, seed in (("cold", 1), ("warm", 2)):
-            g = graph(kind, precision, names, seed, args.width, args.height, args.steps)
+            g = graph(kind, precision, names, seed, args.width, args.height, args.steps, args.sampler)
             a = trace.mark()
             t = time.perf_counter()
             try:
@@ -181,6 +182,7 @@ def main():
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--size", default="1024x1024")
     ap.add_argument("--timeout", type=float, default=240)
+    ap.add_argument("--sampler", default="euler_ancestral", help="KSampler sampler_name")
     ap.add_argument("--tiny", action="store_true", help="use the tiny model (smoke test)")
     args = ap.parse_args()
     args.width, args.height = (int(v) for v in args.size.split("x"))
@@ -201,7 +203,7 @@ def main():
         budget = None if budget in ("", "none") else float(budget)
         t = time.perf_counter()
         r = run_config(name, budget, names, args.models, work, args)
-        r.update(steps=args.steps, size=args.size, model=spec.name)
+        r.update(steps=args.steps, size=args.size, model=spec.name, sampler=args.sampler)
         results.append(r)
         results_path.write_text(json.dumps(results, indent=1))
         brief = {k: v for k, v in r.items() if k in ("cold", "warm", "server_start_s")}
