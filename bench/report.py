@@ -31,6 +31,8 @@ COMMANDS = {
             "without --server-arg, i.e. dynamic VRAM)",
     "run8": "python3 bench/run.py --size 1024x1536 --configs pack-fp16@16,pack-bf16@16,upstream-bf16@16 && "
             "python3 bench/run.py --size 768x768 --configs pack-fp16@16,upstream-bf16@16",
+    "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
+            "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
 
 
@@ -43,19 +45,20 @@ def _fmt(v, unit=""):
 
 
 def results_table(runs: dict) -> list[str]:
-    lines = ["| run | configuration | size | budget GiB | flags | cold s | warm s | warm it/s | text encode s (cold) | "
+    lines = ["| run | configuration | size | sampler, steps | budget GiB | flags | cold s | warm s | warm it/s | text encode s (cold) | "
              "sampling s (warm) | decode s (warm) | peak GiB (cold/warm) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run, results in runs.items():
         for r in results:
             cold, warm = r.get("cold", {}), r.get("warm", {})
             err = cold.get("error") or warm.get("error")
             if err:
-                lines.append(f"| {run} | {r['config']} | {r.get('size')} | {_fmt(r['budget_gib'])} | "
+                lines.append(f"| {run} | {r['config']} | {r.get('size')} | {r.get('sampler', 'euler_ancestral')}, "
+                             f"{r.get('steps')} | {_fmt(r['budget_gib'])} | "
                              f"{' '.join(r['flags'])} | failed: {err[:80]} | | | | | | |")
                 continue
             lines.append(
-                f"| {run} | {r['config']} | {r.get('size')} | "
+                f"| {run} | {r['config']} | {r.get('size')} | {r.get('sampler', 'euler_ancestral')}, {r.get('steps')} | "
                 f"{_fmt(r['budget_gib']) if r['budget_gib'] is not None else 'none'} | "
                 f"{' '.join(r['flags']) or 'default'} | {_fmt(cold.get('wall_s'))} | {_fmt(warm.get('wall_s'))} | "
                 f"{_fmt(warm.get('it_per_s'))} | {_fmt(cold.get('text_encode'))} | {_fmt(warm.get('sampling'))} | "
