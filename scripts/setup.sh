@@ -43,4 +43,5 @@ else
        "host tests will be skipped. See shared/host.md or the README to get one."
 fi
 pip install -q "${reqs[@]}" 2>&1 | quiet
+bash "$here/scripts/install_browser.sh" || true   # Chromium + playwright-core for tests/browser; never fails
 echo "[setup] ready: $venv/bin/python"
