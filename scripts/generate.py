@@ -61,6 +61,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
+    ap.add_argument("--prompt", default=None, help="NewBie XML (or plain) prompt; default: a one-character example")
     ap.add_argument("--out", type=Path, default=REPO / "out", help="where ComfyUI writes the image")
     args = ap.parse_args()
 
@@ -86,6 +87,7 @@ def main() -> int:
             return 2
     import graphs
 
+    args.prompt = args.prompt or graphs.XML_PROMPT
     work = args.out / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
     server = harness.ComfyServer(host, work, models, cpu=not torch.cuda.is_available())
     t_start = time.perf_counter()
@@ -94,6 +96,11 @@ def main() -> int:
           f"({'CPU' if server.cpu else 'GPU'}), log: {server.log_path}")
     graph = graphs.txt2img(seed=args.seed, width=args.width, height=args.height, steps=args.steps,
                            diffusion_model=dit, precision=args.precision, prefix="newbie")
+    # The prompt goes through the pack's XML node: validated, and encoded as NewBie was trained.
+    del graph["3"]
+    graph["2"] = {"class_type": "NewBieXMLPromptFlatten", "inputs": {
+        "text": args.prompt, "mode": "official", "negative": graphs.NEGATIVE, "clip": ["1", 1]}}
+    graph["5"]["inputs"]["positive"], graph["5"]["inputs"]["negative"] = ["2", 0], ["2", 1]
     stop, peaks = threading.Event(), {}
     watchers = [threading.Thread(target=f, args=(server.proc.pid, stop, peaks), daemon=True)
                 for f in (_peak_memory, _gpu_peak)]
@@ -113,7 +120,7 @@ def main() -> int:
     for (node, t), nxt in zip(starts, starts[1:] + [(None, None)]):
         if node is None or nxt[1] is None:
             continue
-        print(f"[generate]   {graph[node]['class_type']:<20} {nxt[1] - t:7.2f} s")
+        print(f"[generate]   {graph[node]['class_type']:<24} {nxt[1] - t:7.2f} s")
     print(f"[generate] peak memory of the server: RAM {peaks.get('rss', 0) / 2**30:.2f} GiB"
           + (f", GPU {peaks['gpu_mib'] / 1024:.2f} GiB" if "gpu_mib" in peaks else ""))
     return 0
