@@ -55,14 +55,10 @@ class NewBieLoader(io.ComfyNode):
         if diffusion_model.startswith(model_files.FOLDER_PREFIX):
             folder = model_files.resolve_folder(diffusion_model[len(model_files.FOLDER_PREFIX):],
                                                 folder_paths.get_folder_paths("diffusers"))
-            parts = loader.read_folder(folder)
             # Single files picked explicitly replace the folder's own part.
-            overrides = {k: v for k, v in (("gemma", gemma), ("jina", jina), ("vae", vae)) if v != model_files.AUTO}
-            if overrides:
-                single = loader.read_single_files({**parts.paths, **{k: _full(k, v) for k, v in overrides.items()}})
-                parts = loader.NewBieParts(parts.dit, single.gemma, single.jina, single.vae,
-                                           single.gemma_tokenizer, single.jina_tokenizer,
-                                           {**parts.paths, **{k: _full(k, v) for k, v in overrides.items()}})
+            overrides = {k: _full(k, v) for k, v in (("gemma", gemma), ("jina", jina), ("vae", vae))
+                         if v != model_files.AUTO}
+            parts = loader.with_single_files(loader.read_folder(folder), overrides)
         else:
             paths = {"dit": folder_paths.get_full_path_or_raise("diffusion_models", diffusion_model)}
             for part, choice, kind in (("gemma", gemma, "text_encoders"), ("jina", jina, "text_encoders"),

@@ -55,22 +55,40 @@ def _expect_kind(sd: dict, path, part: str, signature: str) -> None:
         raise ModelFileError(path, f"this file holds {checkpoint.identify(sd.keys())}", EXPECT[part])
 
 
+_SIGNATURE = {"dit": "cap_embedder.1.weight", "gemma": "model.layers.0.self_attn.q_norm.weight",
+              "jina": "model.encoder.layers.0.mixer.Wqkv.weight", "vae": "decoder.conv_in.weight"}
+
+
+def read_single_part(part: str, path) -> tuple[dict, object]:
+    """One part in ComfyUI's single-file layout: (state dict, embedded tokenizer or None)."""
+    sd = checkpoint.load_state_dict(path, EXPECT[part])
+    if part == "dit":  # full checkpoints carry the DiT under model.diffusion_model.; UNETLoader accepts both
+        sd = checkpoint.strip_prefix(sd, ("model.diffusion_model.", "diffusion_model."))
+    _expect_kind(sd, path, part, _SIGNATURE[part])
+    if part not in ("gemma", "jina"):
+        return sd, None
+    if "spiece_model" not in sd:
+        raise ModelFileError(path, "has no embedded tokenizer ('spiece_model')",
+                             "ComfyUI's single-file text encoder with its tokenizer inside")
+    return sd, sd.pop("spiece_model")
+
+
 def read_single_files(paths: dict) -> NewBieParts:
     """paths: {'dit', 'gemma', 'jina', 'vae'} -> file paths (ComfyUI's single-file layout)."""
-    sds = {part: checkpoint.load_state_dict(paths[part], EXPECT[part]) for part in ("dit", "gemma", "jina", "vae")}
-    # Full checkpoints carry the DiT under model.diffusion_model.; ComfyUI's UNETLoader accepts both.
-    sds["dit"] = checkpoint.strip_prefix(sds["dit"], ("model.diffusion_model.", "diffusion_model."))
-    _expect_kind(sds["dit"], paths["dit"], "dit", "cap_embedder.1.weight")
-    _expect_kind(sds["gemma"], paths["gemma"], "gemma", "model.layers.0.self_attn.q_norm.weight")
-    _expect_kind(sds["jina"], paths["jina"], "jina", "model.encoder.layers.0.mixer.Wqkv.weight")
-    _expect_kind(sds["vae"], paths["vae"], "vae", "decoder.conv_in.weight")
-    for part in ("gemma", "jina"):
-        if "spiece_model" not in sds[part]:
-            raise ModelFileError(paths[part], "has no embedded tokenizer ('spiece_model')",
-                                 "ComfyUI's single-file text encoder with its tokenizer inside")
-    gemma_tok = sds["gemma"].pop("spiece_model")
-    jina_tok = sds["jina"].pop("spiece_model")
-    return NewBieParts(sds["dit"], sds["gemma"], sds["jina"], sds["vae"], gemma_tok, jina_tok, dict(paths))
+    read = {part: read_single_part(part, paths[part]) for part in ("dit", "gemma", "jina", "vae")}
+    return NewBieParts(read["dit"][0], read["gemma"][0], read["jina"][0], read["vae"][0], read["gemma"][1],
+                       read["jina"][1], dict(paths))
+
+
+def with_single_files(parts: NewBieParts, overrides: dict) -> NewBieParts:
+    """`parts` with some of gemma/jina/vae replaced by single files ({part: path})."""
+    for part, path in overrides.items():
+        sd, tok = read_single_part(part, path)
+        setattr(parts, part, sd)
+        if tok is not None:
+            setattr(parts, f"{part}_tokenizer", tok)
+        parts.paths[part] = path
+    return parts
 
 
 def _folder_file(folder: Path, sub: str, names: tuple, part: str) -> Path:

@@ -102,3 +102,13 @@ def test_loader_report_names_precision_and_files(server):
     entry = server.run(graph)
     text = json.dumps(entry["outputs"])
     assert "weights bf16" in text and graphs.TINY_DIT in text
+
+
+def test_folder_with_a_single_file_override(server):
+    """A folder layout whose VAE and Gemma are replaced by single files picked in the node."""
+    graph = graphs.txt2img(seed=5, prefix=f"override-{server.lane}", diffusion_model=graphs.TINY_FOLDER,
+                           vae=graphs.TINY_VAE, gemma=graphs.TINY_GEMMA)
+    single = graphs.txt2img(seed=5, prefix=f"override-ref-{server.lane}")
+    a = server.output_images(server.run(graph))[0]
+    b = server.output_images(server.run(single))[0]
+    assert np.array_equal(_pixels(a), _pixels(b))
