@@ -94,27 +94,14 @@ def make_ops():
             newbie_fp32_output = True  # False inside transformer blocks (set by mark_block_linears)
             newbie_check = ""  # "out" / "in_out": which fp16 tensors to range-check (set by mark_block_linears)
 
-            def _resident(self, input, dtype, bias_dtype):
-                """Weights already on the input's device in the wanted dtype, unpatched: use them as they are
-                (ComfyUI's cast path would add per-layer bookkeeping to every call of a resident model)."""
-                w, b = self.weight, self.bias
-                if (w is None or self.weight_function or self.bias_function or type(w) is not torch.nn.Parameter
-                        or w.device != input.device or w.dtype != dtype):
-                    return None, None, None
-                if b is not None and b.dtype != bias_dtype:
-                    b = b.to(bias_dtype)
-                return w, b, None
-
             def forward_comfy_cast_weights(self, input):
                 mode = "fp32" if self.newbie_fp32_fallback else _state["mode"]
                 dtype = torch.float32 if mode == "fp32" else torch.float16
                 bias_dtype = torch.float16 if mode == "fast" else torch.float32
-                weight, bias, stream = self._resident(input, dtype, bias_dtype)
-                if weight is None:  # offloaded or patched weights: ComfyUI's own cast path
-                    result = comfy.ops.cast_bias_weight(self, input, dtype=dtype, bias_dtype=bias_dtype,
-                                                        offloadable=True)
-                    weight, bias = result[0], result[1]
-                    stream = result[2] if len(result) > 2 else None
+                result = comfy.ops.cast_bias_weight(self, input, dtype=dtype, bias_dtype=bias_dtype,
+                                                    offloadable=True)
+                weight, bias = result[0], result[1]
+                stream = result[2] if len(result) > 2 else None
                 try:
                     if mode == "fp32":
                         return F.linear(input.float(), weight, bias)
