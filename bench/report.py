@@ -32,6 +32,8 @@ COMMANDS = {
     "run8": "python3 bench/run.py --size 1024x1536 --configs pack-fp16@16,pack-bf16@16,upstream-bf16@16 && "
             "python3 bench/run.py --size 768x768 --configs pack-fp16@16,upstream-bf16@16",
     "run10": "COMFYUI_PATH=<ComfyUI v0.8.0, 618b803d> python3 bench/run.py --configs pack-fp16@16,pack-bf16@16",
+    "run11": "(experiment, reverted) python3 bench/run.py --configs pack-fp16-gpu-only@none,pack-fp16@16 && "
+             "python3 bench/fp16_accuracy.py",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
