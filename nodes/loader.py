@@ -1,6 +1,7 @@
 """NewBie Loader: MODEL, CLIP and VAE from ComfyUI's single files or the official folder layout."""
 from __future__ import annotations
 
+import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
@@ -67,7 +68,7 @@ class NewBieLoader(io.ComfyNode):
                     choice = model_files.pick_auto(part, folder_paths.get_filename_list(kind), f"models/{kind}")
                 paths[part] = _full(part, choice)
             parts = loader.read_single_files(paths)
-        loaded = loader.load_newbie(parts, precision, text_encoder_precision)
+        loaded = loader.load_newbie(parts, precision, text_encoder_precision, progress=comfy.utils.ProgressBar(3))
         return io.NodeOutput(loaded.model, loaded.clip, loaded.vae, loaded.report)
 
 

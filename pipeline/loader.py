@@ -260,14 +260,20 @@ def build_vae(parts: NewBieParts):
     return comfy.sd.VAE(sd=parts.vae)
 
 
-def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str | None = "auto") -> LoadedNewBie:
+def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str | None = "auto",
+                progress=None) -> LoadedNewBie:
+    """progress: an object with update(n) (ComfyUI's ProgressBar), advanced once per built part (3 in all)."""
     t0 = time.perf_counter()
     dit_cfg = detect.nextdit_config(parts.dit, parts.paths.get("dit"))
     detect.check_compatible(dit_cfg, detect.gemma_config(parts.gemma, parts.paths.get("gemma")),
                             detect.jina_config(parts.jina, parts.paths.get("jina")), parts.paths)
+    step = progress.update if progress is not None else (lambda n: None)
     model, unet_config, dtype, manual_cast = build_model(parts, precision)
+    step(1)
     clip, gemma_cfg, jina_cfg, te_dtype = build_clip(parts, te_precision)
+    step(1)
     vae = build_vae(parts)
+    step(1)
     n_params = sum(v.numel() for v in parts.dit.values()) / 1e6
     if precision == "fp16":
         compute = "fp16 matmuls + fp32 activations (overflow-safe)"

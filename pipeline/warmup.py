@@ -42,8 +42,12 @@ def warm_up(model, width: int, height: int, batch_size: int = 1, steps: int = 2,
     noise = torch.randn(latent.shape, generator=gen)
     cond = _dummy_conditioning(model, tokens)
     t = time.perf_counter()
+    import comfy.utils
+
+    pbar = comfy.utils.ProgressBar(steps)  # the warm-up's steps drive ComfyUI's progress bar like a real job's
     samples = comfy.sample.sample(model, noise, steps, 2.0, "euler", "simple", cond, cond, latent,
-                                  disable_pbar=True, seed=0)
+                                  disable_pbar=True, seed=0,
+                                  callback=lambda step, x0, x, total: pbar.update_absolute(step + 1, total))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     lines.append(f"model: {steps} steps at {width}x{height} (batch {batch_size}, CFG) in {time.perf_counter() - t:.2f} s")

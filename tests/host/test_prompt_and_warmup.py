@@ -83,3 +83,14 @@ def test_warmup_passes_the_model_through_without_changing_the_image(server):
     a = server.output_images(server.run(plain))[0]
     b = server.output_images(server.run(warmed))[0]
     assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+def test_loader_and_warmup_drive_the_progress_bar(server):
+    g = graphs.txt2img(seed=41, prefix=f"progress-{server.lane}", precision="bf16")  # bf16: a fresh loader run
+    g["9"] = {"class_type": "NewBieVRAMWarmup", "inputs": {
+        "model": ["1", 0], "width": 64, "height": 64, "batch_size": 1, "steps": 3}}
+    g["5"]["inputs"]["model"] = ["9", 0]
+    _, events = server.run_with_events(g)
+    progress = [e["data"] for e in events if e.get("type") == "progress"]
+    assert {"node": "1", "max": 3} in [{"node": p.get("node"), "max": p["max"]} for p in progress], progress
+    assert any(p.get("node") == "9" and p["max"] == 3 for p in progress), progress
