@@ -143,6 +143,7 @@ def _add_xml_node(page) -> None:
 
 
 STATUS = "document.querySelector('[data-testid=newbie-xml-status]')"
+TEXT = "document.querySelector('[data-test-target=xml-text]')"
 
 
 def test_xml_box_marks_the_first_error_as_you_type_and_clears_when_fixed(front_end, tmp_path):
@@ -150,7 +151,10 @@ def test_xml_box_marks_the_first_error_as_you_type_and_clears_when_fixed(front_e
     _add_xml_node(page)
     page.wait(f"{STATUS} && {STATUS}.dataset.state === 'info'", timeout=10)  # empty prompt
     page.type("[data-test-target=xml-text]", MALFORMED)
-    page.wait(f"{STATUS}.dataset.state === 'error'", timeout=10)
+    # Typing is character by character: wait until the whole prompt is in and the check has run on all of it
+    # (an intermediate state such as a lone '<' is also an error, at line 1).
+    page.wait(f"{TEXT}.value === {json.dumps(MALFORMED)} && {STATUS}.dataset.state === 'error' && "
+              f"{STATUS}.dataset.line === '3'", timeout=10)
     with pytest.raises(PromptError) as server_error:
         parse_prompt(MALFORMED)
     assert (page.eval(f"{STATUS}.dataset.line"), page.eval(f"{STATUS}.dataset.column")) == ("3", "24")
@@ -174,7 +178,7 @@ def test_xml_box_marks_the_first_error_as_you_type_and_clears_when_fixed(front_e
 
     page.press("Control+A")
     page.type("[data-test-target=xml-text]", FIXED)
-    page.wait(f"{STATUS}.dataset.state === 'ok'", timeout=10)
+    page.wait(f"{TEXT}.value === {json.dumps(FIXED)} && {STATUS}.dataset.state === 'ok'", timeout=10)
     assert page.eval(f"{STATUS}.textContent") == "\u2713 well-formed XML: 1 character"
     assert not page.eval("document.querySelector('[data-test-target=xml-text]').classList.contains('newbie-xml-invalid')")
 
