@@ -1,0 +1,126 @@
+"""Where a full-size DiT call spends its time, per precision path, and what regional compilation gives.
+
+One DiT call = what a sampler makes per step at 1024x1024 with CFG (batch of 2, 4096 image tokens, 96 caption
+tokens), full-size random weights built on the GPU, everything resident (no offloading in the way). For each
+variant: mean time of 5 calls after 2 warm-up calls, and a torch.profiler table of one call (top CUDA kernels by
+self time). Variants `*+compile` compile each transformer block on its own (torch.compile of the block,
+`Module.compile`), so the 36 identical blocks share one compiled graph; their first call includes compilation.
+Writes OUT/profile_dit.json.
+
+    python3 bench/profile_dit.py --variants fp32,fp16_pack,fp16_pack-nocheck,fp16_plain,bf16,bf16+compile
+
+A variant is PATH[-nocheck][+compile]: PATH one of fp16_pack, fp16_plain, bf16, fp32; `-nocheck` turns the fp16
+range checks off to price them (not a usable configuration). The first variant is the accuracy reference.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
+    ap.add_argument("--variants", default="fp16_pack,fp16_plain,bf16")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--top", type=int, default=22)
+    args = ap.parse_args()
+    sys.path[:0] = [os.environ["COMFYUI_PATH"], str(REPO)]
+    import torch
+    from pipeline import tiny_models
+
+    tiny_models._comfy_cpu_safe()  # lets --tiny run on a machine without CUDA
+    import comfy.model_management as mm
+    from pipeline import loader, precision, stress
+
+    spec = tiny_models.TINY if args.tiny else tiny_models.FULL
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    t = time.perf_counter()
+    shapes = tiny_models._meta_state_shapes(spec)["dit"]
+    base_sd = tiny_models.random_state_dict(shapes, spec.seed, torch.bfloat16, dev)
+    print(f"[profile] DiT weights ready in {time.perf_counter() - t:.1f} s", flush=True)
+    h, w = (32, 32) if args.tiny else (128, 128)
+    results, ref = {}, None
+    for variant in args.variants.split(","):
+        variant_base, _, extra = variant.partition("+")
+        name, _, ablation = variant_base.partition("-")
+        prec, safe = {"fp16_pack": ("fp16", True), "fp16_plain": ("fp16", False), "bf16": ("bf16", True),
+                      "fp32": ("fp32", True)}[name]
+        parts = loader.NewBieParts(dict(base_sd), {}, {}, {}, None, None, {"dit": "random"})
+        patcher, cfg, _, _ = loader.build_model(parts, prec, safe_fp16=safe)
+        mm.load_models_gpu([patcher])
+        dm = patcher.model.diffusion_model
+        flag_fn = precision._flag_out_of_range
+        if ablation == "nocheck":  # what the range checks cost (not a usable configuration: nothing is checked)
+            precision._flag_out_of_range = lambda t: None
+        if extra == "compile":
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            for blocks in (dm.layers, dm.noise_refiner, dm.context_refiner):
+                for block in blocks:
+                    block.compile()
+        g = torch.Generator(device="cpu").manual_seed(3)
+        x = torch.randn(2, 16, h, w, generator=g).to(dev)
+        context = torch.randn(2, 96, cfg["cap_feat_dim"], generator=g).to(dev)
+        pooled = torch.randn(2, cfg["clip_text_dim"], generator=g).to(dev)
+        sigma = torch.tensor([0.7, 0.7], device=dev)
+        topts = dict(patcher.model_options.get("transformer_options", {}))
+        topts["wrappers"] = patcher.wrappers
+
+        def call():
+            return patcher.model.apply_model(x, sigma, c_crossattn=context, num_tokens=96, clip_text_pooled=pooled,
+                                             transformer_options=topts)
+
+        r = {}
+        with torch.no_grad():
+            sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+            sync()
+            t = time.perf_counter()
+            out = call()
+            sync()
+            r["first_call_s"] = round(time.perf_counter() - t, 3)
+            call()
+            sync()
+            t = time.perf_counter()
+            for _ in range(args.calls):
+                call()
+            sync()
+            r["call_s"] = round((time.perf_counter() - t) / args.calls, 4)
+            r["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None
+            if extra != "compile":
+                acts = [torch.profiler.ProfilerActivity.CPU] + (
+                    [torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
+                with torch.profiler.profile(activities=acts) as prof:
+                    call()
+                    sync()
+                key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+                table = prof.key_averages().table(sort_by=key, row_limit=args.top, max_name_column_width=60)
+                r["profile"] = table
+                print(f"[profile] {variant}\n{table}", flush=True)
+        out = out.float().cpu()
+        if ref is None:
+            ref = out
+        r["rel_error_vs_first_variant"] = stress.relative_error(out, ref)
+        r["recomputations"] = precision.recomputations()
+        results[variant] = r
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "profile_dit.json").write_text(json.dumps(results, indent=1))  # after each: a timeout keeps it
+        print(f"[profile] {variant}: {json.dumps({k: v for k, v in r.items() if k != 'profile'})}", flush=True)
+        precision._flag_out_of_range = flag_fn
+        mm.unload_all_models()
+        del patcher, dm
+        gc.collect()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+
+if __name__ == "__main__":
+    main()
