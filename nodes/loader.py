@@ -42,6 +42,10 @@ class NewBieLoader(io.ComfyNode):
                                        "included); bf16 needs Ampere or newer; fp32 doubles memory."),
                 io.Combo.Input("text_encoder_precision", options=["auto"] + list(loader.PRECISIONS), default="auto",
                                tooltip="Precision of Gemma-3 and Jina. 'auto' lets ComfyUI choose for this GPU."),
+                io.Float.Input("vram_budget_gb", default=0.0, min=0.0, max=1024.0, step=0.5, optional=True,
+                               tooltip="At most this many GiB of DiT weights stay on the GPU (for a GPU shared "
+                                       "with other apps); the rest is streamed in each step, which is slower. "
+                                       "0: no cap, ComfyUI decides."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),
@@ -52,7 +56,8 @@ class NewBieLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, diffusion_model, gemma, jina, vae, precision, text_encoder_precision) -> io.NodeOutput:
+    def execute(cls, diffusion_model, gemma, jina, vae, precision, text_encoder_precision,
+                vram_budget_gb=0.0) -> io.NodeOutput:
         if diffusion_model.startswith(model_files.FOLDER_PREFIX):
             folder = model_files.resolve_folder(diffusion_model[len(model_files.FOLDER_PREFIX):],
                                                 folder_paths.get_folder_paths("diffusers"))
@@ -68,7 +73,8 @@ class NewBieLoader(io.ComfyNode):
                     choice = model_files.pick_auto(part, folder_paths.get_filename_list(kind), f"models/{kind}")
                 paths[part] = _full(part, choice)
             parts = loader.read_single_files(paths)
-        loaded = loader.load_newbie(parts, precision, text_encoder_precision, progress=comfy.utils.ProgressBar(3))
+        loaded = loader.load_newbie(parts, precision, text_encoder_precision, progress=comfy.utils.ProgressBar(3),
+                                    vram_budget_gb=vram_budget_gb)
         return io.NodeOutput(loaded.model, loaded.clip, loaded.vae, loaded.report)
 
 

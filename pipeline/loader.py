@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, detect, precision as precision_mod
+from . import checkpoint, detect, precision as precision_mod, vram_budget
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -151,10 +151,11 @@ def _dtype_name(dt) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dt, str(dt))
 
 
-def build_model(parts: NewBieParts, precision: str, safe_fp16: bool = True):
+def build_model(parts: NewBieParts, precision: str, safe_fp16: bool = True, budget: int | None = None):
     """ComfyUI's Lumina2 model (NextDiT) with NewBie's dimensions, in a ModelPatcher.
 
     safe_fp16=False gives what upstream does with --fp16-unet (plain fp16 everywhere): only for comparisons.
+    budget: at most this many bytes of DiT weights on the GPU (pipeline/vram_budget.py); None for no cap.
     """
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -180,7 +181,11 @@ def build_model(parts: NewBieParts, precision: str, safe_fp16: bool = True):
     else:
         model_config.set_inference_dtype(dtype, manual_cast)
     model = model_config.get_model(parts.dit, "")
-    patcher_cls = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    if budget:
+        patcher_cls = vram_budget.patcher_class()
+        model.newbie_vram_budget = budget
+    else:
+        patcher_cls = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
     patcher = patcher_cls(model, load_device=load_device, offload_device=mm.unet_offload_device())
     kwargs = {}
     if "assign" in inspect.signature(model.load_model_weights).parameters and hasattr(patcher, "is_dynamic"):
@@ -261,14 +266,16 @@ def build_vae(parts: NewBieParts):
 
 
 def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str | None = "auto",
-                progress=None) -> LoadedNewBie:
-    """progress: an object with update(n) (ComfyUI's ProgressBar), advanced once per built part (3 in all)."""
+                progress=None, vram_budget_gb: float = 0.0) -> LoadedNewBie:
+    """progress: an object with update(n) (ComfyUI's ProgressBar), advanced once per built part (3 in all).
+    vram_budget_gb: cap on the DiT's weights kept on the GPU; 0 leaves residency to ComfyUI."""
     t0 = time.perf_counter()
     dit_cfg = detect.nextdit_config(parts.dit, parts.paths.get("dit"))
     detect.check_compatible(dit_cfg, detect.gemma_config(parts.gemma, parts.paths.get("gemma")),
                             detect.jina_config(parts.jina, parts.paths.get("jina")), parts.paths)
     step = progress.update if progress is not None else (lambda n: None)
-    model, unet_config, dtype, manual_cast = build_model(parts, precision)
+    budget = vram_budget.budget_bytes(vram_budget_gb)
+    model, unet_config, dtype, manual_cast = build_model(parts, precision, budget=budget)
     step(1)
     clip, gemma_cfg, jina_cfg, te_dtype = build_clip(parts, te_precision)
     step(1)
@@ -285,6 +292,9 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
         f"Gemma-3: {gemma_cfg['num_hidden_layers']} layers, width {gemma_cfg['hidden_size']}; "
         f"Jina CLIP v2: {jina_cfg['num_hidden_layers']} layers, width {jina_cfg['hidden_size']}; "
         f"text encoders {_dtype_name(te_dtype)}",
+        (f"VRAM budget: at most {budget / vram_budget.GIB:.2f} GiB of DiT weights on the GPU, the rest streamed "
+         "per step (legacy loader for this model)" if budget else
+         "VRAM budget: none (ComfyUI decides what stays on the GPU)"),
         "from: " + ", ".join(f"{k}={Path(str(v)).name}" for k, v in parts.paths.items()),
         f"loaded in {time.perf_counter() - t0:.1f} s",
     ])

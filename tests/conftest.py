@@ -48,6 +48,18 @@ def comfy_import_path():
     return host
 
 
+@pytest.fixture(scope="module")
+def tiny_parts(comfy_import_path):
+    """The tiny model's four parts in memory (no files), as the loader hands them to build_model."""
+    from pipeline import loader, tiny_models
+
+    sds = tiny_models.build_state_dicts(tiny_models.TINY)
+    gemma = dict(sds["gemma"])
+    jina = dict(sds["jina"])
+    return loader.NewBieParts(sds["dit"], gemma, jina, sds["vae"], gemma.pop("spiece_model"),
+                              jina.pop("spiece_model"), {"dit": "tiny"})
+
+
 @pytest.fixture(scope="session")
 def models_root(comfy_import_path, tmp_path_factory) -> Path:
     """Tiny NewBie models in both layouts, written once into a cache (keyed by fingerprint) and linked into

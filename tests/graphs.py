@@ -14,10 +14,12 @@ NEGATIVE = "lowres, bad_anatomy, worst_quality"
 
 
 def loader(diffusion_model=TINY_DIT, gemma="auto", jina="auto", vae="auto", precision="fp16",
-           text_encoder_precision="auto") -> dict:
-    return {"class_type": "NewBieLoader", "inputs": {
-        "diffusion_model": diffusion_model, "gemma": gemma, "jina": jina, "vae": vae, "precision": precision,
-        "text_encoder_precision": text_encoder_precision}}
+           text_encoder_precision="auto", vram_budget_gb=None) -> dict:
+    inputs = {"diffusion_model": diffusion_model, "gemma": gemma, "jina": jina, "vae": vae, "precision": precision,
+              "text_encoder_precision": text_encoder_precision}
+    if vram_budget_gb is not None:  # optional input: graphs saved before it existed leave it out
+        inputs["vram_budget_gb"] = vram_budget_gb
+    return {"class_type": "NewBieLoader", "inputs": inputs}
 
 
 def txt2img(seed=1, width=64, height=64, steps=3, cfg=4.0, sampler="euler_ancestral", scheduler="simple",

@@ -112,3 +112,14 @@ def test_folder_with_a_single_file_override(server):
     a = server.output_images(server.run(graph))[0]
     b = server.output_images(server.run(single))[0]
     assert np.array_equal(_pixels(a), _pixels(b))
+
+
+def test_vram_budget_streams_the_dit_and_gives_the_same_image(server):
+    """A budget far below the tiny DiT's size (1 MiB, the smallest cap) makes ComfyUI stream its layers each
+    step; the picture must not change, and the loader's report says what was capped."""
+    free = server.output_images(server.run(graphs.txt2img(seed=9, prefix=f"budget-free-{server.lane}")))
+    graph = graphs.txt2img(seed=9, prefix=f"budget-{server.lane}", vram_budget_gb=0.0001)
+    graph["8"] = {"class_type": "PreviewAny", "inputs": {"source": ["1", 3]}}
+    entry = server.run(graph)
+    assert np.array_equal(_pixels(free[0]), _pixels(server.output_images(entry)[0]))
+    assert "at most 0.00 GiB of DiT weights on the GPU" in json.dumps(entry["outputs"])

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dit_calls import dit_call
 from pipeline import precision, stress
 
 
@@ -50,32 +51,11 @@ def test_row_l1_bound_marks_layers_that_could_still_overflow():
 
 # --- the whole tiny DiT, built with ComfyUI's own classes on the CPU ------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_parts(comfy_import_path):
-    from pipeline import loader, tiny_models
-
-    sds = tiny_models.build_state_dicts(tiny_models.TINY)
-    gemma = dict(sds["gemma"])
-    jina = dict(sds["jina"])
-    return loader.NewBieParts(sds["dit"], gemma, jina, sds["vae"], gemma.pop("spiece_model"),
-                              jina.pop("spiece_model"), {"dit": "tiny"})
-
-
 def _forward(parts, precision_name, safe=True):
-    """One DiT call through BaseModel.apply_model, as a sampler makes it (conditioning like CFG's batch of 2)."""
     from pipeline import loader
 
     patcher, cfg, _, _ = loader.build_model(parts, precision_name, safe_fp16=safe)
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 16, 8, 8, generator=g)
-    context = torch.randn(2, 12, cfg["cap_feat_dim"], generator=g)
-    pooled = torch.randn(2, cfg["clip_text_dim"], generator=g)
-    sigma = torch.tensor([0.7, 0.7])
-    topts = dict(patcher.model_options.get("transformer_options", {}))
-    topts["wrappers"] = patcher.wrappers
-    with torch.no_grad():
-        return patcher.model.apply_model(x, sigma, c_crossattn=context, num_tokens=12, clip_text_pooled=pooled,
-                                         transformer_options=topts).float()
+    return dit_call(patcher, cfg)
 
 
 def _with_dit(parts, dit):

@@ -1,0 +1,44 @@
+"""`vram_budget_gb`: a hard cap on how many bytes of the DiT's weights stay on the GPU.
+
+For a GPU shared with other programs. ComfyUI's loaders size a model's residency from the memory free at load
+time: the legacy loader takes what it finds and keeps it, and dynamic VRAM (comfy-aimdo, v0.33's default) pages
+weights on demand with no per-model limit. With a budget the DiT is held by the legacy (non-dynamic) ModelPatcher
+through the subclass below, whose `load` never asks for more than the budget; the layers beyond it stay in
+system memory and are streamed in per call by ComfyUI's own lowvram casting (`comfy_cast_weights`), as on a
+card that small. The budget lives on the model object, so it survives `clone()` (LoRA loaders, other patches).
+"""
+from __future__ import annotations
+
+import functools
+
+GIB = 1024 ** 3
+
+
+def budget_bytes(vram_budget_gb: float | None) -> int | None:
+    """0 or None: no cap. Otherwise the cap in bytes (at least 1 MiB, so a tiny budget still means 'cap')."""
+    if not vram_budget_gb or vram_budget_gb <= 0:
+        return None
+    return max(int(vram_budget_gb * GIB), 1024 ** 2)
+
+
+def capped_load_memory(requested: float, full_load: bool, cap: int) -> tuple[float, bool]:
+    """ComfyUI's `lowvram_model_memory` (0 = load everything) limited to `cap`; a capped load is never full."""
+    if requested == 0 or requested > cap:
+        return cap, False
+    return requested, full_load
+
+
+@functools.cache
+def patcher_class():
+    """The non-dynamic ModelPatcher with the cap applied in `load` (both host lines call `load` for every
+    full or partial load: ModelPatcher.partially_load and LoadedModel.model_load end there)."""
+    import comfy.model_patcher
+
+    class NewBieBudgetModelPatcher(comfy.model_patcher.ModelPatcher):
+        def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False, **kwargs):
+            cap = getattr(self.model, "newbie_vram_budget", None)
+            if cap:
+                lowvram_model_memory, full_load = capped_load_memory(lowvram_model_memory, full_load, cap)
+            return super().load(device_to, lowvram_model_memory, force_patch_weights, full_load, **kwargs)
+
+    return NewBieBudgetModelPatcher

@@ -1,0 +1,51 @@
+"""vram_budget_gb (pipeline/vram_budget.py): the cap arithmetic, and a real ComfyUI load of the tiny DiT that keeps
+at most the budget resident and still computes the same output."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dit_calls import dit_call
+from pipeline import vram_budget
+
+
+def test_budget_in_bytes():
+    assert vram_budget.budget_bytes(0) is None and vram_budget.budget_bytes(None) is None
+    assert vram_budget.budget_bytes(-1) is None
+    assert vram_budget.budget_bytes(2) == 2 * 1024 ** 3
+    assert vram_budget.budget_bytes(1e-9) == 1024 ** 2, "a tiny budget is still a cap"
+
+
+@pytest.mark.parametrize("requested, full, expected", [
+    (0, True, (100, False)),      # ComfyUI's 'load everything' becomes the budget
+    (500, True, (100, False)),    # more than the budget: the budget
+    (50, True, (50, True)),       # less than the budget: untouched
+    (50, False, (50, False)),
+])
+def test_load_memory_is_capped(requested, full, expected):
+    assert vram_budget.capped_load_memory(requested, full, 100) == expected
+
+
+@pytest.mark.host
+def test_budgeted_load_keeps_at_most_the_budget_and_the_same_output(tiny_parts):
+    import comfy.model_management as mm
+    from pipeline import loader
+
+    free_patcher, cfg, _, _ = loader.build_model(tiny_parts, "fp32")
+    size = free_patcher.model_size()
+    budget = size // 4
+    patcher, _, _, _ = loader.build_model(tiny_parts, "fp32", budget=budget)
+    try:
+        mm.load_models_gpu([free_patcher])
+        ref = dit_call(free_patcher, cfg)
+        assert free_patcher.model.model_loaded_weight_memory > budget, "without a budget the whole DiT loads"
+        mm.load_models_gpu([patcher])
+        loaded = patcher.model.model_loaded_weight_memory
+        assert 0 < loaded <= budget, f"{loaded} bytes resident, budget {budget} (model {size})"
+        assert patcher.model.model_lowvram, "the layers beyond the budget must be streamed, not dropped"
+        out = dit_call(patcher, cfg)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        clone = patcher.clone()  # what LoRA loaders and other patches hand on
+        assert type(clone) is type(patcher) and clone.model.newbie_vram_budget == budget
+    finally:
+        mm.unload_all_models()
