@@ -3,8 +3,8 @@
 One DiT call = what a sampler makes per step at 1024x1024 with CFG (batch of 2, 4096 image tokens, 96 caption
 tokens), full-size random weights built on the GPU, everything resident (no offloading in the way). For each
 variant: mean time of 5 calls after 2 warm-up calls, and a torch.profiler table of one call (top CUDA kernels by
-self time). Variants `*+compile` compile each transformer block on its own (torch.compile of the block,
-`Module.compile`), so the 36 identical blocks share one compiled graph; their first call includes compilation.
+self time). Variants `*+compile` apply the loader's `compile: blocks` (pipeline/block_compile.py: each transformer
+block compiled on its own, one graph shared by the blocks of a kind); their first call includes compilation.
 Writes OUT/profile_dit.json.
 
     python3 bench/profile_dit.py --variants fp32,fp16_pack,fp16_pack-nocheck,fp16_plain,bf16,bf16+compile
@@ -39,7 +39,7 @@ def main():
 
     tiny_models._comfy_cpu_safe()  # lets --tiny run on a machine without CUDA
     import comfy.model_management as mm
-    from pipeline import loader, precision, stress
+    from pipeline import block_compile, loader, precision, stress
 
     spec = tiny_models.TINY if args.tiny else tiny_models.FULL
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -61,11 +61,8 @@ def main():
         flag_fn = precision._flag_out_of_range
         if ablation == "nocheck":  # what the range checks cost (not a usable configuration: nothing is checked)
             precision._flag_out_of_range = lambda t: None
-        if extra == "compile":
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            for blocks in (dm.layers, dm.noise_refiner, dm.context_refiner):
-                for block in blocks:
-                    block.compile()
+        if extra == "compile":  # the loader's `compile: blocks` (pipeline/block_compile.py)
+            block_compile.apply(patcher)
         g = torch.Generator(device="cpu").manual_seed(3)
         x = torch.randn(2, 16, h, w, generator=g).to(dev)
         context = torch.randn(2, 96, cfg["cap_feat_dim"], generator=g).to(dev)

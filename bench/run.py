@@ -47,15 +47,19 @@ CONFIGS = {
     "pack-bf16-legacy": ("pack", "bf16", ["--disable-dynamic-vram"]),
     # A fresh server that first runs a NewBieVRAMWarmup graph (timed separately), then the real job twice.
     "pack-fp16-warmup": ("pack", "fp16", []),
+    # Compiled: upstream's TorchCompileModel (whole DiT) before KSampler; the pack's loader `compile: blocks`.
+    "upstream-compile": ("upstream", None, []),
+    "pack-bf16-compile": ("pack", "bf16", []),
+    "pack-fp16-compile": ("pack", "fp16", []),
 }
 
 
 def graph(kind: str, precision: str | None, names: dict, seed: int, width: int, height: int, steps: int,
-          sampler: str = "euler_ancestral") -> dict:
+          sampler: str = "euler_ancestral", compiled: bool = False) -> dict:
     if kind == "pack":
         nodes = {"1": {"class_type": "NewBieLoader", "inputs": {
             "diffusion_model": names["dit"], "gemma": names["gemma"], "jina": names["jina"], "vae": names["vae"],
-            "precision": precision, "text_encoder_precision": "auto"}}}
+            "precision": precision, "text_encoder_precision": "auto", "compile": "blocks" if compiled else "off"}}}
         model, clip, vae = ["1", 0], ["1", 1], ["1", 2]
     else:
         nodes = {
@@ -65,6 +69,9 @@ def graph(kind: str, precision: str | None, names: dict, seed: int, width: int, 
             "9": {"class_type": "VAELoader", "inputs": {"vae_name": names["vae"]}},
         }
         model, clip, vae = ["1", 0], ["8", 0], ["9", 0]
+        if compiled:
+            nodes["11"] = {"class_type": "TorchCompileModel", "inputs": {"model": model, "backend": "inductor"}}
+            model = ["11", 0]
     nodes.update({
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": XML, "clip": clip}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": NEG, "clip": clip}},
@@ -153,7 +160,8 @@ def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -
             result["warmup"] = {"wall_s": round(time.perf_counter() - t, 3),
                                 "report": json.dumps(entry.get("outputs", {}))[:1500]}
         for run, seed in (("cold", 1), ("warm", 2)):
-            g = graph(kind, precision, names, seed, args.width, args.height, args.steps, args.sampler)
+            g = graph(kind, precision, names, seed, args.width, args.height, args.steps, args.sampler,
+                      compiled=name.endswith("-compile"))
             a = trace.mark()
             t = time.perf_counter()
             try:

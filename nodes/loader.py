@@ -5,7 +5,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..pipeline import loader, model_files
+from ..pipeline import block_compile, loader, model_files
 
 
 def _dit_choices() -> list[str]:
@@ -46,6 +46,11 @@ class NewBieLoader(io.ComfyNode):
                                tooltip="At most this many GiB of DiT weights stay on the GPU (for a GPU shared "
                                        "with other apps); the rest is streamed in each step, which is slower. "
                                        "0: no cap, ComfyUI decides."),
+                io.Combo.Input("compile", options=list(block_compile.MODES), default="off", optional=True,
+                               tooltip="'blocks' compiles each transformer block with torch.compile (one compiled "
+                                       "graph serves all blocks of a kind); the first sampling run pays the "
+                                       "compile, later runs and restarts reuse it. Experimental: not yet "
+                                       "measured on a GPU."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),
@@ -57,7 +62,7 @@ class NewBieLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, diffusion_model, gemma, jina, vae, precision, text_encoder_precision,
-                vram_budget_gb=0.0) -> io.NodeOutput:
+                vram_budget_gb=0.0, compile="off") -> io.NodeOutput:
         if diffusion_model.startswith(model_files.FOLDER_PREFIX):
             folder = model_files.resolve_folder(diffusion_model[len(model_files.FOLDER_PREFIX):],
                                                 folder_paths.get_folder_paths("diffusers"))
@@ -74,7 +79,7 @@ class NewBieLoader(io.ComfyNode):
                 paths[part] = _full(part, choice)
             parts = loader.read_single_files(paths)
         loaded = loader.load_newbie(parts, precision, text_encoder_precision, progress=comfy.utils.ProgressBar(3),
-                                    vram_budget_gb=vram_budget_gb)
+                                    vram_budget_gb=vram_budget_gb, compile=compile)
         return io.NodeOutput(loaded.model, loaded.clip, loaded.vae, loaded.report)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, detect, precision as precision_mod, vram_budget
+from . import block_compile, checkpoint, detect, precision as precision_mod, vram_budget
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -266,9 +266,12 @@ def build_vae(parts: NewBieParts):
 
 
 def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str | None = "auto",
-                progress=None, vram_budget_gb: float = 0.0) -> LoadedNewBie:
+                progress=None, vram_budget_gb: float = 0.0, compile: str = "off") -> LoadedNewBie:
     """progress: an object with update(n) (ComfyUI's ProgressBar), advanced once per built part (3 in all).
-    vram_budget_gb: cap on the DiT's weights kept on the GPU; 0 leaves residency to ComfyUI."""
+    vram_budget_gb: cap on the DiT's weights kept on the GPU; 0 leaves residency to ComfyUI.
+    compile: "off", or "blocks" for regional compilation of the DiT (pipeline/block_compile.py)."""
+    if compile not in block_compile.MODES:
+        raise ValueError(f"compile={compile!r}: expected one of {list(block_compile.MODES)}")
     t0 = time.perf_counter()
     dit_cfg = detect.nextdit_config(parts.dit, parts.paths.get("dit"))
     detect.check_compatible(dit_cfg, detect.gemma_config(parts.gemma, parts.paths.get("gemma")),
@@ -276,6 +279,7 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
     step = progress.update if progress is not None else (lambda n: None)
     budget = vram_budget.budget_bytes(vram_budget_gb)
     model, unet_config, dtype, manual_cast = build_model(parts, precision, budget=budget)
+    compiled = block_compile.apply(model) if compile == "blocks" else 0
     step(1)
     clip, gemma_cfg, jina_cfg, te_dtype = build_clip(parts, te_precision)
     step(1)
@@ -295,6 +299,8 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
         (f"VRAM budget: at most {budget / vram_budget.GIB:.2f} GiB of DiT weights on the GPU, the rest streamed "
          "per step (legacy loader for this model)" if budget else
          "VRAM budget: none (ComfyUI decides what stays on the GPU)"),
+        (f"compile: {compiled} transformer blocks compiled on their own at the first sampling run (opt-in, "
+         "not yet measured on a GPU)" if compiled else "compile: off"),
         "from: " + ", ".join(f"{k}={Path(str(v)).name}" for k, v in parts.paths.items()),
         f"loaded in {time.perf_counter() - t0:.1f} s",
     ])

@@ -14,11 +14,13 @@ NEGATIVE = "lowres, bad_anatomy, worst_quality"
 
 
 def loader(diffusion_model=TINY_DIT, gemma="auto", jina="auto", vae="auto", precision="fp16",
-           text_encoder_precision="auto", vram_budget_gb=None) -> dict:
+           text_encoder_precision="auto", vram_budget_gb=None, compile=None) -> dict:
     inputs = {"diffusion_model": diffusion_model, "gemma": gemma, "jina": jina, "vae": vae, "precision": precision,
               "text_encoder_precision": text_encoder_precision}
     if vram_budget_gb is not None:  # optional input: graphs saved before it existed leave it out
         inputs["vram_budget_gb"] = vram_budget_gb
+    if compile is not None:
+        inputs["compile"] = compile
     return {"class_type": "NewBieLoader", "inputs": inputs}
 
 

@@ -1,0 +1,49 @@
+"""Regional compilation (pipeline/block_compile.py) on the tiny DiT, on the CPU with inductor: the number of
+compiled graphs does not grow with depth (one graph serves every block of a kind), and the output is the eager one."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from dit_calls import dit_call
+
+pytestmark = pytest.mark.host
+
+
+def _parts_with_layers(n_layers: int):
+    from pipeline import loader, tiny_models
+
+    spec = dataclasses.replace(tiny_models.TINY, dit=dataclasses.replace(tiny_models.TINY.dit, n_layers=n_layers))
+    dit = tiny_models.random_state_dict(tiny_models._meta_state_shapes(spec)["dit"], spec.seed, torch.float32)
+    return loader.NewBieParts(dit, {}, {}, {}, None, None, {"dit": f"tiny-{n_layers}-layers"})
+
+
+def _compiled_run(n_layers: int):
+    """(blocks, graphs compiled for them, relative error of the compiled call against the eager one)."""
+    from pipeline import block_compile, loader
+
+    parts = _parts_with_layers(n_layers)
+    patcher, cfg, _, _ = loader.build_model(parts, "fp32")
+    eager = dit_call(patcher, cfg)
+    torch._dynamo.reset()
+    before = block_compile.compiled_graph_count()
+    blocks = block_compile.apply(patcher)
+    out = dit_call(patcher, cfg)
+    graphs = block_compile.compiled_graph_count() - before
+    again = block_compile.compiled_graph_count()
+    dit_call(patcher, cfg)
+    assert block_compile.compiled_graph_count() == again, "a second identical call compiled again"
+    return blocks, graphs, float((out - eager).norm() / eager.norm())
+
+
+def test_compiled_graphs_do_not_grow_with_depth_and_output_is_unchanged(comfy_import_path):
+    try:
+        shallow = _compiled_run(2)
+        deep = _compiled_run(6)
+    finally:
+        torch._dynamo.reset()
+    assert (shallow[0], deep[0]) == (4, 8), "context refiner + noise refiner + main layers"
+    assert 0 < deep[1] == shallow[1] < deep[0], f"graphs compiled: {shallow[1]} for 4 blocks, {deep[1]} for 8"
+    assert shallow[2] < 1e-5 and deep[2] < 1e-5, (shallow[2], deep[2])
