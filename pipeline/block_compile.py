@@ -5,7 +5,8 @@ H100 (shared/baseline.md). Next-DiT is 40 blocks of three kinds (2 context refin
 refiners and 36 main layers with it), and the blocks of one kind run the same code on the same shapes. Compiling
 each block on its own lets Dynamo reuse one compiled graph for every block it fits (parameters are graph inputs,
 not constants), so the compile cost is that of a few blocks, whatever the depth. Inductor's on-disk cache (its FX
-graph cache, on by default) keeps the result for the next server start.
+graph cache, on by default) keeps the generated kernels, so a restarted server skips most of the compilation
+(Dynamo still traces the few blocks again).
 
 The compiled blocks are swapped in by ComfyUI's own helper (`comfy_api.torch_helpers.set_torch_compile_wrapper`,
 an APPLY_MODEL wrapper), only for the duration of a model call, so loading, LoRA patching, offloading and the
