@@ -33,8 +33,9 @@ def main():
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--top", type=int, default=22)
     args = ap.parse_args()
-    sys.path[:0] = [os.environ["COMFYUI_PATH"], str(REPO)]
+    sys.path[:0] = [os.environ["COMFYUI_PATH"], str(REPO), str(REPO / "tests")]
     import torch
+    import dit_calls
     from pipeline import tiny_models
 
     tiny_models._comfy_cpu_safe()  # lets --tiny run on a machine without CUDA
@@ -63,44 +64,36 @@ def main():
             precision._flag_out_of_range = lambda t: None
         if extra == "compile":  # the loader's `compile: blocks` (pipeline/block_compile.py)
             block_compile.apply(patcher)
-        g = torch.Generator(device="cpu").manual_seed(3)
-        x = torch.randn(2, 16, h, w, generator=g).to(dev)
-        context = torch.randn(2, 96, cfg["cap_feat_dim"], generator=g).to(dev)
-        pooled = torch.randn(2, cfg["clip_text_dim"], generator=g).to(dev)
-        sigma = torch.tensor([0.7, 0.7], device=dev)
-        topts = dict(patcher.model_options.get("transformer_options", {}))
-        topts["wrappers"] = patcher.wrappers
+        inputs = dit_calls.dit_inputs(cfg, dev, (h, w), tokens=96)
 
         def call():
-            return patcher.model.apply_model(x, sigma, c_crossattn=context, num_tokens=96, clip_text_pooled=pooled,
-                                             transformer_options=topts)
+            return dit_calls.dit_call(patcher, cfg, inputs)
 
         r = {}
-        with torch.no_grad():
-            sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-            sync()
-            t = time.perf_counter()
-            out = call()
-            sync()
-            r["first_call_s"] = round(time.perf_counter() - t, 3)
+        sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        out = call()
+        sync()
+        r["first_call_s"] = round(time.perf_counter() - t, 3)
+        call()
+        sync()
+        t = time.perf_counter()
+        for _ in range(args.calls):
             call()
-            sync()
-            t = time.perf_counter()
-            for _ in range(args.calls):
+        sync()
+        r["call_s"] = round((time.perf_counter() - t) / args.calls, 4)
+        r["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None
+        if extra != "compile":
+            acts = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
+            with torch.profiler.profile(activities=acts) as prof:
                 call()
-            sync()
-            r["call_s"] = round((time.perf_counter() - t) / args.calls, 4)
-            r["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None
-            if extra != "compile":
-                acts = [torch.profiler.ProfilerActivity.CPU] + (
-                    [torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
-                with torch.profiler.profile(activities=acts) as prof:
-                    call()
-                    sync()
-                key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
-                table = prof.key_averages().table(sort_by=key, row_limit=args.top, max_name_column_width=60)
-                r["profile"] = table
-                print(f"[profile] {variant}\n{table}", flush=True)
+                sync()
+            key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+            table = prof.key_averages().table(sort_by=key, row_limit=args.top, max_name_column_width=60)
+            r["profile"] = table
+            print(f"[profile] {variant}\n{table}", flush=True)
         out = out.float().cpu()
         if ref is None:
             ref = out
