@@ -2,11 +2,13 @@
 run, on the same full-size random weights (shared/baseline.md's method).
 
 For each configuration: a fresh ComfyUI server (optionally under a memory budget: a second process holds all
-free GPU memory but BUDGET + 0.6 GiB), one cold prompt and one warm prompt (new seed), recording wall time,
-per-stage times (from the websocket), sampling it/s (from progress events), and the server process's peak GPU
-memory (nvidia-smi, every 50 ms) with its trace. Results go to OUT/results.json as each configuration ends.
+free GPU memory but BUDGET + 0.6 GiB), one cold prompt and then --warm warm prompts (a new seed each), recording
+wall time, per-stage times (from the websocket), sampling it/s (from progress events), and the server process's
+peak GPU memory (nvidia-smi, every 50 ms) with its trace. The warm runs are summarised as median and spread
+(min, max). --rounds R runs the whole list R times, alternating the configurations, so that a drift of the
+machine hits pack and upstream alike. Results go to OUT/results.json as each configuration ends.
 
-    python3 bench/run.py --out $OUT --configs upstream-bf16@16,pack-fp16@16 [--steps 25] [--size 1024x1024]
+    python3 bench/run.py --out $OUT --configs upstream-gpu-only@none,pack-bf16@none [--warm 3] [--rounds 1]
 
 A configuration is NAME@BUDGET (BUDGET in GiB, or 'none'); NAMEs are listed in CONFIGS below.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -32,34 +35,35 @@ XML = ("<character_1><n>$character_1$</n><gender>1girl</gender><appearance>blue_
        "</style><background>night_sky</background><quality>high_quality, masterpiece</quality></general_tags>")
 NEG = "lowres, bad_anatomy, worst_quality, low_quality"
 
-# name -> (graph kind, precision for the pack loader, extra server flags)
+# name -> (graph kind, precision for the pack loader, extra server flags, the pack loader's `compile`)
 CONFIGS = {
-    "upstream-bf16": ("upstream", None, []),
-    "upstream-gpu-only": ("upstream", None, ["--gpu-only"]),
-    "upstream-legacy": ("upstream", None, ["--disable-dynamic-vram"]),
-    "upstream-fp32": ("upstream", None, ["--fp32-unet"]),
-    "upstream-fp16-forced": ("upstream", None, ["--fp16-unet"]),
-    "pack-fp16": ("pack", "fp16", []),
-    "pack-bf16": ("pack", "bf16", []),
-    "pack-fp16-gpu-only": ("pack", "fp16", ["--gpu-only"]),
-    "pack-bf16-gpu-only": ("pack", "bf16", ["--gpu-only"]),
-    "pack-fp16-legacy": ("pack", "fp16", ["--disable-dynamic-vram"]),
-    "pack-bf16-legacy": ("pack", "bf16", ["--disable-dynamic-vram"]),
-    # A fresh server that first runs a NewBieVRAMWarmup graph (timed separately), then the real job twice.
-    "pack-fp16-warmup": ("pack", "fp16", []),
-    # Compiled: upstream's TorchCompileModel (whole DiT) before KSampler; the pack's loader `compile: blocks`.
-    "upstream-compile": ("upstream", None, []),
-    "pack-bf16-compile": ("pack", "bf16", []),
-    "pack-fp16-compile": ("pack", "fp16", []),
+    "upstream-bf16": ("upstream", None, [], None),
+    "upstream-gpu-only": ("upstream", None, ["--gpu-only"], None),
+    "upstream-legacy": ("upstream", None, ["--disable-dynamic-vram"], None),
+    "upstream-fp32": ("upstream", None, ["--fp32-unet"], None),
+    "upstream-fp16-forced": ("upstream", None, ["--fp16-unet"], None),
+    # upstream's TorchCompileModel (whole DiT, non-dynamic clone) before KSampler
+    "upstream-compile": ("upstream", None, [], None),
+    # the pack with its defaults (compile auto = blocks on CUDA), and eager for comparison
+    "pack-fp16": ("pack", "fp16", [], "auto"),
+    "pack-bf16": ("pack", "bf16", [], "auto"),
+    "pack-fp16-eager": ("pack", "fp16", [], "off"),
+    "pack-bf16-eager": ("pack", "bf16", [], "off"),
+    "pack-fp16-gpu-only": ("pack", "fp16", ["--gpu-only"], "auto"),
+    "pack-bf16-gpu-only": ("pack", "bf16", ["--gpu-only"], "auto"),
+    "pack-fp16-legacy": ("pack", "fp16", ["--disable-dynamic-vram"], "off"),
+    "pack-bf16-legacy": ("pack", "bf16", ["--disable-dynamic-vram"], "off"),
+    # A fresh server that first runs a NewBieVRAMWarmup graph (timed separately), then the real job.
+    "pack-fp16-warmup": ("pack", "fp16", [], "auto"),
 }
 
 
 def graph(kind: str, precision: str | None, names: dict, seed: int, width: int, height: int, steps: int,
-          sampler: str = "euler_ancestral", compiled: bool = False) -> dict:
+          sampler: str = "euler_ancestral", compiled: bool = False, compile_mode: str = "auto") -> dict:
     if kind == "pack":
         nodes = {"1": {"class_type": "NewBieLoader", "inputs": {
             "diffusion_model": names["dit"], "gemma": names["gemma"], "jina": names["jina"], "vae": names["vae"],
-            "precision": precision, "text_encoder_precision": "auto", "compile": "blocks" if compiled else "off"}}}
+            "precision": precision, "text_encoder_precision": "auto", "compile": compile_mode}}}
         model, clip, vae = ["1", 0], ["1", 1], ["1", 2]
     else:
         nodes = {
@@ -134,9 +138,10 @@ def stage_times(graph_: dict, events: list) -> dict:
 
 
 def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -> dict:
-    kind, precision, flags = CONFIGS[name]
+    kind, precision, flags, compile_mode = CONFIGS[name]
     hog = None
-    result = {"config": name, "budget_gib": budget, "flags": flags, "kind": kind, "precision": precision}
+    result = {"config": name, "budget_gib": budget, "flags": flags, "kind": kind, "precision": precision,
+              "compile": compile_mode}
     if budget is not None:
         hog = subprocess.Popen([sys.executable, str(REPO / "bench" / "budget.py"), str(budget)],
                                stdout=subprocess.PIPE, text=True)
@@ -159,9 +164,10 @@ def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -
             entry = server.run(warm_graph, timeout=args.timeout)
             result["warmup"] = {"wall_s": round(time.perf_counter() - t, 3),
                                 "report": json.dumps(entry.get("outputs", {}))[:1500]}
-        for run, seed in (("cold", 1), ("warm", 2)):
+        runs = [("cold", 1)] + [(f"warm{i}", 2 + i) for i in range(args.warm)]
+        for run, seed in runs:
             g = graph(kind, precision, names, seed, args.width, args.height, args.steps, args.sampler,
-                      compiled=name.endswith("-compile"))
+                      compiled=name == "upstream-compile", compile_mode=compile_mode or "off")
             a = trace.mark()
             t = time.perf_counter()
             try:
@@ -174,12 +180,50 @@ def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -
                            **stage_times(g, events), "image": str(server.output_images(entry)[0])}
         trace.stop()
         result["trace"] = trace.samples[::4]
+        result["warm"] = summarise([result[r] for r, _ in runs[1:] if r in result and "wall_s" in result[r]])
     finally:
         server.stop()
         if hog:
             hog.kill()
             hog.wait()
     return result
+
+
+def summarise(warm_runs: list[dict]) -> dict:
+    """Median and spread (min, max) of each warm figure; the median run's image."""
+    if not warm_runs:
+        return {"error": "no warm run completed"}
+    out = {"n": len(warm_runs), "image": warm_runs[0].get("image")}
+    for key in ("wall_s", "sampling", "it_per_s", "peak_gib", "text_encode", "decode"):
+        vals = [r[key] for r in warm_runs if key in r]
+        if vals:
+            out[key] = round(statistics.median(vals), 3)
+            out[key + "_range"] = [min(vals), max(vals)]
+    return out
+
+
+def ratio_table(results: list[dict]) -> str:
+    """Each configuration's warm median as a ratio to the fastest upstream configuration at the same budget,
+    from this call's own runs."""
+    best = {}
+    for r in results:
+        w = r.get("warm", {}).get("wall_s")
+        if r["kind"] == "upstream" and w:
+            best[r["budget_gib"]] = min(best.get(r["budget_gib"], w), w)
+    lines = ["| budget GiB | configuration | round | warm s median [min, max] | it/s | cold s | peak GiB | "
+             "vs upstream's best here |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        w = r.get("warm", {})
+        if "wall_s" not in w:
+            lines.append(f"| {r['budget_gib']} | {r['config']} | {r.get('round')} | failed | | | | |")
+            continue
+        ref = best.get(r["budget_gib"])
+        ratio = f"{w['wall_s'] / ref:.2f}x" if ref else "n/a"
+        lines.append(f"| {r['budget_gib'] or 'none'} | {r['config']} | {r.get('round')} | {w['wall_s']:.2f} "
+                     f"[{w['wall_s_range'][0]:.2f}, {w['wall_s_range'][1]:.2f}] | {w.get('it_per_s', 0):.2f} | "
+                     f"{r.get('cold', {}).get('wall_s', float('nan')):.1f} | {w.get('peak_gib', 0):.1f} | "
+                     f"{ratio} |")
+    return "\n".join(lines)
 
 
 def main():
@@ -190,6 +234,8 @@ def main():
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--size", default="1024x1024")
     ap.add_argument("--timeout", type=float, default=240)
+    ap.add_argument("--warm", type=int, default=3, help="warm runs per server (median and spread reported)")
+    ap.add_argument("--rounds", type=int, default=1, help="run the configuration list this many times, alternating")
     ap.add_argument("--sampler", default="euler_ancestral", help="KSampler sampler_name")
     ap.add_argument("--tiny", action="store_true", help="use the tiny model (smoke test)")
     args = ap.parse_args()
@@ -206,16 +252,20 @@ def main():
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else []
     work = Path("/tmp/bench-work")
-    for item in args.configs.split(","):
+    this_call = []
+    for rnd, item in ((r, item) for r in range(args.rounds) for item in args.configs.split(",")):
         name, _, budget = item.partition("@")
         budget = None if budget in ("", "none") else float(budget)
         t = time.perf_counter()
         r = run_config(name, budget, names, args.models, work, args)
-        r.update(steps=args.steps, size=args.size, model=spec.name, sampler=args.sampler)
+        r.update(steps=args.steps, size=args.size, model=spec.name, sampler=args.sampler, round=rnd)
         results.append(r)
+        this_call.append(r)
         results_path.write_text(json.dumps(results, indent=1))
-        brief = {k: v for k, v in r.items() if k in ("cold", "warm", "server_start_s")}
+        brief = {"cold": r.get("cold"), "warm": {k: v for k, v in r.get("warm", {}).items() if k != "image"}}
         print(f"[bench] {item} ({time.perf_counter() - t:.0f} s): {json.dumps(brief)}", flush=True)
+
+    print(ratio_table(this_call), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,29 +1,56 @@
-"""Opt-in regional compilation of NewBie's DiT: each transformer block compiled on its own (loader `compile: blocks`).
+"""Regional compilation of NewBie's DiT: each transformer block compiled on its own (loader `compile`).
 
-Upstream's TorchCompileModel compiles the whole DiT as one program: 140 s before the first 1024² image on an
-H100 (shared/baseline.md). Next-DiT is 40 blocks of three kinds (2 context refiners without AdaLN, 2 noise
-refiners and 36 main layers with it), and the blocks of one kind run the same code on the same shapes. Compiling
-each block on its own lets Dynamo reuse one compiled graph for every block it fits (parameters are graph inputs,
-not constants), so the compile cost is that of a few blocks, whatever the depth. Inductor's on-disk cache (its FX
-graph cache, on by default) keeps the generated kernels, so a restarted server skips most of the compilation
-(Dynamo still traces the few blocks again).
+Upstream's TorchCompileModel compiles the whole DiT as one program: about 2 minutes before the first 1024² image
+(shared measurements). Next-DiT is 40 blocks of three kinds (2 context refiners without AdaLN, 2 noise refiners
+and 36 main layers with it), and the blocks of one kind run the same code on the same shapes. Compiling each block
+on its own lets Dynamo reuse one compiled graph for every block it fits (parameters are graph inputs, not
+constants), so the compile cost is that of a few blocks, whatever the depth. Inside a block Inductor fuses the
+elementwise work between the matrix multiplies (RMSNorm + modulation, tanh gate + residual, SwiGLU, the fp16
+path's casts). Inductor's on-disk caches (FX graph and autotuning caches, on by default) keep the generated
+kernels, so a restarted server skips most of the compilation; Dynamo still traces the few blocks again.
 
 The compiled blocks are swapped in by ComfyUI's own helper (`comfy_api.torch_helpers.set_torch_compile_wrapper`,
 an APPLY_MODEL wrapper), only for the duration of a model call, so loading, LoRA patching, offloading and the
 OOM Guard see the plain modules. A sampling-run wrapper logs how many graphs each run compiled, so a user sees
 the first run pay and the next ones not.
 
-Off by default: its speed on a GPU has not been measured yet (bench/profile_dit.py `+compile` is the measurement).
+A compiled model is held by ComfyUI's non-dynamic ModelPatcher (the loader picks it, as upstream's
+TorchCompileModel does with `clone(disable_dynamic=True)`): under dynamic VRAM every Linear fetches its weight
+through comfy-aimdo on each call, which Dynamo cannot trace, so each block fell apart into many small graphs and
+ran about 3x slower than eager (measured, shared/baseline.md). With the plain patcher a resident block's weights
+are ordinary parameters and the block is one graph.
+
+`auto` (the loader's default) compiles where it pays and can run: a CUDA device with Triton. On a CPU it stays
+eager (Inductor's C++ backend would need a compiler and gains little).
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 log = logging.getLogger(__name__)
 
 BLOCK_LISTS = ("context_refiner", "noise_refiner", "layers")
 WRAPPER_KEY = "newbie_block_compile"
-MODES = ("off", "blocks")
+MODES = ("auto", "off", "blocks")
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve(mode: str, device) -> str:
+    """'auto' -> 'blocks' on a CUDA device with Triton, else 'off'; other modes as given."""
+    if mode not in MODES:
+        raise ValueError(f"compile={mode!r}: expected one of {list(MODES)}")
+    if mode != "auto":
+        return mode
+    return "blocks" if getattr(device, "type", str(device)) == "cuda" and _triton_available() else "off"
 
 
 def block_keys(diffusion_model) -> list[str]:
@@ -51,7 +78,8 @@ def _log_compiles(executor, *args, **kwargs):
 
 
 def apply(patcher, backend: str = "inductor") -> int:
-    """Compile each transformer block of the patcher's DiT (on first use); returns how many blocks."""
+    """Compile each transformer block of the patcher's DiT (on first use); returns how many blocks.
+    Applying it again replaces the earlier compile wrapper (ComfyUI's helper removes it by key)."""
     import comfy.patcher_extension
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
@@ -59,5 +87,6 @@ def apply(patcher, backend: str = "inductor") -> int:
     if not keys:
         raise ValueError("block compile: this model has no transformer blocks where NewBie's Next-DiT has them")
     set_torch_compile_wrapper(patcher, backend=backend, keys=keys)
+    patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _log_compiles)
     return len(keys)

@@ -151,11 +151,14 @@ def _dtype_name(dt) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dt, str(dt))
 
 
-def build_model(parts: NewBieParts, precision: str, safe_fp16: bool = True, budget: int | None = None):
+def build_model(parts: NewBieParts, precision: str, safe_fp16: bool = True, budget: int | None = None,
+                dynamic: bool = True):
     """ComfyUI's Lumina2 model (NextDiT) with NewBie's dimensions, in a ModelPatcher.
 
     safe_fp16=False gives what upstream does with --fp16-unet (plain fp16 everywhere): only for comparisons.
     budget: at most this many bytes of DiT weights on the GPU (pipeline/vram_budget.py); None for no cap.
+    dynamic=False: ComfyUI's non-dynamic ModelPatcher even where dynamic VRAM is on (what compilation needs,
+    pipeline/block_compile.py); a budget implies it.
     """
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -167,11 +170,11 @@ def build_model(parts: NewBieParts, precision: str, safe_fp16: bool = True, budg
     model_config.supported_inference_dtypes = [torch.float16, torch.bfloat16, torch.float32]
     dtype = PRECISIONS[precision]
     load_device = mm.get_torch_device()
-    safe_fp16 = safe_fp16 and precision == "fp16"
-    if safe_fp16:
+    fp16_state = None
+    if safe_fp16 and precision == "fp16":
         # fp16 weights and GEMMs, fp32 activations (pipeline/precision.py explains why this cannot overflow).
         manual_cast = torch.float32
-        precision_mod.configure_model_config(model_config)
+        fp16_state = precision_mod.configure_model_config(model_config)
     elif precision == "fp16":
         manual_cast = None  # plain fp16 compute, as upstream's --fp16-unet (comparisons only)
     else:
@@ -184,6 +187,8 @@ def build_model(parts: NewBieParts, precision: str, safe_fp16: bool = True, budg
     if budget:
         patcher_cls = vram_budget.patcher_class()
         model.newbie_vram_budget = budget
+    elif not dynamic:
+        patcher_cls = comfy.model_patcher.ModelPatcher
     else:
         patcher_cls = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
     patcher = patcher_cls(model, load_device=load_device, offload_device=mm.unet_offload_device())
@@ -194,7 +199,7 @@ def build_model(parts: NewBieParts, precision: str, safe_fp16: bool = True, budg
     unexpected = set(parts.dit.keys()) - set(model.diffusion_model.state_dict().keys())
     if unexpected:
         log.info("NewBie DiT: %d tensors not used by the model: %s", len(unexpected), sorted(unexpected)[:5])
-    precision_mod.attach(patcher, safe_fp16)
+    precision_mod.attach(patcher, fp16_state)
     return patcher, unet_config, dtype, manual_cast
 
 
@@ -266,19 +271,22 @@ def build_vae(parts: NewBieParts):
 
 
 def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str | None = "auto",
-                progress=None, vram_budget_gb: float = 0.0, compile: str = "off") -> LoadedNewBie:
+                progress=None, vram_budget_gb: float = 0.0, compile: str = "auto") -> LoadedNewBie:
     """progress: an object with update(n) (ComfyUI's ProgressBar), advanced once per built part (3 in all).
     vram_budget_gb: cap on the DiT's weights kept on the GPU; 0 leaves residency to ComfyUI.
-    compile: "off", or "blocks" for regional compilation of the DiT (pipeline/block_compile.py)."""
-    if compile not in block_compile.MODES:
-        raise ValueError(f"compile={compile!r}: expected one of {list(block_compile.MODES)}")
+    compile: "auto" (compile where it pays: CUDA with Triton), "off", or "blocks" for regional compilation of
+    the DiT (pipeline/block_compile.py)."""
+    import comfy.model_management as mm
+
+    compile = block_compile.resolve(compile, mm.get_torch_device())
     t0 = time.perf_counter()
     dit_cfg = detect.nextdit_config(parts.dit, parts.paths.get("dit"))
     detect.check_compatible(dit_cfg, detect.gemma_config(parts.gemma, parts.paths.get("gemma")),
                             detect.jina_config(parts.jina, parts.paths.get("jina")), parts.paths)
     step = progress.update if progress is not None else (lambda n: None)
     budget = vram_budget.budget_bytes(vram_budget_gb)
-    model, unet_config, dtype, manual_cast = build_model(parts, precision, budget=budget)
+    model, unet_config, dtype, manual_cast = build_model(parts, precision, budget=budget,
+                                                         dynamic=compile == "off")
     compiled = block_compile.apply(model) if compile == "blocks" else 0
     step(1)
     clip, gemma_cfg, jina_cfg, te_dtype = build_clip(parts, te_precision)
@@ -299,8 +307,8 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
         (f"VRAM budget: at most {budget / vram_budget.GIB:.2f} GiB of DiT weights on the GPU, the rest streamed "
          "per step (legacy loader for this model)" if budget else
          "VRAM budget: none (ComfyUI decides what stays on the GPU)"),
-        (f"compile: {compiled} transformer blocks compiled on their own at the first sampling run (opt-in, "
-         "not yet measured on a GPU)" if compiled else "compile: off"),
+        (f"compile: {compiled} transformer blocks compiled on their own at the first sampling run (one graph per "
+         "block kind; ComfyUI's non-dynamic model patcher)" if compiled else "compile: off (eager)"),
         "from: " + ", ".join(f"{k}={Path(str(v)).name}" for k, v in parts.paths.items()),
         f"loaded in {time.perf_counter() - t0:.1f} s",
     ])

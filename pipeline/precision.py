@@ -7,27 +7,34 @@ projections before their sandwich RMSNorm. Upstream's own fp16 escape hatch (`cl
 values to +-65504, which changes the result whenever it fires.
 
 What this module does instead:
-- The residual stream stays fp32 (the model's compute dtype is fp32, and every block adds its fp16 branch
-  output into the fp32 stream), so the quantity that only grows can never overflow; embeddings, modulation,
-  the final layer and the norms of the stream run in fp32 too.
-- Inside each block the matrix multiplies and the activations between them are fp16 (the fast path). Every
-  Linear's fp16 input and output is checked on the GPU for values at or beyond fp16's range (one reduction
-  each, accumulated into a flag: no host synchronisation), which also catches what upstream's `clamp_fp16`
-  would otherwise silently clip to 65504 (a clipped SwiGLU product arrives at w2 as 65504 and is flagged).
-- Once per DiT call the flag is read. If it is set, that call is recomputed in the scaled form, which cannot
-  overflow by construction: activations fp32, each GEMM in fp16 on x / s with s = 2^ceil(log2 max|x|) (all
-  inputs in [-1, 1]) and the fp32-accumulated result multiplied back by s; attention in fp16 on q*r, k/r
-  (r = sqrt(s_k/s_q), leaving q.k unchanged) and v/s_v, the output multiplied by s_v. An fp16 GEMM output is
-  then bounded by the largest row L1-norm of the weight, checked once at load (`check_weights`): a layer whose
-  bound exceeds fp16 runs in fp32. If even that call came out non-finite, it is recomputed with fp32 GEMMs.
-  The sampler never sees a NaN, and each recomputation is logged and counted.
+- The residual stream stays fp32 (the model's compute dtype is fp32, and every block adds its branch output
+  into the fp32 stream), so the quantity that only grows can never overflow; embeddings, modulation, the final
+  layer and the norms of the stream run in fp32 too.
+- Every matrix multiply runs in fp16 on fp16 inputs (the fast path). Its output is rounded to fp16, so a value
+  beyond 65504 becomes inf there. Only the q/k/v projection hands fp16 on (to the q/k norm and attention); every
+  other Linear returns fp32, so the tensors reaching upstream's `clamp_fp16` (attention output, SwiGLU product,
+  FFN output) are fp32 and the clamp is a no-op: an overflow cannot be clipped away. An inf travels on as inf or
+  NaN (RMSNorm of inf is NaN, NaN survives every later op) to the DiT's output, where one `isfinite` check per
+  call sees it. Nothing is checked per layer: no extra passes over the activations, nothing that stops
+  torch.compile from fusing the casts into the neighbouring elementwise work.
+- If that check fails, the call is recomputed in the scaled form, which cannot overflow by construction:
+  activations fp32, each GEMM in fp16 on x / s with s = 2^ceil(log2 max|x|) (all inputs in [-1, 1]) and the
+  fp32-accumulated result multiplied back by s; attention in fp16 on q*r, k/r (r = sqrt(s_k/s_q), leaving q.k
+  unchanged) and v/s_v, the output multiplied by s_v. An fp16 GEMM output is then bounded by the largest row
+  L1-norm of the weight, checked once at load (`check_weights`): a layer whose bound exceeds fp16 runs in fp32.
+  If even that call came out non-finite, it is recomputed with fp32 GEMMs. The sampler never sees a NaN, and
+  each recomputation is logged and counted.
+- The one check per call reads a flag on the host. ComfyUI's samplers synchronise with the GPU every step anyway
+  (k-diffusion compares sigmas and the progress callback reads the step), so it adds no stall of its own.
+The state of the path (mode, recomputations) belongs to one model (`FP16State`, on the BaseModel as
+`newbie_fp16`): two fp16 models in one server never share it.
 The large matrix multiplies (all but a few percent of the FLOPs) run in fp16 on tensor cores, so cards
 without bf16 (T4, V100, RTX 20xx) get 16-bit speed and half of fp32's weight memory.
 """
 from __future__ import annotations
 
 import logging
-import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,17 +44,20 @@ log = logging.getLogger(__name__)
 FP16_MAX = 65504.0
 # Safety margin below FP16_MAX for the a-priori bound (the GEMM accumulates in fp32 but rounds to fp16).
 _BOUND_LIMIT = FP16_MAX / 4
-
-# mode: "fast" (fp16 block activations, checked), "scaled" (overflow-safe by construction), "fp32" (last resort).
-# flag: the running max |value| of the checked tensors in the current DiT call (a GPU scalar; NaN propagates).
-_state = {"mode": "fast", "flag": None, "recomputed": 0}
+MODES = ("fast", "scaled", "fp32")
 
 
-def _flag_out_of_range(t: torch.Tensor) -> None:
-    """Fold max|t| into the current call's running maximum: two kernels, no host synchronisation."""
-    flag = _state["flag"]
-    if flag is not None:
-        torch.maximum(flag, torch.linalg.vector_norm(t, float("inf")).float(), out=flag)
+@dataclass
+class FP16State:
+    """One fp16 model's path: `mode` ("fast": fp16 GEMMs, checked once per call; "scaled": overflow-safe by
+    construction; "fp32": last resort) and how many DiT calls had to be recomputed."""
+    mode: str = "fast"
+    recomputed: int = 0
+
+
+def state_of(model) -> FP16State | None:
+    """The fp16 state of a BaseModel (or a ModelPatcher's model); None for a model not on the pack's fp16 path."""
+    return getattr(getattr(model, "model", model), "newbie_fp16", None)
 
 
 def _pow2_scale(x: torch.Tensor) -> torch.Tensor:
@@ -82,8 +92,8 @@ def scaled_fp16_sdpa(q, k, v, attn_mask=None):
     return (out.float() * sv).to(out_dtype)
 
 
-def make_ops():
-    """A ComfyUI operations namespace (like comfy.ops.manual_cast) whose Linear is the scaled fp16 GEMM."""
+def make_ops(state: FP16State):
+    """A ComfyUI operations namespace (like comfy.ops.manual_cast) whose Linear follows `state.mode`."""
     import comfy.ops
 
     base = comfy.ops.manual_cast
@@ -91,11 +101,10 @@ def make_ops():
     class SafeFP16Ops(base):
         class Linear(base.Linear):
             newbie_fp32_fallback = False  # set per layer by check_weights
-            newbie_fp32_output = True  # False inside transformer blocks (set by mark_block_linears)
-            newbie_check = ""  # "out" / "in_out": which fp16 tensors to range-check (set by mark_block_linears)
+            newbie_fp16_output = False  # True for the q/k/v projections of the blocks (mark_block_linears)
 
             def forward_comfy_cast_weights(self, input):
-                mode = "fp32" if self.newbie_fp32_fallback else _state["mode"]
+                mode = "fp32" if self.newbie_fp32_fallback else state.mode
                 dtype = torch.float32 if mode == "fp32" else torch.float16
                 bias_dtype = torch.float16 if mode == "fast" else torch.float32
                 result = comfy.ops.cast_bias_weight(self, input, dtype=dtype, bias_dtype=bias_dtype,
@@ -107,13 +116,8 @@ def make_ops():
                         return F.linear(input.float(), weight, bias)
                     if mode == "scaled":
                         return scaled_fp16_linear(input, weight, bias)
-                    x16 = input.to(torch.float16)
-                    y = F.linear(x16, weight, bias)
-                    if self.newbie_check:
-                        if self.newbie_check == "in_out":
-                            _flag_out_of_range(x16)
-                        _flag_out_of_range(y)
-                    return y.float() if self.newbie_fp32_output else y
+                    y = F.linear(input.to(torch.float16), weight, bias)
+                    return y if self.newbie_fp16_output else y.float()
                 finally:
                     if stream is not None:
                         comfy.ops.uncast_bias_weight(self, weight, bias, stream)
@@ -127,24 +131,16 @@ def row_l1_bound(weight: torch.Tensor) -> float:
 
 
 _BLOCK_BRANCH = ("layers.", "noise_refiner.", "context_refiner.")
-# Which fp16 tensors must be range-checked, and why: upstream's block code passes the SwiGLU product, the
-# attention output and the FFN output through `clamp_fp16` (nan_to_num to +-65504), which would hide an
-# overflow. So the checks sit right before each clamp: w1 and w3 outputs (inf*0 = NaN would become 0), the
-# SwiGLU product (w2's input: a clipped 65504 is caught by the >= 65504 test), w2's output and the attention
-# projection's output. Anything else that overflows (q/k/v, embeddings, final layer) turns into inf/NaN that
-# reaches one of these checks or the DiT output, which is checked too.
-_CHECKS = {".feed_forward.w1": "out", ".feed_forward.w3": "out", ".feed_forward.w2": "in_out",
-           ".attention.out": "out"}
 
 
 def mark_block_linears(diffusion_model: torch.nn.Module) -> int:
-    """Linears of the attention and FFN branches keep fp16 outputs (and get their checks); the rest return fp32."""
+    """The blocks' q/k/v projections hand fp16 to the q/k norm and attention (an overflow there is inf and
+    reaches the output); every other Linear returns fp32, so upstream's clamp_fp16 never sees fp16."""
     n = 0
     for name, module in diffusion_model.named_modules():
-        if hasattr(module, "newbie_fp32_output") and name.startswith(_BLOCK_BRANCH) and \
-                (".attention." in name or ".feed_forward." in name):
-            module.newbie_fp32_output = False
-            module.newbie_check = next((c for suffix, c in _CHECKS.items() if name.endswith(suffix)), "")
+        if hasattr(module, "newbie_fp16_output") and name.startswith(_BLOCK_BRANCH) and \
+                name.endswith(".attention.qkv"):
+            module.newbie_fp16_output = True
             n += 1
     return n
 
@@ -188,22 +184,27 @@ def _sdpa_call(args, kwargs, attention):
     return out.transpose(1, 2).reshape(b, n, h * d)
 
 
+def _fp32_sdpa(q, k, v, m):
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                          attn_mask=m if m is None or m.dtype == torch.bool else m.float())
+
+
 def _fast_fp16_sdpa(q, k, v, m):
-    q, k, v = (t.to(torch.float16) for t in (q, k, v))  # inf/NaN here reaches the checked out-projection
+    q, k, v = (t.to(torch.float16) for t in (q, k, v))  # an inf here turns the output NaN: the call check sees it
     if m is not None and m.dtype != torch.bool:
         m = m.to(torch.float16)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
 
 
-def attention_override(func, *args, **kwargs):
-    """transformer_options['optimized_attention_override'] for fp16, by mode (see the module docstring)."""
-    mode = _state["mode"]
-    if mode == "fp32":
-        return _sdpa_call(args, kwargs, lambda q, k, v, m: F.scaled_dot_product_attention(
-            q.float(), k.float(), v.float(), attn_mask=m if m is None or m.dtype == torch.bool else m.float()))
-    if mode == "scaled":
-        return _sdpa_call(args, kwargs, lambda q, k, v, m: scaled_fp16_sdpa(q, k, v, attn_mask=m))
-    return _sdpa_call(args, kwargs, _fast_fp16_sdpa)
+_SDPA_BY_MODE = {"fast": _fast_fp16_sdpa, "scaled": lambda q, k, v, m: scaled_fp16_sdpa(q, k, v, attn_mask=m),
+                 "fp32": _fp32_sdpa}
+
+
+def attention_override(state: FP16State):
+    """transformer_options['optimized_attention_override'] for one fp16 model: SDPA by `state.mode`."""
+    def override(func, *args, **kwargs):
+        return _sdpa_call(args, kwargs, _SDPA_BY_MODE[state.mode])
+    return override
 
 
 def sdpa_override(func, *args, **kwargs):
@@ -215,47 +216,51 @@ def sdpa_override(func, *args, **kwargs):
     return _sdpa_call(args, kwargs, attention)
 
 
-def nonfinite_guard(executor, *args, **kwargs):
-    """DIFFUSION_MODEL wrapper: the fast fp16 call, one flag read; on overflow the scaled call, then fp32."""
-    x = args[0] if args else kwargs.get("x")
-    _state["flag"] = torch.zeros((), dtype=torch.float32, device=x.device)
-    _state["mode"] = "fast"
-    try:
-        out = executor(*args, **kwargs)
-        if bool((_state["flag"] < FP16_MAX) & torch.isfinite(out).all()):  # the one host sync per call
-            return out
-        for mode in ("scaled", "fp32"):
-            log.warning("fp16: values beyond fp16's range in this DiT call; recomputing it in %s form", mode)
-            _state["mode"] = mode
-            _state["recomputed"] += 1
+def nonfinite_guard(state: FP16State):
+    """DIFFUSION_MODEL wrapper for one fp16 model: the fast call, one finiteness check; on overflow the scaled
+    call, then fp32."""
+    def guard(executor, *args, **kwargs):
+        state.mode = "fast"
+        try:
             out = executor(*args, **kwargs)
-            if torch.isfinite(out).all():
+            if bool(torch.isfinite(out).all()):  # the one host read per call
                 return out
-        return out
-    finally:
-        _state["mode"], _state["flag"] = "fast", None
+            for mode in ("scaled", "fp32"):
+                log.warning("fp16: values beyond fp16's range in this DiT call; recomputing it in %s form", mode)
+                state.mode = mode
+                state.recomputed += 1
+                out = executor(*args, **kwargs)
+                if torch.isfinite(out).all():
+                    return out
+            return out
+        finally:
+            state.mode = "fast"
+    return guard
 
 
-def recomputations() -> int:
-    return _state["recomputed"]
+def configure_model_config(model_config) -> FP16State:
+    """Before the model is built: fp16 weights, fp32 activations, operations that follow the returned state."""
+    state = FP16State()
+    model_config.custom_operations = make_ops(state)
+    return state
 
 
-def configure_model_config(model_config) -> None:
-    """Before the model is built: fp16 weights, fp32 activations, the scaled-GEMM operations."""
-    model_config.custom_operations = make_ops()
+GUARD_KEY = "newbie_fp16_guard"
 
 
-def attach(patcher, safe_fp16: bool) -> None:
-    """After the model is built and loaded: SDPA attention always; for fp16 also the weight bounds and the
-    non-finite guard."""
+def attach(patcher, state: FP16State | None) -> None:
+    """After the model is built and loaded: SDPA attention always; for fp16 (state given) also the weight
+    bounds and the non-finite guard. The state goes onto the model, so clones share it."""
     import comfy.patcher_extension
 
     opts = patcher.model_options.setdefault("transformer_options", {})
-    if not safe_fp16:
+    if state is None:
         opts["optimized_attention_override"] = sdpa_override
         return
+    patcher.model.newbie_fp16 = state
     check_weights(patcher.model.diffusion_model)
     mark_block_linears(patcher.model.diffusion_model)
-    opts["optimized_attention_override"] = attention_override
-    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "newbie_fp16_guard",
-                                 nonfinite_guard)
+    opts["optimized_attention_override"] = attention_override(state)
+    patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, GUARD_KEY)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, GUARD_KEY,
+                                 nonfinite_guard(state))

@@ -51,10 +51,15 @@ def test_row_l1_bound_marks_layers_that_could_still_overflow():
 
 # --- the whole tiny DiT, built with ComfyUI's own classes on the CPU ------------------------------------
 
-def _forward(parts, precision_name, safe=True):
+def _build(parts, precision_name, safe=True):
     from pipeline import loader
 
     patcher, cfg, _, _ = loader.build_model(parts, precision_name, safe_fp16=safe)
+    return patcher, cfg
+
+
+def _forward(parts, precision_name, safe=True):
+    patcher, cfg = _build(parts, precision_name, safe)
     return dit_call(patcher, cfg)
 
 
@@ -67,10 +72,10 @@ def _with_dit(parts, dit):
 @pytest.mark.host
 def test_tiny_dit_fp16_matches_fp32_on_random_weights(tiny_parts):
     ref = _forward(tiny_parts, "fp32")
-    before = precision.recomputations()
-    out = _forward(tiny_parts, "fp16")
+    patcher, cfg = _build(tiny_parts, "fp16")
+    out = dit_call(patcher, cfg)
     assert stress.relative_error(out, ref) < 1e-2
-    assert precision.recomputations() == before, "ordinary weights should stay on the fast fp16 path"
+    assert precision.state_of(patcher).recomputed == 0, "ordinary weights should stay on the fast fp16 path"
 
 
 @pytest.mark.host
@@ -81,39 +86,52 @@ def test_stress_set_overflows_plain_fp16_but_not_the_pack(tiny_parts):
     naive = _forward(stressed, "fp16", safe=False)
     naive_err = stress.relative_error(naive, ref)
     assert naive_err > 1e-2, f"the stress set should break plain fp16 (error {naive_err})"
-    before = precision.recomputations()
-    out = _forward(stressed, "fp16")
+    patcher, cfg = _build(stressed, "fp16")
+    out = dit_call(patcher, cfg)
     err = stress.relative_error(out, ref)
     assert err < 1e-2, f"pack fp16 relative error {err} (plain fp16: {naive_err})"
-    assert precision.recomputations() == before + 1, "the fast path must detect the overflow and recompute once"
+    assert precision.state_of(patcher).recomputed == 1, "the fast path must detect the overflow and recompute once"
+
+
+@pytest.mark.host
+def test_two_fp16_models_keep_their_own_state(tiny_parts):
+    """The stressed model's recomputation is its own: an ordinary fp16 model in the same process is untouched."""
+    plain, cfg = _build(tiny_parts, "fp16")
+    stressed, _ = _build(_with_dit(tiny_parts, stress.stress_state_dict(tiny_parts.dit)), "fp16")
+    dit_call(stressed, cfg)
+    dit_call(plain, cfg)
+    assert precision.state_of(stressed).recomputed == 1 and precision.state_of(plain).recomputed == 0
+    assert precision.state_of(plain) is precision.state_of(plain.clone()), "a clone (LoRA, patches) shares it"
+
+
+@pytest.mark.host
+def test_an_overflow_upstream_would_clip_still_reaches_the_output(tiny_parts):
+    """Upstream's clamp_fp16 turns an fp16 inf into 65504. On the fast path the tensors reaching it are fp32, so an
+    overflow of one FFN's w2 output inside the first main block still makes the call's output non-finite."""
+    import comfy.patcher_extension
+
+    patcher, cfg = _build(tiny_parts, "fp16")
+    w2 = patcher.model.diffusion_model.layers[0].feed_forward.w2
+    with torch.no_grad():
+        w2.weight.fill_(6e4)  # a finite fp16 weight whose products overflow
+    # the bare fast call, without the guard that would recompute it
+    patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, precision.GUARD_KEY)
+    fast = dit_call(patcher, cfg)
+    assert not torch.isfinite(fast).all(), "the overflow was clipped away before the output"
 
 
 @pytest.mark.parametrize("fails_in, expected_modes", [((), ["fast"]), (("fast",), ["fast", "scaled"]),
                                                        (("fast", "scaled"), ["fast", "scaled", "fp32"])])
 def test_guard_recomputes_until_finite(fails_in, expected_modes):
     modes = []
+    state = precision.FP16State()
 
     def executor(x):
-        modes.append(precision._state["mode"])
-        return x / 0.0 if precision._state["mode"] in fails_in else x
+        modes.append(state.mode)
+        return x / 0.0 if state.mode in fails_in else x
 
-    before = precision.recomputations()
-    out = precision.nonfinite_guard(executor, torch.ones(3))
+    out = precision.nonfinite_guard(state)(executor, torch.ones(3))
     assert torch.equal(out, torch.ones(3))
     assert modes == expected_modes
-    assert precision.recomputations() == before + len(expected_modes) - 1
-    assert precision._state["mode"] == "fast" and precision._state["flag"] is None
-
-
-def test_guard_acts_on_the_flag_even_when_the_output_is_finite():
-    """A value clipped to 65504 upstream-style leaves the output finite; the flag still triggers a recompute."""
-    modes = []
-
-    def executor(x):
-        modes.append(precision._state["mode"])
-        if precision._state["mode"] == "fast":
-            precision._flag_out_of_range(torch.tensor([65504.0]).half())
-        return x
-
-    precision.nonfinite_guard(executor, torch.ones(2))
-    assert modes == ["fast", "scaled"]
+    assert state.recomputed == len(expected_modes) - 1
+    assert state.mode == "fast"
