@@ -50,7 +50,6 @@ def main():
             sigma = torch.tensor([0.7, 0.7], device=dev)
             topts = dict(patcher.model_options.get("transformer_options", {}))
             topts["wrappers"] = patcher.wrappers
-            before = precision.recomputations()
             with torch.no_grad():
                 torch.cuda.synchronize()
                 t = time.perf_counter()
@@ -68,7 +67,7 @@ def main():
             results.setdefault(set_name, {})[label] = {
                 "first_call_s": round(elapsed, 4), "call_s": round(steady, 4),
                 "nonfinite": int((~torch.isfinite(outs[label])).sum()),
-                "fp32_recomputations": precision.recomputations() - before}
+                "fp32_recomputations": getattr(precision.state_of(patcher), "recomputed", 0)}
             mm.unload_all_models()
             del patcher
             gc.collect()

@@ -9,7 +9,8 @@ Writes OUT/profile_dit.json.
 
     python3 bench/profile_dit.py --variants fp32,fp16_pack,fp16_plain,bf16,bf16+compile
 
-A variant is PATH[+compile]: PATH one of fp16_pack, fp16_plain, bf16, fp32. The first variant is the accuracy
+A variant is PATH[+compile[:MODE]]: PATH one of fp16_pack, fp16_plain, bf16, fp32; MODE a torch.compile mode
+(e.g. reduce-overhead for CUDA graphs). The first variant is the accuracy
 reference. Compiled variants also report Dynamo's graph-break reasons and graph count.
 """
 from __future__ import annotations
@@ -22,7 +23,25 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+KINDS = (("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_")), ("attention", ("flash", "fmha", "attention", "sdpa")),
+         ("triton (fused)", ("triton",)))
+
+
+def kernel_kinds(averages) -> dict:
+    """CUDA kernel time of one call in ms by kind: GEMM, attention, Inductor's fused Triton kernels, the rest."""
+    out = {}
+    for e in averages:
+        if e.device_type != torch.autograd.DeviceType.CUDA or e.self_device_time_total <= 0:
+            continue
+        name = e.key.lower()
+        kind = next((k for k, marks in KINDS if any(m in name for m in marks)), "other")
+        out[kind] = round(out.get(kind, 0.0) + e.self_device_time_total / 1e3, 2)
+    return out
 
 
 def main():
@@ -59,8 +78,8 @@ def main():
         patcher, cfg, _, _ = loader.build_model(parts, prec, safe_fp16=safe)
         mm.load_models_gpu([patcher])
         dm = patcher.model.diffusion_model
-        if extra == "compile":  # the loader's `compile: blocks` (pipeline/block_compile.py)
-            block_compile.apply(patcher)
+        if extra.startswith("compile"):  # the loader's `compile: blocks` (pipeline/block_compile.py)
+            block_compile.apply(patcher, mode=extra.partition(":")[2] or None)
         inputs = dit_calls.dit_inputs(cfg, dev, (h, w), tokens=96)
 
         steps = iter(range(10**6))
@@ -84,23 +103,24 @@ def main():
         sync()
         r["call_s"] = round((time.perf_counter() - t) / args.calls, 4)
         r["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None
-        if extra != "compile":
-            acts = [torch.profiler.ProfilerActivity.CPU] + (
-                [torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
-            with torch.profiler.profile(activities=acts) as prof:
-                call()
-                sync()
-            key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
-            table = prof.key_averages().table(sort_by=key, row_limit=args.top, max_name_column_width=60)
-            r["profile"] = table
-            print(f"[profile] {variant}\n{table}", flush=True)
+        acts = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            call()
+            sync()
+        key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+        averages = prof.key_averages()
+        table = averages.table(sort_by=key, row_limit=args.top, max_name_column_width=60)
+        r["profile"] = table
+        r["kernel_ms_by_kind"] = kernel_kinds(averages) if dev == "cuda" else None
+        print(f"[profile] {variant}\n{table}", flush=True)
         out = out.float().cpu()
         if ref is None:
             ref = out
         r["rel_error_vs_first_variant"] = stress.relative_error(out, ref)
         state = precision.state_of(patcher)
         r["recomputations"] = state.recomputed if state else 0
-        if extra == "compile":
+        if extra.startswith("compile"):
             from torch._dynamo.utils import counters
             r["graph_breaks"] = {k: v for k, v in counters["graph_break"].items()}
             r["unique_graphs"] = block_compile.compiled_graph_count()

@@ -77,7 +77,7 @@ def _log_compiles(executor, *args, **kwargs):
                  new, "" if new == 1 else "s", before + new)
 
 
-def apply(patcher, backend: str = "inductor") -> int:
+def apply(patcher, backend: str = "inductor", mode: str | None = None) -> int:
     """Compile each transformer block of the patcher's DiT (on first use); returns how many blocks.
     Applying it again replaces the earlier compile wrapper (ComfyUI's helper removes it by key)."""
     import comfy.patcher_extension
@@ -86,7 +86,7 @@ def apply(patcher, backend: str = "inductor") -> int:
     keys = block_keys(patcher.model.diffusion_model)
     if not keys:
         raise ValueError("block compile: this model has no transformer blocks where NewBie's Next-DiT has them")
-    set_torch_compile_wrapper(patcher, backend=backend, keys=keys)
+    set_torch_compile_wrapper(patcher, backend=backend, mode=mode, keys=keys)
     patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _log_compiles)
     return len(keys)
