@@ -20,12 +20,12 @@ def _parts_with_layers(n_layers: int):
     return loader.NewBieParts(dit, {}, {}, {}, None, None, {"dit": f"tiny-{n_layers}-layers"})
 
 
-def _compiled_run(n_layers: int):
+def _compiled_run(n_layers: int, precision: str = "fp32"):
     """(blocks, graphs compiled for them, relative error of the compiled call against the eager one)."""
     from pipeline import block_compile, loader
 
     parts = _parts_with_layers(n_layers)
-    patcher, cfg, _, _ = loader.build_model(parts, "fp32")
+    patcher, cfg, _, _ = loader.build_model(parts, precision, dynamic=False)
     eager = dit_call(patcher, cfg)
     torch._dynamo.reset()
     before = block_compile.compiled_graph_count()
@@ -47,3 +47,26 @@ def test_compiled_graphs_do_not_grow_with_depth_and_output_is_unchanged(comfy_im
     assert (shallow[0], deep[0]) == (4, 8), "context refiner + noise refiner + main layers"
     assert 0 < deep[1] == shallow[1] < deep[0], f"graphs compiled: {shallow[1]} for 4 blocks, {deep[1]} for 8"
     assert shallow[2] < 1e-5 and deep[2] < 1e-5, (shallow[2], deep[2])
+
+
+def test_fp16_blocks_compile_once_and_match_eager(comfy_import_path):
+    """The default precision: fp16 GEMMs with fp32 activations compile to one graph per block kind too (the
+    per-model fp16 state is read inside the blocks without a recompile), within fp16 rounding of eager."""
+    try:
+        blocks, graphs, err = _compiled_run(2, "fp16")
+    finally:
+        torch._dynamo.reset()
+    assert blocks == 4 and 0 < graphs < blocks, graphs
+    assert err < 2e-3, err
+
+
+def test_auto_compiles_only_on_cuda_with_triton():
+    from pipeline import block_compile
+
+    assert block_compile.resolve("auto", torch.device("cpu")) == "off"
+    assert block_compile.resolve("off", torch.device("cuda")) == "off"
+    assert block_compile.resolve("blocks", torch.device("cpu")) == "blocks"
+    assert block_compile.resolve("auto", torch.device("cuda")) == ("blocks" if block_compile._triton_available()
+                                                                   else "off")
+    with pytest.raises(ValueError, match="compile='fast'"):
+        block_compile.resolve("fast", torch.device("cpu"))
