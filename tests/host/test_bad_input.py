@@ -17,8 +17,9 @@ pytestmark = pytest.mark.host
 
 GOOD_XML = graphs.XML_PROMPT
 BAD_XML = "<character_1>\n  <appearance>blue_hair\n</character_1>"
-# Well over 512 Gemma tokens (also over the tiny test tokenizer's scaled limit), far under the character cap.
-LONG_TAGS = ", ".join(f"tag_{i}_blue_hair" for i in range(3000))
+# 5,588 characters: well over 512 Gemma tokens, and 4,206 tokens of the tiny test tokenizer (over its scaled limit
+# of 2,048), yet small enough that the code before the fix encoded it without a memory spike.
+LONG_TAGS = ", ".join(f"tag_{i}_blue_hair" for i in range(300))
 NEAR_CHAR_CAP = "a" * 999_000  # just under the parser's 1,000,000-character cap
 
 
