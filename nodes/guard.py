@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..pipeline import oom_guard
+from . import outputs
 
 
 class NewBieOOMGuard(io.ComfyNode):
@@ -36,18 +37,24 @@ class NewBieOOMGuard(io.ComfyNode):
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The same model with the OOM guard attached."),
                 io.Vae.Output(display_name="VAE",
-                              tooltip="The guarded VAE, when a VAE is connected (nothing otherwise)."),
+                              tooltip="The guarded VAE, when a VAE is connected; without one, a node using this output fails with an error saying to connect it."),
                 io.String.Output(display_name="report", tooltip="The recovery ladder in force and the recoveries "
                                                                 "so far (each one is also logged)."),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
     def execute(cls, model, max_retries, allow_batch_split, vae=None) -> io.NodeOutput:
         guarded, guard = oom_guard.guard_model(model, max_retries, allow_batch_split, node_id=cls.hidden.unique_id)
-        guarded_vae = oom_guard.guard_vae(vae, guard) if vae is not None else None
-        report = guard.describe(vae_guarded=guarded_vae is not None, device=getattr(model, "load_device", None))
+        if vae is not None:
+            guarded_vae = oom_guard.guard_vae(vae, guard)
+        else:
+            (guarded_vae,) = outputs.unavailable(
+                cls.hidden.prompt, cls.hidden.unique_id, {1: "VAE"},
+                "OOM Guard has no VAE to guard: connect the loader's VAE to its vae input, or take the VAE "
+                "straight from the loader")
+        report = guard.describe(vae_guarded=vae is not None, device=getattr(model, "load_device", None))
         return io.NodeOutput(guarded, guarded_vae, report)
 
 

@@ -6,6 +6,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..pipeline import block_compile, loader, model_files
+from ..pipeline.errors import require_finite
 
 
 def _dit_choices() -> list[str]:
@@ -64,6 +65,7 @@ class NewBieLoader(io.ComfyNode):
     @classmethod
     def execute(cls, diffusion_model, gemma, jina, vae, precision, text_encoder_precision,
                 vram_budget_gb=0.0, compile="auto") -> io.NodeOutput:
+        require_finite(vram_budget_gb, "vram_budget_gb", "NewBie Loader", "GiB from 0 to 1024 (0: no cap)")
         if diffusion_model.startswith(model_files.FOLDER_PREFIX):
             folder = model_files.resolve_folder(diffusion_model[len(model_files.FOLDER_PREFIX):],
                                                 folder_paths.get_folder_paths("diffusers"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..pipeline import conditioning, xml_prompt
+from . import outputs
 
 _PLACEHOLDER = ("<character_1><n>$character_1$</n><gender>1girl</gender><appearance>blue_hair, long_hair"
                 "</appearance><expression>smile</expression></character_1>\n<general_tags><count>1girl</count>"
@@ -44,15 +45,20 @@ class NewBieXMLPromptFlatten(io.ComfyNode):
                 io.String.Output(display_name="tags", tooltip="The prompt flattened to a tag list."),
                 io.String.Output(display_name="report", tooltip="Characters and fields found, warnings."),
             ],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],  # to tell a missing CLIP to the nodes that need it
         )
 
     @classmethod
     def execute(cls, text, mode, negative, clip=None) -> io.NodeOutput:
         pos, neg, tags, report = conditioning.prepare(text, negative, mode)
-        positive = negative_cond = None
-        if clip is not None:
-            positive, is_newbie = conditioning.encode_split(clip, *pos)
-            negative_cond, _ = conditioning.encode_split(clip, *neg)
+        if clip is None:
+            positive, negative_cond = outputs.unavailable(
+                cls.hidden.prompt, cls.hidden.unique_id, {0: "positive", 1: "negative"},
+                "XML Prompt Flatten has no CLIP to encode with: connect NewBie Loader's CLIP to its clip input "
+                "(without a CLIP it gives only the text outputs)")
+        else:
+            positive, is_newbie = conditioning.encode_split(clip, *pos, input_name=conditioning.POSITIVE)
+            negative_cond, _ = conditioning.encode_split(clip, *neg, input_name=conditioning.NEGATIVE)
             if not is_newbie:
                 report += "\nnote: this CLIP is not NewBie's (Gemma-3 + Jina); it got the prompt without system prompt"
         return io.NodeOutput(positive, negative_cond, pos[0], pos[1], tags, report)

@@ -5,6 +5,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..pipeline import sampling
+from ..pipeline.errors import require_finite
 
 
 class NewBieEulerAncestralSampler(io.ComfyNode):
@@ -30,6 +31,8 @@ class NewBieEulerAncestralSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, eta, s_noise) -> io.NodeOutput:
+        require_finite(eta, "eta", "Euler Ancestral Sampler", "a number from 0 to 2 (1: standard ancestral)")
+        require_finite(s_noise, "s_noise", "Euler Ancestral Sampler", "a number from 0 to 4 (1: the usual noise)")
         return io.NodeOutput(comfy.samplers.KSAMPLER(sampling.sample_euler_ancestral_rf,
                                                      extra_options={"eta": eta, "s_noise": s_noise}))
 

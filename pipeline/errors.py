@@ -1,4 +1,5 @@
 """Errors the pack raises for bad input: each names the file or spot and what was expected."""
+import math
 
 
 class NewBieError(Exception):
@@ -16,3 +17,10 @@ class ModelFileError(NewBieError):
         if expected:
             text += f" (expected {expected})"
         super().__init__(text)
+
+
+def require_finite(value: float, input_name: str, node: str, valid: str) -> float:
+    """`value`, or a clear error: JSON sent to /prompt may carry NaN, which passes ComfyUI's min/max checks."""
+    if not math.isfinite(value):
+        raise NewBieError(f"{node}: {input_name} is {value}, not a number; give {valid}")
+    return value

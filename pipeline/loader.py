@@ -15,10 +15,13 @@ from pathlib import Path
 
 import torch
 
-from . import block_compile, checkpoint, detect, precision as precision_mod, vram_budget
+from . import block_compile, checkpoint, detect, precision as precision_mod, prompt_limits, vram_budget
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
+
+# How the CLIP's own checks name the text: they cannot know which node's input it came from.
+TOKENIZER_INPUT = "prompt text (given to NewBie's CLIP)"
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -233,7 +236,16 @@ def _te_classes(gemma_cfg: dict, jina_cfg: dict):
             self.jina = JinaTE(device=device, dtype=dtype, model_options=model_options)
             self.dtypes = {dtype}
 
-    return NewBieTE, newbie.NewBieTokenizer
+    class NewBieTokenizer(newbie.NewBieTokenizer):
+        # Upstream's tokenizer, bounded: text the encoders cannot take is refused before it is tokenized in full
+        # or encoded, also when it comes through CLIPTextEncode or any other node holding this CLIP.
+        def tokenize_with_weights(self, text: str, return_word_ids=False, **kwargs):
+            prompt_limits.check_text(self, text, TOKENIZER_INPUT)
+            tokens = super().tokenize_with_weights(text, return_word_ids, **kwargs)
+            prompt_limits.check_tokens(self, tokens, text, TOKENIZER_INPUT)
+            return tokens
+
+    return NewBieTE, NewBieTokenizer
 
 
 def build_clip(parts: NewBieParts, te_precision: str | None):

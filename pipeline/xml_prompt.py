@@ -104,6 +104,9 @@ _PREDEFINED_ENTITIES = {"lt": "<", "gt": ">", "amp": "&", "quot": '"', "apos": "
 # Name characters and \s are disjoint, so this cannot backtrack badly.
 _MARKUP_START = re.compile(r"<(?:(/?)([A-Za-z_][A-Za-z0-9_.\-]*)\s*(/?)>|[A-Za-z_/!?>])")
 # For flatten_tags: the '<' and '&' that the parser would read as markup / a reference.
+# UTF-16 surrogate halves: a Python str can hold them (JSON's "\\ud800" decodes to one), but they have no UTF-8
+# form, so the tokenizers' C++ side cannot take them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _NEEDS_ESCAPE = re.compile(r"<(?=[A-Za-z_/!?>])|&(?=" + _REFERENCE_BODY + ")")
 
 
@@ -111,21 +114,29 @@ class PromptError(ValueError):
     """A prompt the model cannot be given; says where (in the typed text) and how to fix it."""
 
     def __init__(self, problem: str, *, line: int = 1, column: int = 1,
-                 tag: str | None = None, hint: str | None = None):
+                 tag: str | None = None, hint: str | None = None, input_name: str | None = None):
         self.problem = problem
         self.line = line
         self.column = column
         self.tag = tag
         self.hint = hint
+        self.input_name = input_name  # e.g. "negative prompt": a node has more than one text box
         super().__init__(str(self))
 
     def __str__(self) -> str:
         text = f"line {self.line}, column {self.column}: {self.problem}"
+        if self.input_name:
+            text = f"{self.input_name}, {text}"
         return f"{text}; {self.hint}" if self.hint else text
 
     def __reduce__(self):  # keep the fields through pickle/copy (keyword-only __init__)
-        return (functools.partial(PromptError, line=self.line, column=self.column,
-                                  tag=self.tag, hint=self.hint), (self.problem,))
+        return (functools.partial(PromptError, line=self.line, column=self.column, tag=self.tag,
+                                  hint=self.hint, input_name=self.input_name), (self.problem,))
+
+    def in_input(self, input_name: str | None) -> "PromptError":
+        """The same error, saying which input (e.g. "negative prompt") it is in."""
+        return PromptError(self.problem, line=self.line, column=self.column, tag=self.tag, hint=self.hint,
+                           input_name=input_name)
 
 
 @dataclass
@@ -528,6 +539,24 @@ class _Parser:
         element.text_pos = -1
 
 
+def _check_encodable(text: str, src: _Source) -> None:
+    bad = _SURROGATE.search(text)
+    if bad:
+        raise src.error(bad.start(), f"U+{ord(bad.group()):04X} is half of a UTF-16 surrogate pair on its "
+                        "own, which the text encoders cannot read",
+                        "remove it (through the API, send the whole character: as UTF-8, or as a "
+                        "\\ud83d\\ude00 pair)")
+
+
+def check_encodable(text: str, input_name: str | None = None) -> None:
+    """Raise PromptError (line and column, and `input_name` if given) if `text` holds a character the
+    tokenizers cannot take."""
+    try:
+        _check_encodable(text, _Source(text))
+    except PromptError as error:
+        raise error.in_input(input_name) from None
+
+
 def _dtd_error(src: _Source, index: int) -> PromptError:
     return src.error(index, "DTDs and entity declarations are not allowed in prompts",
                      "remove the <!DOCTYPE ...>/<!ENTITY ...> part")
@@ -613,14 +642,26 @@ def _parse_json_wrapper(text: str, start: int, src: _Source):
 # --------------------------------------------------------------------------
 # Public API
 
-def parse_prompt(text: str) -> ParsedPrompt:
-    """Parse a prompt in any of the accepted shapes (see the module docstring)."""
+def parse_prompt(text: str, input_name: str | None = None) -> ParsedPrompt:
+    """Parse a prompt in any of the accepted shapes (see the module docstring).
+
+    input_name (e.g. "negative prompt") is named in every error, for nodes with more than one text box."""
     if not isinstance(text, str):
         raise TypeError(f"prompt must be str, not {type(text).__name__}")
+    try:
+        return _parse_prompt(text)
+    except PromptError as error:
+        if input_name is None:
+            raise
+        raise error.in_input(input_name) from None
+
+
+def _parse_prompt(text: str) -> ParsedPrompt:
     if len(text) > MAX_PROMPT_CHARS:
         raise PromptError(f"the prompt is {len(text):,} characters long",
                           hint=f"keep it under {MAX_PROMPT_CHARS:,}")
     src = _Source(text)
+    _check_encodable(text, src)
     dtd = _DTD.search(text)  # refused before anything else is looked at
     if dtd:
         raise _dtd_error(src, dtd.start())
@@ -628,8 +669,13 @@ def parse_prompt(text: str) -> ParsedPrompt:
 
     if _looks_like_json(text, start):
         tags, json_caption = _parse_json_wrapper(text, start, src)
+        # JSON escapes can make what the typed text cannot hold (a lone "\\ud800"); check the decoded strings.
+        if json_caption:
+            src.offsets = _json_string_offsets(text, json_caption)
+            _check_encodable(json_caption, src)
         # While the tags string is scanned, positions map back through the JSON escapes.
         src.offsets = _json_string_offsets(text, tags) if tags else [start]
+        _check_encodable(tags, src)
         parser = _Parser(str(tags), 0, src)
         parser.run()
         src.offsets = None
