@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO)]
+sys.path[:0] = [str(REPO / "tests"), str(REPO), str(REPO / "bench")]
 
 import harness  # noqa: E402
+from ratios import ratio_table  # noqa: E402
 
 XML = ("<character_1><n>$character_1$</n><gender>1girl</gender><appearance>blue_hair, long_twintails, teal_eyes"
        "</appearance><clothing>white_shirt, black_skirt</clothing><expression>smile</expression><position>"
@@ -200,30 +201,6 @@ def summarise(warm_runs: list[dict]) -> dict:
             out[key] = round(statistics.median(vals), 3)
             out[key + "_range"] = [min(vals), max(vals)]
     return out
-
-
-def ratio_table(results: list[dict]) -> str:
-    """Each configuration's warm median as a ratio to the fastest upstream configuration at the same budget,
-    from this call's own runs."""
-    best = {}
-    for r in results:
-        w = r.get("warm", {}).get("wall_s")
-        if r["kind"] == "upstream" and w:
-            best[r["budget_gib"]] = min(best.get(r["budget_gib"], w), w)
-    lines = ["| budget GiB | configuration | round | warm s median [min, max] | it/s | cold s | peak GiB | "
-             "vs upstream's best here |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in results:
-        w = r.get("warm", {})
-        if "wall_s" not in w:
-            lines.append(f"| {r['budget_gib']} | {r['config']} | {r.get('round')} | failed | | | | |")
-            continue
-        ref = best.get(r["budget_gib"])
-        ratio = f"{w['wall_s'] / ref:.2f}x" if ref else "n/a"
-        lines.append(f"| {r['budget_gib'] or 'none'} | {r['config']} | {r.get('round')} | {w['wall_s']:.2f} "
-                     f"[{w['wall_s_range'][0]:.2f}, {w['wall_s_range'][1]:.2f}] | {w.get('it_per_s', 0):.2f} | "
-                     f"{r.get('cold', {}).get('wall_s', float('nan')):.1f} | {w.get('peak_gib', 0):.1f} | "
-                     f"{ratio} |")
-    return "\n".join(lines)
 
 
 def main():
