@@ -6,7 +6,7 @@ and 36 main layers with it), and the blocks of one kind run the same code on the
 on its own lets Dynamo reuse one compiled graph for every block it fits (parameters are graph inputs, not
 constants), so the compile cost is that of a few blocks, whatever the depth. Inside a block Inductor fuses the
 elementwise work between the matrix multiplies (RMSNorm + modulation, tanh gate + residual, SwiGLU, the fp16
-path's casts). Inductor's on-disk caches (FX graph and autotuning caches, on by default) keep the generated
+path's casts; the q/k RMSNorm + RoPE too, see rope_fusion.py). Inductor's on-disk caches (FX graph and autotuning caches, on by default) keep the generated
 kernels, so a restarted server skips most of the compilation; Dynamo still traces the few blocks again.
 
 The compiled blocks are swapped in by ComfyUI's own helper (`comfy_api.torch_helpers.set_torch_compile_wrapper`,
@@ -83,9 +83,12 @@ def apply(patcher, backend: str = "inductor", mode: str | None = None) -> int:
     import comfy.patcher_extension
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
+    from . import rope_fusion
+
     keys = block_keys(patcher.model.diffusion_model)
     if not keys:
         raise ValueError("block compile: this model has no transformer blocks where NewBie's Next-DiT has them")
+    rope_fusion.enable()
     set_torch_compile_wrapper(patcher, backend=backend, mode=mode, keys=keys)
     patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _log_compiles)
