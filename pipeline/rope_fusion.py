@@ -16,7 +16,8 @@ it (fp32 statistics, output in the input's dtype), then interleaved RoPE in the 
 it to comfy-kitchen's own eager backend. Nothing changes outside compiled graphs, and where comfy-kitchen's CUDA
 kernel is active nothing is registered. The registration goes through torch's own
 extension point (Inductor's decomposition table), which is process-wide: a TorchCompileModel graph of another
-NextDiT model in the same server gets the same fusion.
+NextDiT model in the same server gets the same fusion. Inductor's on-disk graph cache does not key on
+decompositions, so a cached graph may come from either form; both compute the same function.
 """
 from __future__ import annotations
 
