@@ -273,13 +273,59 @@ def _add_peft_scales(source, tensors, to_load, groups, notes) -> None:
 
 
 def _add_dora_scales(tensors, to_load, groups, model_sd, notes) -> None:
-    """PEFT's DoRA magnitude m (one value per output row) -> ComfyUI's `dora_scale` (shape (out, 1))."""
+    """PEFT's DoRA magnitude m (one value per output row) -> ComfyUI's `dora_scale` (shape (out, 1)).
+
+    PEFT: W' = m * (W + dW) / ||W + dW|| per output row. ComfyUI v0.8.0-v0.33.0 divide a per-row `dora_scale` by
+    the norm of the weight *before* the patch, ||W||. So where ComfyUI does that (probed, see
+    `_dora_divides_by_patched_norm`), the pack hands it m * ||W|| / ||W + dW||, with W + dW computed by ComfyUI's
+    own `calculate_weight`: the same W' at strength 1, exact when no earlier patch touches that weight."""
     dora = [m for m in to_load if any(k.endswith(_MAGNITUDE_SUFFIXES) for k in groups[m])]
+    if not dora:
+        return
+    corrected = 0
     for module in dora:
         key = next(k for k in groups[module] if k.endswith(_MAGNITUDE_SUFFIXES))
-        tensors[f"{module}.dora_scale"] = tensors[key].reshape(-1, 1)
-    if dora:
-        notes.append(f"DoRA: {len(dora)} modules carry a magnitude vector (PEFT use_dora)")
+        magnitude = tensors[key].float().reshape(-1, 1)
+        target = to_load[module]
+        if not _dora_divides_by_patched_norm() and isinstance(target, str) and target in model_sd:
+            magnitude = magnitude * _row_norm_ratio(tensors, module, groups[module], target, model_sd[target])
+            corrected += 1
+        tensors[f"{module}.dora_scale"] = magnitude
+    notes.append(f"DoRA: {len(dora)} modules carry PEFT's magnitude vector"
+                 + (f"; {corrected} rescaled to ComfyUI's DoRA convention" if corrected else ""))
+
+
+def _row_norm_ratio(tensors, module, keys, target, weight) -> torch.Tensor:
+    """||W|| / ||W + dW|| per output row, dW being the module's LoRA as ComfyUI computes it (no DoRA)."""
+    import comfy.lora
+
+    plain = {k: tensors[k] for k in keys if not k.endswith(_MAGNITUDE_SUFFIXES)}
+    if f"{module}.alpha" in tensors:
+        plain[f"{module}.alpha"] = tensors[f"{module}.alpha"]
+    adapter = comfy.lora.load_lora(plain, {module: target}, log_missing=False)[target]
+    base = weight.detach().float().cpu()
+    patched = comfy.lora.calculate_weight([(1.0, adapter, 1.0, None, None)], base.clone(), target)
+    return base.norm(dim=1, keepdim=True) / patched.float().norm(dim=1, keepdim=True)
+
+
+_DORA_PROBE: list = []
+
+
+def _dora_divides_by_patched_norm() -> bool:
+    """Feature check on ComfyUI's own DoRA code with a 2x2 example: a per-row dora_scale of 1 and a patch that
+    doubles row 0 gives row 0 = 1 when ComfyUI divides by the patched weight's norm (PEFT's rule), 2 when it
+    divides by the norm before the patch."""
+    if not _DORA_PROBE:
+        import comfy.lora
+
+        weight = torch.eye(2)
+        down, up = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0], [0.0]])
+        adapter = comfy.lora.load_lora({"p.lora_up.weight": up, "p.lora_down.weight": down,
+                                        "p.alpha": torch.tensor(1.0), "p.dora_scale": torch.ones(2, 1)},
+                                       {"p": "w"}, log_missing=False)["w"]
+        out = comfy.lora.calculate_weight([(1.0, adapter, 1.0, None, None)], weight.clone(), "w")
+        _DORA_PROBE.append(abs(float(out[0, 0]) - 1.0) < 1e-4)
+    return _DORA_PROBE[0]
 
 
 def apply_lora(model, path, strength: float) -> LoraResult:
