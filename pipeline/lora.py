@@ -214,9 +214,10 @@ class _Plan:
     groups: dict  # module name in the file -> its tensor names in the file
     unmapped: list  # (tensor name, why)
     notes: list
+    dora: list  # modules with PEFT's DoRA magnitude
 
 
-def plan(source: LoraSource, key_map: dict, model_sd: dict) -> _Plan:
+def plan(source: LoraSource, key_map: dict) -> _Plan:
     """Group the file's tensors by module, find each module in the model, add the scale tensors PEFT left out."""
     groups, unmapped = {}, []
     for key in source.tensors:
@@ -234,8 +235,8 @@ def plan(source: LoraSource, key_map: dict, model_sd: dict) -> _Plan:
     tensors = dict(source.tensors)
     notes = list(source.notes)
     _add_peft_scales(source, tensors, to_load, groups, notes)
-    _add_dora_scales(tensors, to_load, groups, model_sd, notes)
-    return _Plan(tensors, to_load, groups, unmapped, notes)
+    dora = _add_dora_scales(tensors, to_load, groups, notes)
+    return _Plan(tensors, to_load, groups, unmapped, notes, dora)
 
 
 def _down_key(keys) -> str | None:
@@ -272,40 +273,43 @@ def _add_peft_scales(source, tensors, to_load, groups, notes) -> None:
         notes.append(f"WARNING: {source.config_path.name} does not describe this file: " + "; ".join(mismatched[:5]))
 
 
-def _add_dora_scales(tensors, to_load, groups, model_sd, notes) -> None:
-    """PEFT's DoRA magnitude m (one value per output row) -> ComfyUI's `dora_scale` (shape (out, 1)).
-
-    PEFT: W' = m * (W + dW) / ||W + dW|| per output row. ComfyUI v0.8.0-v0.33.0 divide a per-row `dora_scale` by
-    the norm of the weight *before* the patch, ||W||. So where ComfyUI does that (probed, see
-    `_dora_divides_by_patched_norm`), the pack hands it m * ||W|| / ||W + dW||, with W + dW computed by ComfyUI's
-    own `calculate_weight`: the same W' at strength 1, exact when no earlier patch touches that weight."""
+def _add_dora_scales(tensors, to_load, groups, notes) -> list:
+    """PEFT's DoRA magnitude m (one value per output row) -> ComfyUI's `dora_scale` (shape (out, 1)); returns the
+    modules that carry one."""
     dora = [m for m in to_load if any(k.endswith(_MAGNITUDE_SUFFIXES) for k in groups[m])]
-    if not dora:
-        return
-    corrected = 0
     for module in dora:
         key = next(k for k in groups[module] if k.endswith(_MAGNITUDE_SUFFIXES))
-        magnitude = tensors[key].float().reshape(-1, 1)
-        target = to_load[module]
-        if not _dora_divides_by_patched_norm() and isinstance(target, str) and target in model_sd:
-            magnitude = magnitude * _row_norm_ratio(tensors, module, groups[module], target, model_sd[target])
-            corrected += 1
-        tensors[f"{module}.dora_scale"] = magnitude
-    notes.append(f"DoRA: {len(dora)} modules carry PEFT's magnitude vector"
-                 + (f"; {corrected} rescaled to ComfyUI's DoRA convention" if corrected else ""))
+        tensors[f"{module}.dora_scale"] = tensors[key].reshape(-1, 1)
+    if dora:
+        notes.append(f"DoRA: {len(dora)} modules carry PEFT's magnitude vector")
+    return dora
 
 
-def _row_norm_ratio(tensors, module, keys, target, weight) -> torch.Tensor:
-    """||W|| / ||W + dW|| per output row, dW being the module's LoRA as ComfyUI computes it (no DoRA)."""
-    import comfy.lora
+def _peft_dora_adapter(adapter):
+    """ComfyUI's LoRA adapter for `adapter`'s tensors, made to follow PEFT's DoRA rule.
 
-    plain = {k: tensors[k] for k in keys if not k.endswith(_MAGNITUDE_SUFFIXES)}
-    if f"{module}.alpha" in tensors:
-        plain[f"{module}.alpha"] = tensors[f"{module}.alpha"]
-    adapter = comfy.lora.load_lora(plain, {module: target}, log_missing=False)[target]
-    base = weight.detach().float().cpu()
-    patched = comfy.lora.calculate_weight([(1.0, adapter, 1.0, None, None)], base.clone(), target)
-    return base.norm(dim=1, keepdim=True) / patched.float().norm(dim=1, keepdim=True)
+    PEFT: W' = m * (W + dW) / ||W + dW|| per output row. ComfyUI v0.8.0-v0.33.0 divide a per-row `dora_scale` by
+    ||W||, the norm before the patch (probed by `_dora_divides_by_patched_norm`). So at patch time, on the weight
+    ComfyUI hands over, this adapter lets ComfyUI's own plain LoRA adapter compute W + dW, and then hands ComfyUI's
+    DoRA adapter m * ||W|| / ||W + dW||: PEFT's W', also when other LoRAs patched W first."""
+    from comfy.weight_adapter.lora import LoRAAdapter
+
+    class PeftDoraLoRAAdapter(LoRAAdapter):
+        def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                             intermediate_dtype=torch.float32, original_weight=None):
+            up, down, alpha, mid, magnitude, *rest = self.weights
+            plain = LoRAAdapter(self.loaded_keys, (up, down, alpha, mid, None, *rest))
+            patched = plain.calculate_weight(weight.clone(), key, 1.0, strength_model, offset, function,
+                                             intermediate_dtype, original_weight)
+            rows = weight.shape[0]
+            ratio = (weight.float().reshape(rows, -1).norm(dim=1, keepdim=True)
+                     / patched.float().reshape(rows, -1).norm(dim=1, keepdim=True))
+            scale = magnitude.to(device=ratio.device, dtype=torch.float32).reshape(rows, 1) * ratio
+            corrected = LoRAAdapter(self.loaded_keys, (up, down, alpha, mid, scale, *rest))
+            return corrected.calculate_weight(weight, key, strength, strength_model, offset, function,
+                                              intermediate_dtype, original_weight)
+
+    return PeftDoraLoRAAdapter(adapter.loaded_keys, adapter.weights)
 
 
 _DORA_PROBE: list = []
@@ -334,14 +338,18 @@ def apply_lora(model, path, strength: float) -> LoraResult:
 
     source = read_lora(path)
     key_map = build_key_map(model.model)
-    model_sd = model.model.state_dict()
-    p = plan(source, key_map, model_sd)
+    p = plan(source, key_map)
     if not p.to_load:
         raise ModelFileError(source.path, "no tensor of this file maps onto NewBie's DiT; it looks like "
                              + looks_like(source.tensors),
                              "a LoRA trained for NewBie-image: NewbieLoraTrainer's PEFT or LoKr output, or a "
                              "ComfyUI-format NewBie/Lumina-2 LoRA")
     patches = comfy.lora.load_lora(p.tensors, p.to_load, log_missing=False)
+    if p.dora and not _dora_divides_by_patched_norm():
+        for module in p.dora:
+            target = p.to_load[module]
+            if type(patches.get(target)).__name__ == "LoRAAdapter":
+                patches[target] = _peft_dora_adapter(patches[target])
     patched = model.clone()
     accepted = set(patched.add_patches(patches, strength))
     applied, unmapped = {}, list(p.unmapped)
