@@ -23,6 +23,7 @@ down matrix and `alpha` read from a `<module>.alpha` tensor (none: scale 1). So 
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -312,29 +313,25 @@ def _peft_dora_adapter(adapter):
     return PeftDoraLoRAAdapter(adapter.loaded_keys, adapter.weights)
 
 
-_DORA_PROBE: list = []
-
-
+@functools.cache  # a property of the running ComfyUI: probed once
 def _dora_divides_by_patched_norm() -> bool:
     """Feature check on ComfyUI's own DoRA code with a 2x2 example: a per-row dora_scale of 1 and a patch that
     doubles row 0 gives row 0 = 1 when ComfyUI divides by the patched weight's norm (PEFT's rule), 2 when it
     divides by the norm before the patch."""
-    if not _DORA_PROBE:
-        import comfy.lora
+    import comfy.lora
 
-        weight = torch.eye(2)
-        down, up = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0], [0.0]])
-        adapter = comfy.lora.load_lora({"p.lora_up.weight": up, "p.lora_down.weight": down,
-                                        "p.alpha": torch.tensor(1.0), "p.dora_scale": torch.ones(2, 1)},
-                                       {"p": "w"}, log_missing=False)["w"]
-        out = comfy.lora.calculate_weight([(1.0, adapter, 1.0, None, None)], weight.clone(), "w")
-        _DORA_PROBE.append(abs(float(out[0, 0]) - 1.0) < 1e-4)
-    return _DORA_PROBE[0]
+    down, up = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0], [0.0]])
+    adapter = comfy.lora.load_lora({"p.lora_up.weight": up, "p.lora_down.weight": down,
+                                    "p.alpha": torch.tensor(1.0), "p.dora_scale": torch.ones(2, 1)},
+                                   {"p": "w"}, log_missing=False)["w"]
+    out = comfy.lora.calculate_weight([(1.0, adapter, 1.0, None, None)], torch.eye(2), "w")
+    return abs(float(out[0, 0]) - 1.0) < 1e-4
 
 
 def apply_lora(model, path, strength: float) -> LoraResult:
     """A clone of `model` (ModelPatcher) with the LoRA's patches added at `strength`, and the report."""
     import comfy.lora
+    from comfy.weight_adapter.lora import LoRAAdapter
 
     source = read_lora(path)
     key_map = build_key_map(model.model)
@@ -348,7 +345,7 @@ def apply_lora(model, path, strength: float) -> LoraResult:
     if p.dora and not _dora_divides_by_patched_norm():
         for module in p.dora:
             target = p.to_load[module]
-            if type(patches.get(target)).__name__ == "LoRAAdapter":
+            if type(patches.get(target)) is LoRAAdapter:  # PEFT's DoRA is always a plain LoRA
                 patches[target] = _peft_dora_adapter(patches[target])
     patched = model.clone()
     accepted = set(patched.add_patches(patches, strength))

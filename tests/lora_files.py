@@ -55,6 +55,14 @@ def write_peft(folder: Path, dit: dict, targets=TRAINER_TARGETS, r=4, alpha=2, s
     return folder / "adapter_model.safetensors", _merged(model.merge_and_unload())
 
 
+def merge_peft(folder: Path, dit: dict) -> dict:
+    """The DiT weights `dit` with the PEFT adapter saved in `folder` merged by PEFT (`from_pretrained` +
+    `merge_and_unload`): PEFT's rule applied to other weights than the ones it was trained on (for stacking)."""
+    from peft import PeftModel
+
+    return _merged(PeftModel.from_pretrained(_fresh_nextdit(dit), str(folder)).merge_and_unload())
+
+
 def write_lycoris(path: Path, dit: dict, algo="lokr", dim=4, alpha=2, factor=4, targets=TRAINER_TARGETS,
                   seed=1) -> tuple[Path, dict, torch.Tensor]:
     """`LycorisNetwork.save_weights` with the trainer's preset (train_newbie_lora.py setup_lora: fnmatch targets

@@ -138,6 +138,19 @@ def test_peft_dora_equals_peft_merge(lib, base, tmp_path):
     assert _rel(_out(result.model, cfg), _model_output(lib, merged)) < TOL
 
 
+def test_peft_dora_after_another_lora_follows_peft_on_the_patched_weights(lib, base, tmp_path):
+    dit, patcher, cfg = base
+    lokr_path, lokr_merged, _ = lib.write_lycoris(tmp_path / "lokr.safetensors", dit, dim=114514, alpha=114514,
+                                                  factor=8, seed=5)
+    dora_path, _ = lib.write_peft(tmp_path / "dora", dit, use_dora=True, seed=6)
+    stacked = _apply(_apply(patcher, lokr_path).model, dora_path).model
+    want = lib.merge_peft(tmp_path / "dora", lokr_merged)
+    assert _rel(_out(stacked, cfg), _model_output(lib, want)) < TOL
+    half = _apply(patcher, dora_path, 0.5).model  # ComfyUI's strength: halfway between base and DoRA-merged
+    merged = lib.merge_peft(tmp_path / "dora", dit)
+    assert _rel(_out(half, cfg), _model_output(lib, {k: (dit[k] + merged[k]) / 2 for k in dit})) < TOL
+
+
 def test_unmappable_tensors_are_named_and_the_rest_applies(lib, base, tmp_path):
     from safetensors.torch import load_file
 
