@@ -17,6 +17,7 @@ LOKR = "newbie-trainer-lokr/adapter_model.safetensors"
 MERGED_PEFT = "newbie-tiny-peft-merged.safetensors"
 MERGED_LOKR = "newbie-tiny-lokr-merged.safetensors"
 MERGED_BOTH = "newbie-tiny-both-merged.safetensors"
+COMFY_FORMAT = "newbie-comfy-format.safetensors"
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +38,11 @@ def trainer_loras(models_root):
         "lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 640),
         "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(640, 4)})
     (loras / "pickled-adapter.bin").write_bytes(b"\x80\x04N.")
+    g = torch.Generator().manual_seed(9)  # a ComfyUI-format LoRA on one module, for mixed stacks
+    rows, cols = dit["layers.1.feed_forward.w2.weight"].shape
+    lora_files.save(loras / COMFY_FORMAT, {
+        "diffusion_model.layers.1.feed_forward.w2.lora_down.weight": torch.randn(2, cols, generator=g) * 0.1,
+        "diffusion_model.layers.1.feed_forward.w2.lora_up.weight": torch.randn(rows, 2, generator=g) * 0.1})
     return models_root
 
 
@@ -46,9 +52,9 @@ def _graph(chain=(), dit=graphs.TINY_DIT, prefix="lora", upstream=False):
     g = graphs.txt2img(seed=13, prefix=prefix, diffusion_model=dit, precision="fp32")
     del g["6"], g["7"]
     model = ["1", 0]
-    for i, (name, strength) in enumerate(chain):
+    for i, (name, strength, *kind) in enumerate(chain):
         node = str(20 + i)
-        if upstream:
+        if upstream or kind == ["upstream"]:
             g[node] = {"class_type": "LoraLoaderModelOnly",
                        "inputs": {"model": model, "lora_name": name, "strength_model": strength}}
         else:
@@ -96,6 +102,11 @@ def test_two_nodes_stack_and_strength_zero_is_the_base(server, trainer_loras):
     both, reports = _run(server, _graph([(PEFT, 1.0), (LOKR, 1.0)], prefix=f"nl-both-{lane}"))
     both_ref, _ = _run(server, _graph(dit=MERGED_BOTH, prefix=f"nl-both-ref-{lane}"))
     assert _close(both, both_ref) and len(reports) == 2
+    # Mixed with upstream's LoRA node, in either order: the same patches on the same weights.
+    ours_first, _ = _run(server, _graph([(PEFT, 1.0), (COMFY_FORMAT, 1.0, "upstream")], prefix=f"nl-mix1-{lane}"))
+    theirs_first, _ = _run(server, _graph([(COMFY_FORMAT, 1.0, "upstream"), (PEFT, 1.0)], prefix=f"nl-mix2-{lane}"))
+    peft_only, _ = _run(server, _graph([(PEFT, 1.0)], prefix=f"nl-mix0-{lane}"))
+    assert _close(ours_first, theirs_first, 1e-5) and not _close(ours_first, peft_only, 1e-3)
     base, _ = _run(server, _graph(prefix=f"nl-base0-{lane}"))
     zero, _ = _run(server, _graph([(PEFT, 0.0)], prefix=f"nl-zero-{lane}"))
     assert np.allclose(base, zero, atol=1e-6)
