@@ -347,9 +347,17 @@ def apply_lora(model, path, strength: float) -> LoraResult:
             target = p.to_load[module]
             if type(patches.get(target)) is LoRAAdapter:  # PEFT's DoRA is always a plain LoRA
                 patches[target] = _peft_dora_adapter(patches[target])
+    applied, unmapped = {}, list(p.unmapped)
+    shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
+    for module, target in list(p.to_load.items()):
+        want, have = delta_shape(p.tensors, module), shapes.get(target) if isinstance(target, str) else None
+        if want is not None and have is not None and len(have) == 2 and want != have:
+            unmapped += [(k, f"its change has shape {want[0]}x{want[1]}, the model's {target} is "
+                             f"{have[0]}x{have[1]} (a LoRA for another model size?)") for k in sorted(p.groups[module])]
+            del p.to_load[module]
+            patches.pop(target, None)
     patched = model.clone()
     accepted = set(patched.add_patches(patches, strength))
-    applied, unmapped = {}, list(p.unmapped)
     for module, target in p.to_load.items():
         keys = p.groups[module]
         if target not in patches:
@@ -374,6 +382,33 @@ def apply_lora(model, path, strength: float) -> LoraResult:
     report = describe(source, strength, applied, unmapped, p.notes, _adapter_names(patches))
     log.info("%s", report)
     return LoraResult(patched, report, applied, unmapped)
+
+
+def delta_shape(tensors: dict, module: str) -> tuple | None:
+    """The (rows, columns) of the weight change a LoRA, LoKr or LoHa module describes, from its factors' shapes
+    alone; None for other layouts. ComfyUI skips a patch whose shape does not fit the weight with only a log
+    line at sampling time, so the pack checks this up front and reports such modules as not applied."""
+    def get(suffix):
+        return tensors.get(module + suffix)
+
+    up = next((get(s) for s in _UP_SUFFIXES + (".lora_up.weight",) if get(s) is not None), None)
+    down = next((get(s) for s in _DOWN_SUFFIXES + (".lora_down.weight",) if get(s) is not None), None)
+    if up is not None and down is not None and up.dim() == 2 and down.dim() == 2:
+        return up.shape[0], down.shape[1]
+    if get(".hada_w1_a") is not None and get(".hada_w1_b") is not None and get(".hada_w1_b").dim() == 2:
+        return get(".hada_w1_a").shape[0], get(".hada_w1_b").shape[1]
+    w1 = get(".lokr_w1")
+    w1_shape = tuple(w1.shape) if w1 is not None else None
+    if w1_shape is None and get(".lokr_w1_a") is not None and get(".lokr_w1_b") is not None:
+        w1_shape = (get(".lokr_w1_a").shape[0], get(".lokr_w1_b").shape[1])
+    w2 = get(".lokr_w2")
+    w2_shape = tuple(w2.shape) if w2 is not None else None
+    if w2_shape is None and get(".lokr_w2_a") is not None and get(".lokr_w2_b") is not None \
+            and get(".lokr_t2") is None:
+        w2_shape = (get(".lokr_w2_a").shape[0], get(".lokr_w2_b").shape[1])
+    if w1_shape and w2_shape and len(w1_shape) == len(w2_shape) == 2:
+        return w1_shape[0] * w2_shape[0], w1_shape[1] * w2_shape[1]
+    return None
 
 
 def _adapter_names(patches: dict) -> list[str]:

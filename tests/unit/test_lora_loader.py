@@ -169,6 +169,24 @@ def test_unmappable_tensors_are_named_and_the_rest_applies(lib, base, tmp_path):
     assert _rel(_out(result.model, cfg), _model_output(lib, merged)) < TOL
 
 
+def test_modules_of_the_wrong_shape_are_named_not_applied(lib, base, tmp_path):
+    """ComfyUI would skip them at sampling time with only a log line; the pack says so in the report."""
+    from safetensors.torch import load_file
+
+    dit, patcher, cfg = base
+    path, _ = lib.write_peft(tmp_path / "wrong", dit)
+    tensors = load_file(str(path))
+    key = "base_model.model.layers.0.feed_forward.w2.lora_A.weight"
+    tensors[key] = torch.zeros(4, 2 * tensors[key].shape[1])  # as if trained on a wider model
+    lib.save(path, tensors)
+    result = _apply(patcher, path)
+    assert {k for k, _ in result.unmapped} == {key, key.replace("lora_A", "lora_B")}
+    assert "a LoRA for another model size?" in result.report and result.applied["feed_forward.w2"] == 3
+    full = {k: torch.zeros(4, 2304) if k.endswith("lora_A.weight") else torch.zeros(7 * 96, 4) for k in tensors}
+    with pytest.raises(ModelFileError, match="none of its modules could be applied"):
+        _apply(patcher, lib.save(tmp_path / "full_size.safetensors", full))
+
+
 def test_comfyui_format_lora_still_applies(lib, base, tmp_path):
     dit, patcher, cfg = base
     down, up = torch.randn(2, 96) * 0.3, torch.randn(96, 2) * 0.3
