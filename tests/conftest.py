@@ -76,7 +76,20 @@ def models_root(comfy_import_path, tmp_path_factory) -> Path:
             for entry in src.iterdir():
                 if not entry.name.startswith("."):
                     (root / sub / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    _write_example_lora(root)
     return root
+
+
+def _write_example_lora(root: Path) -> None:
+    """The LoRA the example workflow names (tests/ui_to_api.py EXAMPLE_LORA_TO_TINY): a PEFT LoRA in NewBie's
+    trainer layout for the tiny DiT, written by PEFT itself (tests/lora_files.py)."""
+    import lora_files
+    from safetensors.torch import load_file
+
+    from pipeline import tiny_models
+
+    dit = load_file(str(root / tiny_models.SINGLE_FILE_NAMES["dit"].format(name=tiny_models.TINY.name)))
+    lora_files.write_peft(root / "loras" / "newbie-tiny-trainer-lora", {k: v.float() for k, v in dit.items()})
 
 
 @pytest.fixture(scope="session", params=LANES or ["none"])

@@ -36,6 +36,8 @@ PUBLIC_TO_TINY = {
     "jina_clip_v2_bf16.safetensors": "newbie-tiny-jina-clip-v2.safetensors",
     "ae.safetensors": "newbie-tiny-flux-ae.safetensors",
 }
+# The example LoRA (a NewbieLoraTrainer output folder in models/loras) -> the tiny one conftest writes with PEFT.
+EXAMPLE_LORA_TO_TINY = {"newbie_style_lora/adapter_model.safetensors": "newbie-tiny-trainer-lora/adapter_model.safetensors"}
 
 
 class ConversionError(ValueError):
@@ -123,6 +125,8 @@ def with_tiny_models(prompt: dict) -> dict:
         for name, value in node["inputs"].items():
             if isinstance(value, str) and value in PUBLIC_TO_TINY:
                 node["inputs"][name] = PUBLIC_TO_TINY[value]
+            elif isinstance(value, str) and value in EXAMPLE_LORA_TO_TINY:
+                node["inputs"][name] = EXAMPLE_LORA_TO_TINY[value]
     return out
 
 

@@ -25,7 +25,7 @@ if why_unavailable():
     pytest.skip(f"browser tests skipped: {why_unavailable()}", allow_module_level=True)
 
 EXAMPLES = sorted((harness.REPO / "example_workflows").glob("*.json"))
-NODE_IDS = ["NewBieLoader", "NewBieXMLPromptFlatten", "NewBieVRAMWarmup", "NewBieEulerAncestralSampler",
+NODE_IDS = ["NewBieLoader", "NewBieLoraLoader", "NewBieXMLPromptFlatten", "NewBieVRAMWarmup", "NewBieEulerAncestralSampler",
             "NewBieOOMGuard"]
 DOCS_IMAGES = harness.REPO / "docs" / "images"
 MALFORMED = "<character_1>\n  <n>$character_1$</n>\n  <appearance>blue_hair</clothing>\n</character_1>"

@@ -39,9 +39,9 @@ def _small(prompt: dict) -> dict:
     return out
 
 
-def test_examples_cover_the_five_cases():
+def test_examples_cover_the_six_cases():
     assert [p.stem for p in EXAMPLES] == ["newbie_16gb_basic", "newbie_8gb_low_vram", "newbie_batch_oom_guard_warmup",
-                                          "newbie_no_bf16_fp16", "newbie_two_characters"]
+                                          "newbie_lora", "newbie_no_bf16_fp16", "newbie_two_characters"]
     assert sorted(p.name for p in TWINS.glob("*.json")) == [p.name for p in EXAMPLES]
 
 
@@ -105,5 +105,6 @@ def test_example_runs_to_an_image_on_the_tiny_model(server, example):
         assert text.strip(), f"{example.name}: no text from node {node_id} ({node['_meta']['title']})"
         source = prompt[node["inputs"]["source"][0]]["class_type"]
         expected = {"NewBieLoader": "weights fp16", "NewBieVRAMWarmup": "steps at 64x64",
-                    "NewBieXMLPromptFlatten": "characters: 2"}.get(source, "")
+                    "NewBieXMLPromptFlatten": "characters: 2",
+                    "NewBieLoraLoader": "every tensor of the file was applied"}.get(source, "")
         assert expected in text, f"{example.name}: the {source} report reads {text!r}"
