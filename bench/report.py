@@ -41,6 +41,11 @@ COMMANDS = {
     "run12": "(H200) python3 bench/profile_dit.py --variants bf16,bf16+compile,fp16_pack,fp16_pack+compile && "
              "python3 bench/run.py --configs upstream-gpu-only@none,pack-bf16@none,pack-fp16@none,upstream-bf16@8,"
              "pack-bf16@8 --warm 3",
+    "run13": "(H200) python3 bench/run.py --configs upstream-gpu-only@none,pack-bf16@none,pack-fp16@none,"
+             "upstream-bf16@16,pack-fp16@16,pack-bf16@16 --warm 3 --timeout 200; python3 bench/profile_dit.py "
+             "--variants bf16,bf16+compile,fp16_pack+compile,bf16+compile:reduce-overhead --calls 5 --top 25",
+    "run14": "(H200, the next call on the same machine) python3 bench/run.py --configs upstream-compile@none,"
+             "pack-bf16@none --warm 3 --timeout 200",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
@@ -56,6 +61,9 @@ def profile_table(profiles: dict) -> list[str]:
              "other ms | rel. error vs first variant |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run, variants in profiles.items():
         for name, v in variants.items():
+            if "error" in v:
+                lines.append(f"| {run} | {name} | failed: {v['error'][:160]} | | | | | | |")
+                continue
             k = v.get("kernel_ms_by_kind") or {}
             lines.append(f"| {run} | {name} | {v['call_s']:.4f} | {v['first_call_s']:.1f} | {_fmt(k.get('gemm'))} | "
                          f"{_fmt(k.get('attention'))} | {_fmt(k.get('triton (fused)'))} | {_fmt(k.get('other'))} | "
