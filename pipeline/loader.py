@@ -7,7 +7,6 @@ are plain ComfyUI objects: KSampler, LoRA loaders, ModelSamplingAuraFlow and eve
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import block_compile, checkpoint, detect, precision as precision_mod, prompt_limits, vram_budget
+from . import block_compile, checkpoint, compat, detect, precision as precision_mod, prompt_limits, vram_budget
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -150,18 +149,62 @@ def read_folder(folder: Path) -> NewBieParts:
                        toks["jina"], {**paths, "folder": folder})
 
 
+def read_dit(paths: dict) -> dict:
+    """Only the DiT of a loaded model, from where it came: the official folder's transformer/ or a single file."""
+    from . import keymaps
+
+    if "folder" in paths:
+        sd = checkpoint.load_state_dict(paths["dit"], EXPECT["dit"])
+        try:
+            sd = keymaps.dit_from_diffusers(sd)
+        except (KeyError, ValueError) as e:
+            raise ModelFileError(paths["dit"], f"unexpected tensor layout: {e}",
+                                 f"{EXPECT['dit']} in the official folder layout") from None
+        _expect_kind(sd, paths["dit"], "dit", _SIGNATURE["dit"])
+        return sd
+    return read_single_part("dit", paths["dit"])[0]
+
+
+def read_text_encoders(paths: dict) -> NewBieParts:
+    """Only Gemma and Jina (with their tokenizers), from where they came; the DiT and VAE are left empty."""
+    folder = paths.get("folder")
+    in_folder = {p for p in ("gemma", "jina") if folder and Path(paths[p]).is_relative_to(Path(folder))}
+    if in_folder:
+        parts = read_folder(folder)
+        parts.dit, parts.vae = {}, {}
+    else:
+        parts = NewBieParts({}, {}, {}, {}, None, None, {"dit": paths.get("dit")})
+    return with_single_files(parts, {p: paths[p] for p in ("gemma", "jina") if p not in in_folder})
+
+
+def reload_dit_patcher(paths: dict, precision: str, budget: int | None, fp16_state, disable_dynamic: bool = False):
+    """ComfyUI's `cached_patcher_init` factory for the pack's MODEL, as its core loaders register one: the same
+    DiT built again from its file. ComfyUI calls it with disable_dynamic=True when a dynamic-VRAM model needs a
+    non-dynamic twin (hooked conditioning in the sampler, TorchCompileModel, MultiGPU); the twin shares the fp16
+    path's state, and clone() carries over the patches, wrappers and options."""
+    parts = NewBieParts(read_dit(paths), {}, {}, {}, None, None, dict(paths))
+    patcher, *_ = build_model(parts, precision, budget=budget, dynamic=not disable_dynamic, fp16_state=fp16_state)
+    return patcher
+
+
+def reload_clip_patcher(paths: dict, te_precision: str | None, disable_dynamic: bool = False):
+    """`cached_patcher_init` factory for the pack's CLIP (hook nodes clone it with disable_dynamic=True)."""
+    return build_clip(read_text_encoders(paths), te_precision, disable_dynamic=disable_dynamic)[0].patcher
+
+
 def _dtype_name(dt) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dt, str(dt))
 
 
 def build_model(parts: NewBieParts, precision: str, safe_fp16: bool = True, budget: int | None = None,
-                dynamic: bool = True):
+                dynamic: bool = True, fp16_state=None):
     """ComfyUI's Lumina2 model (NextDiT) with NewBie's dimensions, in a ModelPatcher.
 
     safe_fp16=False gives what upstream does with --fp16-unet (plain fp16 everywhere): only for comparisons.
     budget: at most this many bytes of DiT weights on the GPU (pipeline/vram_budget.py); None for no cap.
     dynamic=False: ComfyUI's non-dynamic ModelPatcher even where dynamic VRAM is on (what compilation needs,
     pipeline/block_compile.py); a budget implies it.
+    fp16_state: the fp16 path's state to share (a twin of an existing model); None for a new one.
     """
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -173,19 +216,17 @@ def build_model(parts: NewBieParts, precision: str, safe_fp16: bool = True, budg
     model_config.supported_inference_dtypes = [torch.float16, torch.bfloat16, torch.float32]
     dtype = PRECISIONS[precision]
     load_device = mm.get_torch_device()
-    fp16_state = None
+    if not (safe_fp16 and precision == "fp16"):
+        fp16_state = None
     if safe_fp16 and precision == "fp16":
         # fp16 weights and GEMMs, fp32 activations (pipeline/precision.py explains why this cannot overflow).
         manual_cast = torch.float32
-        fp16_state = precision_mod.configure_model_config(model_config)
+        fp16_state = precision_mod.configure_model_config(model_config, fp16_state)
     elif precision == "fp16":
         manual_cast = None  # plain fp16 compute, as upstream's --fp16-unet (comparisons only)
     else:
         manual_cast = mm.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
-    if "device" in inspect.signature(model_config.set_inference_dtype).parameters:
-        model_config.set_inference_dtype(dtype, manual_cast, device=load_device)
-    else:
-        model_config.set_inference_dtype(dtype, manual_cast)
+    compat.set_inference_dtype(model_config, dtype, manual_cast, load_device)
     model = model_config.get_model(parts.dit, "")
     if budget:
         patcher_cls = vram_budget.patcher_class()
@@ -193,12 +234,9 @@ def build_model(parts: NewBieParts, precision: str, safe_fp16: bool = True, budg
     elif not dynamic:
         patcher_cls = comfy.model_patcher.ModelPatcher
     else:
-        patcher_cls = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+        patcher_cls = compat.core_patcher_class()
     patcher = patcher_cls(model, load_device=load_device, offload_device=mm.unet_offload_device())
-    kwargs = {}
-    if "assign" in inspect.signature(model.load_model_weights).parameters and hasattr(patcher, "is_dynamic"):
-        kwargs["assign"] = patcher.is_dynamic()
-    model.load_model_weights(dict(parts.dit), "", **kwargs)  # ComfyUI pops what it loads
+    model.load_model_weights(dict(parts.dit), "", **compat.load_weights_kwargs(model, patcher))  # ComfyUI pops what it loads
     unexpected = set(parts.dit.keys()) - set(model.diffusion_model.state_dict().keys())
     if unexpected:
         log.info("NewBie DiT: %d tensors not used by the model: %s", len(unexpected), sorted(unexpected)[:5])
@@ -248,7 +286,7 @@ def _te_classes(gemma_cfg: dict, jina_cfg: dict):
     return NewBieTE, NewBieTokenizer
 
 
-def build_clip(parts: NewBieParts, te_precision: str | None):
+def build_clip(parts: NewBieParts, te_precision: str | None, disable_dynamic: bool = False):
     import comfy.model_management as mm
     import comfy.sd
     import comfy.supported_models_base
@@ -264,9 +302,12 @@ def build_clip(parts: NewBieParts, te_precision: str | None):
         model_options["dtype"] = PRECISIONS[te_precision]
     params = comfy.utils.calculate_parameters(parts.gemma) + comfy.utils.calculate_parameters(parts.jina)
     tokenizer_data = {"gemma_spiece_model": parts.gemma_tokenizer, "jina_spiece_model": parts.jina_tokenizer}
+    kwargs = {}
+    if disable_dynamic and compat.clip_takes_disable_dynamic():
+        kwargs["disable_dynamic"] = True
     clip = comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"),
                          parameters=params, tokenizer_data=tokenizer_data, state_dict=[parts.gemma, parts.jina],
-                         model_options=model_options)
+                         model_options=model_options, **kwargs)
     return clip, gemma_cfg, jina_cfg, model_options.get("dtype") or mm.text_encoder_dtype()
 
 
@@ -299,9 +340,12 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
     budget = vram_budget.budget_bytes(vram_budget_gb)
     model, unet_config, dtype, manual_cast = build_model(parts, precision, budget=budget,
                                                          dynamic=compile == "off")
+    model.cached_patcher_init = (reload_dit_patcher, (dict(parts.paths), precision, budget,
+                                                      precision_mod.state_of(model)))
     compiled = block_compile.apply(model) if compile == "blocks" else 0
     step(1)
     clip, gemma_cfg, jina_cfg, te_dtype = build_clip(parts, te_precision)
+    clip.patcher.cached_patcher_init = (reload_clip_patcher, (dict(parts.paths), te_precision))
     step(1)
     vae = build_vae(parts)
     step(1)

@@ -61,6 +61,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from . import compat
 from .errors import NewBieError
 
 log = logging.getLogger(__name__)
@@ -398,8 +399,8 @@ class ComfyMemory:
         patcher = self.patcher
         if self.on_cpu or patcher is None or patcher.load_device.type == "cpu":
             return "offloaded no weights (the model runs on the CPU)"
-        loaded = patcher.loaded_size() if hasattr(patcher, "loaded_size") else 0
-        if not loaded or not hasattr(patcher, "partially_unload"):
+        loaded = compat.loaded_size(patcher)
+        if not loaded or not compat.can_partially_unload(patcher):
             return "offloaded no weights (none of this model's weights are on the device)"
         amount = min(loaded, max(int(amount or 0), loaded // 4))
         freed = patcher.partially_unload(patcher.offload_device, amount)

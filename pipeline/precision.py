@@ -238,9 +238,10 @@ def nonfinite_guard(state: FP16State):
     return guard
 
 
-def configure_model_config(model_config) -> FP16State:
-    """Before the model is built: fp16 weights, fp32 activations, operations that follow the returned state."""
-    state = FP16State()
+def configure_model_config(model_config, state: FP16State | None = None) -> FP16State:
+    """Before the model is built: fp16 weights, fp32 activations, operations that follow the returned state
+    (a new one, or `state` for a twin of an existing model that must share its path)."""
+    state = state or FP16State()
     model_config.custom_operations = make_ops(state)
     return state
 

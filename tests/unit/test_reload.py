@@ -1,0 +1,54 @@
+"""The loader registers ComfyUI's `cached_patcher_init` factories on its MODEL and CLIP, as ComfyUI's own loaders
+do: under dynamic VRAM, hooked conditioning, TorchCompileModel and the CLIP hook nodes ask for a non-dynamic twin
+through them (ModelPatcher.clone(disable_dynamic=True)). The twin must be the same model, from the same files."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dit_calls import dit_call
+
+pytestmark = pytest.mark.host
+
+
+def _paths(models_root, layout: str) -> dict:
+    from pipeline import tiny_models
+
+    if layout == "folder":
+        return {"folder": models_root / "diffusers" / tiny_models.TINY.name}
+    return {part: models_root / pattern.format(name=tiny_models.TINY.name)
+            for part, pattern in tiny_models.SINGLE_FILE_NAMES.items()}
+
+
+def _load(models_root, layout: str, precision: str):
+    from pipeline import loader
+
+    paths = _paths(models_root, layout)
+    parts = loader.read_folder(paths["folder"]) if layout == "folder" else loader.read_single_files(paths)
+    return loader.load_newbie(parts, precision, compile="off")
+
+
+@pytest.mark.parametrize("layout", ["single", "folder"])
+def test_model_twin_is_the_same_dit_without_dynamic_vram(models_root, layout):
+    import comfy.model_patcher
+
+    from pipeline import precision
+
+    loaded = _load(models_root, layout, "fp16")
+    factory, args = loaded.model.cached_patcher_init
+    twin = factory(*args, disable_dynamic=True)
+    assert type(twin) is comfy.model_patcher.ModelPatcher
+    assert precision.state_of(twin) is precision.state_of(loaded.model), "the twin must share the fp16 path's state"
+    cfg = {"cap_feat_dim": loaded.model.model.diffusion_model.cap_embedder[1].weight.shape[1],
+           "clip_text_dim": loaded.model.model.diffusion_model.clip_text_pooled_proj[1].weight.shape[1]}
+    torch.testing.assert_close(dit_call(twin, cfg), dit_call(loaded.model, cfg), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["single", "folder"])
+def test_clip_twin_holds_the_same_text_encoders(models_root, layout):
+    loaded = _load(models_root, layout, "bf16")
+    factory, args = loaded.clip.patcher.cached_patcher_init
+    twin = factory(*args, disable_dynamic=True)
+    ours, theirs = loaded.clip.patcher.model.state_dict(), twin.model.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
