@@ -686,11 +686,14 @@ def _node_text(node_id: str | None, text: str) -> None:
 
 def guard_model(model, max_retries: int = DEFAULT_MAX_RETRIES, allow_batch_split: bool = True,
                 node_id: str | None = None) -> tuple[Any, OOMGuard]:
-    """A clone of the ModelPatcher with the guard's wrappers attached (the input model is left as it was)."""
+    """A clone of the ModelPatcher with the guard's wrappers attached (the input model is left as it was).
+    A guard already on the model is replaced, not nested: two ladders would retry each other's retries."""
     from comfy.patcher_extension import WrappersMP
 
     guard = OOMGuard(max_retries, allow_batch_split, node_id)
     guarded = model.clone()
+    for kind in (WrappersMP.OUTER_SAMPLE, WrappersMP.APPLY_MODEL):
+        guarded.remove_wrappers_with_key(kind, WRAPPER_KEY)
     guarded.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, guard.outer_sample)
     guarded.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, guard.apply_model)
     return guarded, guard

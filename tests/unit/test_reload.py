@@ -52,3 +52,4 @@ def test_clip_twin_holds_the_same_text_encoders(models_root, layout):
     ours, theirs = loaded.clip.patcher.model.state_dict(), twin.model.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
