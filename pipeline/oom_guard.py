@@ -598,8 +598,9 @@ class OOMGuard:
             lines.append("Device: CPU, where the memory rungs have nothing to free (retries and splitting still run).")
         lines.append("VAE: guarded (a full decode is retried before ComfyUI's tiled fallback)." if vae_guarded
                      else "VAE: not guarded (ComfyUI's VAEDecode falls back to tiled decoding on OOM).")
-        lines.append(f"Recoveries so far with this guard: {self.recoveries}. Each recovery is logged and shown on "
-                     f"this node.")
+        # The report is made when the node runs, before any sampling: recoveries happen later, so they are
+        # logged and shown on this node as they happen rather than counted here (the count would always be 0).
+        lines.append("Recoveries during sampling are logged and shown on this node as they happen.")
         return "\n".join(lines)
 
 
