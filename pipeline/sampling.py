@@ -1,5 +1,10 @@
 """Euler ancestral sampling for rectified-flow models such as NewBie (ComfyUI's `CONST` model sampling).
 
+The sampler is ComfyUI's own `sample_euler_ancestral_RF` (comfy/k_diffusion/sampling.py), the one its
+`euler_ancestral` runs for flow models. The pack's node exposes its `eta` and `s_noise` for SamplerCustomAdvanced
+and refuses up front what that function would turn into a NaN or a silently wrong image: an eta outside [0, 2]
+and a schedule that is not a flow model's. tests/unit/test_sampling.py holds ComfyUI's function to the math below.
+
 The math
 --------
 A rectified-flow model is trained on straight paths between data and noise::
@@ -46,87 +51,43 @@ Noise comes from ComfyUI's seeded noise sampler when ``extra_args`` carries a se
 KSampler put it there), so a seed gives the same images as ComfyUI's ``euler_ancestral`` on flow models, on CPU
 and on GPU alike.
 
-Nothing here imports ComfyUI at module import time, so the math is testable without a host.
+Noise comes from ComfyUI's seeded noise sampler when ``extra_args`` carries a seed (SamplerCustomAdvanced and
+KSampler put it there), so a seed gives the same images as ComfyUI's ``euler_ancestral`` on flow models.
+
+Nothing here imports ComfyUI at module import time, so the checks are testable without a host.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
 ETA_RANGE = (0.0, 2.0)
 
 
-def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float, float]:
-    """One rectified-flow ancestral step's coefficients: (sigma_down, alpha_ratio, renoise).
-
-    ``sigma_down`` is where the Euler move lands, ``alpha_ratio = (1 - sigma_next) / (1 - sigma_down)`` rescales
-    the signal and ``renoise = sqrt(sigma_next**2 - (alpha_ratio * sigma_down)**2)`` is the standard deviation of
-    the fresh noise (before ``s_noise``). Accepts floats or one-element tensors; returns floats.
-    """
-    sigma, sigma_next, eta = float(sigma), float(sigma_next), float(eta)
-    if not ETA_RANGE[0] <= eta <= ETA_RANGE[1]:
+def check_eta(eta: float) -> None:
+    if not ETA_RANGE[0] <= float(eta) <= ETA_RANGE[1]:
         raise ValueError(f"Euler ancestral (rectified flow): eta={eta} is outside {list(ETA_RANGE)}; beyond it the "
                          "re-noising variance can be negative. Pick an eta between 0 and 2 (1 is the usual value).")
-    # A hair above 1 is float32 rounding of a schedule that starts at pure noise, not a different model.
-    if not (0.0 <= sigma_next <= sigma <= 1.0 + 1e-6 and sigma > 0.0):
-        raise ValueError(f"Euler ancestral (rectified flow): step from sigma={sigma} to sigma_next={sigma_next} is "
-                         "not a denoising step of a flow model (needs 0 <= sigma_next <= sigma <= 1, sigma > 0). "
-                         "Use a scheduler made for this model (e.g. 'simple' or 'beta' in BasicScheduler).")
-    if sigma_next == 0.0:
-        return 0.0, 1.0, 0.0
-    sigma_down = sigma_next * (1.0 + eta * (sigma_next / sigma - 1.0))
-    if sigma_down >= 1.0:  # only when sigma_next is 1 too: a step that moves nothing
-        return sigma_down, 1.0, 0.0
-    alpha_ratio = (1.0 - sigma_next) / (1.0 - sigma_down)
-    # Rounding can leave a tiny negative variance at eta = 0 or 2, where it is exactly zero in theory.
-    renoise = math.sqrt(max(sigma_next ** 2 - (alpha_ratio * sigma_down) ** 2, 0.0))
-    return sigma_down, alpha_ratio, renoise
 
 
-def _noise_scale(model) -> float:
-    """The model_sampling `noise_scale` ComfyUI applies to flow-model noise, 1.0 on hosts (or models) without it.
-
-    `model` is ComfyUI's KSamplerX0Inpaint; its `inner_model` is the guider, whose patcher holds the
-    (possibly patched) model_sampling. A plain callable, as in the unit tests, has none.
-    """
-    patcher = getattr(getattr(model, "inner_model", None), "model_patcher", None)
-    if patcher is None:
-        return 1.0
-    return float(getattr(patcher.get_model_object("model_sampling"), "noise_scale", 1.0))
+def check_schedule(sigmas) -> None:
+    """Every step must denoise a flow model: 0 <= sigma_next <= sigma <= 1 and sigma > 0 (one host read)."""
+    s = [float(v) for v in torch.as_tensor(sigmas).detach().float().cpu()]
+    for sigma, sigma_next in zip(s, s[1:]):
+        # A hair above 1 is float32 rounding of a schedule that starts at pure noise, not a different model.
+        if not (0.0 <= sigma_next <= sigma <= 1.0 + 1e-6 and sigma > 0.0):
+            raise ValueError(f"Euler ancestral (rectified flow): step from sigma={sigma} to sigma_next={sigma_next} "
+                             "is not a denoising step of a flow model (needs 0 <= sigma_next <= sigma <= 1, "
+                             "sigma > 0). Use a scheduler made for this model (e.g. 'simple' or 'beta' in "
+                             "BasicScheduler).")
 
 
 @torch.no_grad()
 def sample_euler_ancestral_rf(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0, s_noise=1.0,
                               noise_sampler=None):
-    """Euler ancestral for rectified flow (see the module docstring); a ComfyUI KSAMPLER sampler function.
+    """A ComfyUI KSAMPLER sampler function: the checks above, then ComfyUI's sample_euler_ancestral_RF."""
+    from comfy.k_diffusion.sampling import sample_euler_ancestral_RF
 
-    `model(x, sigma_batch, **extra_args)` returns the denoised estimate; `callback` gets
-    {'x', 'i', 'sigma', 'sigma_hat', 'denoised'} every step (ComfyUI's progress bar and previews);
-    `noise_sampler(sigma, sigma_next)` returns unit Gaussian noise shaped like x.
-    """
-    from tqdm.auto import trange  # ComfyUI's own dependency; lazy so the module imports without it
-
-    extra_args = {} if extra_args is None else extra_args
-    if noise_sampler is None:
-        from comfy.k_diffusion.sampling import default_noise_sampler
-
-        # The seeded stream ComfyUI's euler_ancestral uses, so the same seed gives the same image.
-        noise_sampler = default_noise_sampler(x, seed=extra_args.get("seed"))
-    noise_gain = s_noise * _noise_scale(model)
-    batch_ones = x.new_ones([x.shape[0]])
-    for i in trange(len(sigmas) - 1, disable=disable):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * batch_ones, **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
-        sigma_down, alpha_ratio, renoise = ancestral_step(sigma, sigma_next, eta)
-        if sigma_next == 0:
-            x = denoised
-            continue
-        ratio = sigma_down / float(sigma)
-        x = ratio * x + (1.0 - ratio) * denoised
-        # No draw at eta = 0 keeps the noise stream aligned with ComfyUI's sampler (it draws only when eta > 0).
-        if eta > 0:
-            x = alpha_ratio * x + (noise_gain * renoise) * noise_sampler(sigma, sigma_next)
-    return x
+    check_eta(eta)
+    check_schedule(sigmas)
+    return sample_euler_ancestral_RF(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                                     eta=eta, s_noise=s_noise, noise_sampler=noise_sampler)

@@ -1,5 +1,6 @@
-"""Euler ancestral for rectified flow (pipeline/sampling.py): the step coefficients, the sampler against a loop
-written from the docstring's math, eta = 0 as plain Euler, seeds, and parity with ComfyUI's own flow sampler."""
+"""Euler ancestral for rectified flow: the node's sampler (pipeline/sampling.py, ComfyUI's own
+sample_euler_ancestral_RF behind the pack's checks) against a loop written from the docstring's math and the step
+coefficients worked out by hand (tests/flow_reference.py), eta = 0 as plain Euler, seeds, and the checks."""
 from __future__ import annotations
 
 import math
@@ -11,8 +12,25 @@ from pathlib import Path
 import pytest
 import torch
 
+from flow_reference import ancestral_step
 from pipeline import sampling
-from pipeline.sampling import ancestral_step, sample_euler_ancestral_rf
+
+pytestmark = pytest.mark.host  # the sampler is ComfyUI's own
+
+
+@pytest.fixture(scope="module", autouse=True)
+def comfy_sampling(comfy_import_path):
+    if not torch.cuda.is_available():
+        from comfy.cli_args import args
+
+        args.cpu = True  # ComfyUI's model_management probes CUDA at import unless told to use the CPU
+    import comfy.k_diffusion.sampling
+
+    return comfy.k_diffusion.sampling
+
+
+def sample_euler_ancestral_rf(model, x, sigmas, **kwargs):
+    return sampling.sample_euler_ancestral_rf(model, x, sigmas, **kwargs)
 
 SHAPE = (2, 4, 6, 6)
 
@@ -23,11 +41,33 @@ def flow_sigmas(steps: int, shift: float = 6.0) -> torch.Tensor:
     return (shift * t / (1 + (shift - 1) * t)).float()
 
 
+class _ModelSampling:
+    def __init__(self, noise_scale=None):
+        if noise_scale is not None:
+            self.noise_scale = noise_scale
+
+
+class _Patcher:
+    def __init__(self, model_sampling):
+        self.model_sampling = model_sampling
+
+    def get_model_object(self, name):
+        assert name == "model_sampling"
+        return self.model_sampling
+
+
+class _Guider:
+    def __init__(self, model_sampling):
+        self.model_patcher = _Patcher(model_sampling)
+
+
 class ToyFlowModel:
     """A fixed linear denoiser D(x, sigma) = (1 - sigma) * (M x over channels) + bias: cheap, deterministic, and
-    not a no-op, so every coefficient of the step shows in the result."""
+    not a no-op, so every coefficient of the step shows in the result. Dressed like ComfyUI's KSamplerX0Inpaint
+    (inner_model, the guider -> model_patcher -> model_sampling), as ComfyUI's sampler expects."""
 
-    def __init__(self, channels: int = SHAPE[1]):
+    def __init__(self, channels: int = SHAPE[1], noise_scale=None):
+        self.inner_model = _Guider(_ModelSampling(noise_scale))
         g = torch.Generator().manual_seed(1234)
         self.m = torch.randn(channels, channels, generator=g) / channels ** 0.5
         self.bias = 0.1 * torch.randn(1, channels, 1, 1, generator=g)
@@ -94,7 +134,7 @@ def test_ancestral_step_matches_hand_computed_values(args, expected):
     assert renoise == pytest.approx(math.sqrt(expected[2]), abs=1e-15)
 
 
-def test_ancestral_step_accepts_tensors():
+def test_reference_step_accepts_tensors():
     assert ancestral_step(torch.tensor(0.8), torch.tensor(0.5), 1.0) == pytest.approx((5 / 16, 8 / 11, 24 ** .5 / 11))
 
 
@@ -111,15 +151,28 @@ def test_step_keeps_the_flow_marginal(eta):
 
 
 @pytest.mark.parametrize("eta", [-0.1, 2.01])
-def test_ancestral_step_refuses_eta_outside_0_to_2(eta):
+def test_sampler_refuses_eta_outside_0_to_2(eta):
     with pytest.raises(ValueError, match="eta"):
-        ancestral_step(0.8, 0.5, eta)
+        sample_euler_ancestral_rf(ToyFlowModel(), start_latent(), flow_sigmas(3), eta=eta, disable=True)
 
 
 @pytest.mark.parametrize("sigma,sigma_next", [(0.5, 0.8), (0.0, 0.0), (1.5, 0.5)])
-def test_ancestral_step_refuses_steps_that_are_not_flow_denoising(sigma, sigma_next):
+def test_sampler_refuses_steps_that_are_not_flow_denoising(sigma, sigma_next):
+    model = ToyFlowModel()
     with pytest.raises(ValueError, match="scheduler"):
-        ancestral_step(sigma, sigma_next, 1.0)
+        sample_euler_ancestral_rf(model, start_latent(), torch.tensor([sigma, sigma_next]), disable=True)
+    assert model.calls == 0, "refused before the first model call"
+
+
+class OracleModel(ToyFlowModel):
+    """A denoiser that knows x0."""
+
+    def __init__(self, x0):
+        super().__init__()
+        self.x0 = x0
+
+    def __call__(self, x, sigma, **extra_args):
+        return self.x0
 
 
 def test_oracle_denoiser_step_lands_on_the_path():
@@ -128,7 +181,7 @@ def test_oracle_denoiser_step_lands_on_the_path():
     x0 = torch.randn(1, 4, 128, 128, generator=g)
     s, sn = 0.8, 0.5
     x = (1 - s) * x0 + s * torch.randn(x0.shape, generator=g)
-    out = sample_euler_ancestral_rf(lambda x, sigma, **kw: x0, x, torch.tensor([s, sn]), disable=True,
+    out = sample_euler_ancestral_rf(OracleModel(x0), x, torch.tensor([s, sn]), disable=True,
                                     noise_sampler=lambda a, b: torch.randn(x0.shape, generator=g))
     residual = out - (1 - sn) * x0
     assert residual.mean().abs() < 0.01
@@ -226,45 +279,6 @@ def test_pipeline_module_imports_without_comfyui():
 # With ComfyUI's modules: seeded noise, and parity with its own flow sampler
 # --------------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def comfy_sampling(comfy_import_path):
-    if not torch.cuda.is_available():
-        from comfy.cli_args import args
-
-        args.cpu = True  # ComfyUI's model_management probes CUDA at import unless told to use the CPU
-    import comfy.k_diffusion.sampling
-
-    return comfy.k_diffusion.sampling
-
-
-class _ModelSampling:
-    def __init__(self, noise_scale=None):
-        if noise_scale is not None:
-            self.noise_scale = noise_scale
-
-
-class _Patcher:
-    def __init__(self, model_sampling):
-        self.model_sampling = model_sampling
-
-    def get_model_object(self, name):
-        assert name == "model_sampling"
-        return self.model_sampling
-
-
-class _Guider:
-    def __init__(self, model_sampling):
-        self.model_patcher = _Patcher(model_sampling)
-
-
-class WrappedToy(ToyFlowModel):
-    """The toy denoiser dressed like ComfyUI's KSamplerX0Inpaint: inner_model (the guider) -> model_patcher."""
-
-    def __init__(self, noise_scale=None):
-        super().__init__()
-        self.inner_model = _Guider(_ModelSampling(noise_scale))
-
-
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                                 reason="no CUDA device here"))]
 
@@ -287,9 +301,9 @@ def test_matches_comfyui_euler_ancestral_for_flow_models(comfy_sampling, eta, s_
     sigmas = flow_sigmas(5).to(device)
     x = start_latent().to(device)
     extra = {"seed": 7}
-    ours = sample_euler_ancestral_rf(WrappedToy(), x.clone(), sigmas, extra_args=dict(extra), disable=True,
+    ours = sample_euler_ancestral_rf(ToyFlowModel(), x.clone(), sigmas, extra_args=dict(extra), disable=True,
                                      eta=eta, s_noise=s_noise)
-    theirs = comfy_sampling.sample_euler_ancestral_RF(WrappedToy(), x.clone(), sigmas, extra_args=dict(extra),
+    theirs = comfy_sampling.sample_euler_ancestral_RF(ToyFlowModel(), x.clone(), sigmas, extra_args=dict(extra),
                                                        disable=True, eta=eta, s_noise=s_noise)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
@@ -297,11 +311,11 @@ def test_matches_comfyui_euler_ancestral_for_flow_models(comfy_sampling, eta, s_
 def test_model_sampling_noise_scale_multiplies_s_noise():
     sigmas = flow_sigmas(4)
     x = start_latent()
-    scaled = sample_euler_ancestral_rf(WrappedToy(noise_scale=0.5), x.clone(), sigmas, s_noise=1.0, disable=True,
+    scaled = sample_euler_ancestral_rf(ToyFlowModel(noise_scale=0.5), x.clone(), sigmas, s_noise=1.0, disable=True,
                                        noise_sampler=FixedNoise(4))
     direct = sample_euler_ancestral_rf(ToyFlowModel(), x.clone(), sigmas, s_noise=0.5, disable=True,
                                        noise_sampler=FixedNoise(4))
-    absent = sample_euler_ancestral_rf(WrappedToy(), x.clone(), sigmas, s_noise=0.5, disable=True,
+    absent = sample_euler_ancestral_rf(ToyFlowModel(), x.clone(), sigmas, s_noise=0.5, disable=True,
                                        noise_sampler=FixedNoise(4))
     torch.testing.assert_close(scaled, direct, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(absent, direct, rtol=0, atol=0)
