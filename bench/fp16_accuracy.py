@@ -30,6 +30,8 @@ def main():
 
     spec = tiny_models.TINY if args.tiny else tiny_models.FULL
     dit_path = args.models / tiny_models.SINGLE_FILE_NAMES["dit"].format(name=spec.name)
+    if not dit_path.exists():  # a fresh machine: write the weights as bench/run.py does
+        tiny_models.write_single_files(args.models, spec, device="cuda" if torch.cuda.is_available() else "cpu")
     base_sd = checkpoint.strip_prefix(checkpoint.load_state_dict(dit_path, "DiT"), ("model.diffusion_model.",))
     cfg = None
     results = {}
