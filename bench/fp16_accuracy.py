@@ -1,6 +1,6 @@
 """fp16 accuracy of the full-size DiT on the GPU: one DiT call at 1024x1024 (4096 image tokens, CFG batch of 2)
 with fp32 as the reference, for the pack's fp16, upstream-style plain fp16 and bf16; on the random weights
-and on the stress set (pipeline/stress.py). Writes OUT/fp16_accuracy.json.
+and on the stress set (devkit/stress.py). Writes OUT/fp16_accuracy.json.
 
     python3 bench/fp16_accuracy.py --models /tmp/models --out $OUT
 """
@@ -26,7 +26,8 @@ def main():
     sys.path[:0] = [os.environ["COMFYUI_PATH"], str(REPO)]
     import torch
     import comfy.model_management as mm
-    from pipeline import checkpoint, loader, precision, stress, tiny_models
+    from devkit import stress, tiny_models
+    from pipeline import checkpoint, loader, precision
 
     spec = tiny_models.TINY if args.tiny else tiny_models.FULL
     dit_path = args.models / tiny_models.SINGLE_FILE_NAMES["dit"].format(name=spec.name)

@@ -1,6 +1,6 @@
 """OOM Guard on a real GPU: a 1024x1024 NewBie job whose memory another process takes away mid-job.
 
-Runs a real ComfyUI server (tests/harness.py) on a CUDA machine with the graph
+Runs a real ComfyUI server (devkit/harness.py) on a CUDA machine with the graph
 NewBieLoader -> NewBieOOMGuard -> CLIPTextEncode x2 -> EmptySD3LatentImage -> KSampler (euler_ancestral)
 -> VAEDecode -> SaveImage (+ SaveLatent), twice with the same seed:
 1. undisturbed;
@@ -19,7 +19,7 @@ Note: PyTorch's caching allocator keeps what a step used, so a grab after the fi
 OOM; the summary says so rather than claiming a recovery. --grab-at-step 0 makes an OOM most likely.
 
 Weights: --models-dir (ComfyUI layout, with --diffusion-model), else full-size random weights written by
-pipeline/tiny_models.py (FULL; ~16 GB, about 1.5 minutes) into --weights-dir.
+devkit/tiny_models.py (FULL; ~16 GB, about 1.5 minutes) into --weights-dir.
 Example (device machine, host unpacked to /tmp/ComfyUI):
     COMFYUI_PATH=/tmp/ComfyUI python bench/oom_recovery.py --leave-gib 0.5 --grab-at-step 0 --unguarded-too
 """
@@ -34,11 +34,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-import graphs  # noqa: E402
-import harness  # noqa: E402
+from devkit import graphs  # noqa: E402
+from devkit import harness  # noqa: E402
 
 # A process that takes GPU memory: `grab` (a line on stdin) takes free memory down to LEAVE bytes, `greedy`
 # keeps doing so every 50 ms; `release` or EOF ends it. Prints one JSON line per event.
@@ -253,7 +252,7 @@ def main() -> int:
         return 2
     if args.models_dir is None:
         sys.path.insert(0, str(host))
-        from pipeline import tiny_models
+        from devkit import tiny_models
 
         t = time.perf_counter()
         tiny_models.write_single_files(args.weights_dir, tiny_models.FULL, device="cuda")

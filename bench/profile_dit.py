@@ -52,14 +52,15 @@ def main():
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--top", type=int, default=22)
     args = ap.parse_args()
-    sys.path[:0] = [os.environ["COMFYUI_PATH"], str(REPO), str(REPO / "tests")]
+    sys.path[:0] = [os.environ["COMFYUI_PATH"], str(REPO)]
     import torch
-    import dit_calls
-    from pipeline import tiny_models
+    from devkit import dit_calls
+    from devkit import tiny_models
 
     tiny_models._comfy_cpu_safe()  # lets --tiny run on a machine without CUDA
     import comfy.model_management as mm
-    from pipeline import block_compile, loader, precision, stress
+    from devkit import stress
+    from pipeline import block_compile, loader, precision
 
     spec = tiny_models.TINY if args.tiny else tiny_models.FULL
     dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -171,7 +171,7 @@ def main():
     ]
     for run in list(current) + list(history):
         parts.append(f"- **{run}**: `{COMMANDS.get(run, 'see bench/README.md')}`")
-    parts += ["", "Weights: full-size random NewBie weights (`pipeline/tiny_models.FULL`, bf16 files in ComfyUI's layout).",
+    parts += ["", "Weights: full-size random NewBie weights (`devkit/tiny_models.FULL`, bf16 files in ComfyUI's layout).",
               "Graph: loader → CLIPTextEncode ×2 (XML positive, tag negative) → EmptySD3LatentImage 1024×1024 → KSampler "
               "(euler_ancestral, simple, 25 steps, CFG 5) → VAEDecode → SaveImage. Pack = `NewBieLoader` with its defaults "
               "unless the configuration says otherwise; upstream = UNETLoader + DualCLIPLoader(newbie) + VAELoader "

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO), str(REPO / "bench")]
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-import harness  # noqa: E402
+from devkit import harness  # noqa: E402
 from ratios import ratio_table  # noqa: E402
 
 XML = ("<character_1><n>$character_1$</n><gender>1girl</gender><appearance>blue_hair, long_twintails, teal_eyes"
@@ -218,7 +218,7 @@ def main():
     args = ap.parse_args()
     args.width, args.height = (int(v) for v in args.size.split("x"))
     sys.path.insert(0, os.environ["COMFYUI_PATH"])
-    from pipeline import tiny_models
+    from devkit import tiny_models
 
     spec = tiny_models.TINY if args.tiny else tiny_models.FULL
     t = time.perf_counter()

@@ -103,7 +103,8 @@ def main():
     import torch
     import torch.nn.functional as F
     import folder_paths  # noqa: F401  (ComfyUI's model folders, needed by the CLIP loader)
-    from pipeline import loader, tiny_models
+    from devkit import tiny_models
+    from pipeline import loader
 
     result = {"attention": attention_memory(torch, F)}
     print(json.dumps(result["attention"]), flush=True)

@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-import harness  # noqa: E402
+from devkit import harness  # noqa: E402
 
 
 def _peak_memory(pid: int, stop: threading.Event, out: dict) -> None:
@@ -74,7 +73,7 @@ def main() -> int:
     t0 = time.perf_counter()
     if args.models_dir is None:
         sys.path.insert(0, str(host))
-        from pipeline import tiny_models
+        from devkit import tiny_models
 
         models = Path.home() / ".cache" / "comfyui-newbie-lowvram" / "models"
         tiny_models.write_single_files(models)
@@ -85,7 +84,7 @@ def main() -> int:
         if dit is None:
             print("--diffusion-model is required with --models-dir", file=sys.stderr)
             return 2
-    import graphs
+    from devkit import graphs
 
     args.prompt = args.prompt or graphs.XML_PROMPT
     work = args.out / f"run-{time.strftime('%Y%m%d-%H%M%S')}"

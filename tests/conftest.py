@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny NewBie models and a real ComfyUI server per host version (tests/harness.py)."""
+"""Shared fixtures: the tiny NewBie models and a real ComfyUI server per host version (devkit/harness.py)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+from devkit import harness  # noqa: E402
 
 HOSTS = harness.find_hosts()
 LANES = [lane for lane, path in HOSTS.items() if path is not None]
@@ -51,7 +51,8 @@ def comfy_import_path():
 @pytest.fixture(scope="module")
 def tiny_parts(comfy_import_path):
     """The tiny model's four parts in memory (no files), as the loader hands them to build_model."""
-    from pipeline import loader, tiny_models
+    from devkit import tiny_models
+    from pipeline import loader
 
     sds = tiny_models.build_state_dicts(tiny_models.TINY)
     gemma = dict(sds["gemma"])
@@ -64,7 +65,7 @@ def tiny_parts(comfy_import_path):
 def models_root(comfy_import_path, tmp_path_factory) -> Path:
     """Tiny NewBie models in both layouts, written once into a cache (keyed by fingerprint) and linked into
     a per-session models folder, so tests may add broken files without touching the cache."""
-    from pipeline import tiny_models
+    from devkit import tiny_models
 
     cache = _cache_dir()
     tiny_models.write_all(cache)
@@ -86,7 +87,7 @@ def _write_example_lora(root: Path) -> None:
     import lora_files
     from safetensors.torch import load_file
 
-    from pipeline import tiny_models
+    from devkit import tiny_models
 
     dit = load_file(str(root / tiny_models.SINGLE_FILE_NAMES["dit"].format(name=tiny_models.TINY.name)))
     lora_files.write_peft(root / "loras" / "newbie-tiny-trainer-lora", {k: v.float() for k, v in dit.items()})

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import loader, tiny_models
+from devkit import tiny_models
+from pipeline import loader
 from pipeline.lora import TRAINER_TARGETS
 
 
@@ -67,14 +68,14 @@ def write_lycoris(path: Path, dit: dict, algo="lokr", dim=4, alpha=2, factor=4, 
                   seed=1) -> tuple[Path, dict, torch.Tensor]:
     """`LycorisNetwork.save_weights` with the trainer's preset (train_newbie_lora.py setup_lora: fnmatch targets
     `*<module>`). Returns (the file, the DiT weights after LyCORIS's own `merge_to`, the output of one DiT call
-    (tests/dit_calls.py) through LyCORIS's own forward, which is what training optimised).
+    (devkit/dit_calls.py) through LyCORIS's own forward, which is what training optimised).
 
     Both references are needed: lycoris-lora 4.1's LoKr `merge_to` applies the alpha/rank scale twice
     (`get_diff_weight` scales the already scaled `get_weight`) while its forward applies it once, so the two agree
     only at scale 1, the trainer's lokr.toml setting (rank = alpha)."""
     from lycoris.wrapper import LycorisNetwork
 
-    from dit_calls import dit_call
+    from devkit.dit_calls import dit_call
 
     torch.manual_seed(seed)
     patcher, cfg = build(dit)

@@ -14,7 +14,7 @@ Bypassed nodes and legacy Reroute/Primitive nodes are refused rather than guesse
 
 Command line (writes the API twins the host tests run, with the tiny test models):
     python tests/ui_to_api.py example_workflows/*.json --out tests/workflows [--object-info URL_OR_FILE]
-Without --object-info it starts a ComfyServer (tests/harness.py) to ask for the node definitions.
+Without --object-info it starts a ComfyServer (devkit/harness.py) to ask for the node definitions.
 """
 from __future__ import annotations
 
@@ -136,8 +136,8 @@ def _object_info(source: str | None) -> dict:
     if source:
         with urllib.request.urlopen(source, timeout=60) as answer:
             return json.loads(answer.read())
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import harness
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from devkit import harness
 
     host = harness.find_hosts()["v0.33"] or harness.find_hosts()["v0.8"]
     if host is None:

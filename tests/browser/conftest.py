@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import harness
+from devkit import harness
 from chromium_page import ChromiumPage, why_unavailable
 
 HOSTS = harness.find_hosts()

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-import harness
+from devkit import harness
 import ui_to_api
 from chromium_page import why_unavailable
 from pipeline.xml_prompt import PromptError, parse_prompt, skeleton

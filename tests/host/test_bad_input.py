@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-import graphs
-from harness import PromptFailed
+from devkit import graphs
+from devkit.harness import PromptFailed
 
 pytestmark = pytest.mark.host
 

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-import harness
+from devkit import harness
 import ui_to_api
 from pipeline.xml_prompt import parse_prompt
 

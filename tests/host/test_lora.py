@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import graphs
+from devkit import graphs
 
 pytestmark = pytest.mark.host
 
@@ -14,7 +14,7 @@ def _write_tiny_lora(path):
     import torch
     from safetensors.torch import save_file
 
-    from pipeline import tiny_models
+    from devkit import tiny_models
 
     d = tiny_models.TINY.dit
     head_dim = d.dim // d.n_heads

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import graphs
+from devkit import graphs
 
 pytestmark = pytest.mark.host
 
@@ -117,7 +117,7 @@ def test_two_nodes_stack_and_strength_zero_is_the_base(server, trainer_loras):
     ("pickled-adapter.bin", "pickle file, and loading a pickle can run code"),
 ])
 def test_wrong_files_fail_the_prompt_saying_why(server, trainer_loras, name, expected):
-    import harness
+    from devkit import harness
 
     with pytest.raises(harness.PromptFailed) as err:
         server.run(_graph([(name, 1.0)], prefix=f"nl-bad-{server.lane}"))

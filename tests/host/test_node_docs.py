@@ -6,7 +6,7 @@ import urllib.request
 
 import pytest
 
-import harness
+from devkit import harness
 
 pytestmark = pytest.mark.host
 

@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-import graphs
-import harness
+from devkit import graphs
+from devkit import harness
 from conftest import HOSTS, LANES
-from harness import PromptFailed
+from devkit.harness import PromptFailed
 
 pytestmark = pytest.mark.host
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import graphs
-from harness import PromptFailed
+from devkit import graphs
+from devkit.harness import PromptFailed
 
 pytestmark = pytest.mark.host
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import graphs
+from devkit import graphs
 
 pytestmark = pytest.mark.host
 

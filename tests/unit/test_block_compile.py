@@ -7,13 +7,14 @@ import dataclasses
 import pytest
 import torch
 
-from dit_calls import dit_call
+from devkit.dit_calls import dit_call
 
 pytestmark = pytest.mark.host
 
 
 def _parts_with_layers(n_layers: int):
-    from pipeline import loader, tiny_models
+    from devkit import tiny_models
+    from pipeline import loader
 
     spec = dataclasses.replace(tiny_models.TINY, dit=dataclasses.replace(tiny_models.TINY.dit, n_layers=n_layers))
     dit = tiny_models.random_state_dict(tiny_models._meta_state_shapes(spec)["dit"], spec.seed, torch.float32)

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dit_calls import dit_call
-from pipeline import precision, stress
+from devkit.dit_calls import dit_call
+from devkit import stress
+from pipeline import precision
 
 
 def test_scaled_linear_survives_inputs_far_beyond_fp16():

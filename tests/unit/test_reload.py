@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dit_calls import dit_call
+from devkit.dit_calls import dit_call
 
 pytestmark = pytest.mark.host
 
 
 def _paths(models_root, layout: str) -> dict:
-    from pipeline import tiny_models
+    from devkit import tiny_models
 
     if layout == "folder":
         return {"folder": models_root / "diffusers" / tiny_models.TINY.name}

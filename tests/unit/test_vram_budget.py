@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dit_calls import dit_call
+from devkit.dit_calls import dit_call
 from pipeline import vram_budget
 
 

@@ -240,7 +240,7 @@ def write_single_files(root: Path, spec: ModelSpec = TINY, sds: dict | None = No
 
 def write_folder_layout(root: Path, spec: ModelSpec = TINY, sds: dict | None = None) -> Path:
     """Write the official repository's diffusers-style folder under root/<name>/ and return it."""
-    from . import keymaps
+    from pipeline import keymaps
 
     folder = Path(root) / spec.name
     stamp = Path(root) / f".{spec.name}.{spec.fingerprint()}.folder"
