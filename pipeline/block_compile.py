@@ -6,8 +6,9 @@ and 36 main layers with it), and the blocks of one kind run the same code on the
 on its own lets Dynamo reuse one compiled graph for every block it fits (parameters are graph inputs, not
 constants), so the compile cost is that of a few blocks, whatever the depth. Inside a block Inductor fuses the
 elementwise work between the matrix multiplies (RMSNorm + modulation, tanh gate + residual, SwiGLU, the fp16
-path's casts; the q/k RMSNorm + RoPE too, see rope_fusion.py). Inductor's on-disk caches (FX graph and autotuning caches, on by default) keep the generated
-kernels, so a restarted server skips most of the compilation; Dynamo still traces the few blocks again.
+path's casts; the q/k RMSNorm + RoPE too, see rope_fusion.py). Inductor's on-disk caches (FX graph and
+autotuning caches, on by default) keep the generated kernels, so a restarted server skips most of the
+compilation; Dynamo still traces the few blocks again.
 
 The compiled blocks are swapped in by ComfyUI's own helper (`comfy_api.torch_helpers.set_torch_compile_wrapper`,
 an APPLY_MODEL wrapper), only for the duration of a model call, so loading, LoRA patching, offloading and the

@@ -36,10 +36,6 @@ def load_weights_kwargs(model, patcher) -> dict:
     return {}
 
 
-def is_dynamic(patcher) -> bool:
-    return bool(getattr(patcher, "is_dynamic", lambda: False)())
-
-
 @functools.cache
 def clip_takes_disable_dynamic() -> bool:
     """comfy.sd.CLIP(..., disable_dynamic=...) exists where dynamic VRAM does (v0.33)."""

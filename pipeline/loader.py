@@ -102,6 +102,17 @@ def _folder_file(folder: Path, sub: str, names: tuple, part: str) -> Path:
                          f"{EXPECT[part]} in the official folder layout")
 
 
+def _from_folder_layout(part: str, sd: dict, path, convert) -> dict:
+    """One part of the official folder converted to ComfyUI's keys, and checked to be that part."""
+    try:
+        converted = convert(sd)
+    except (KeyError, ValueError) as e:
+        raise ModelFileError(path, f"unexpected tensor layout: {e}",
+                             f"{EXPECT[part]} in the official folder layout") from None
+    _expect_kind(converted, path, part, _SIGNATURE[part])
+    return converted
+
+
 def read_folder(folder: Path) -> NewBieParts:
     """The official repository's folder (model_index.json, transformer/, text_encoder/, clip_model/, vae/).
 
@@ -133,17 +144,9 @@ def read_folder(folder: Path) -> NewBieParts:
         jina_config = json.loads(jina_config_path.read_text()) if jina_config_path.exists() else None
     except ValueError as e:
         raise ModelFileError(jina_config_path, f"is not valid JSON: {e}", "JinaCLIPModel's config.json") from None
-    converted = {}
-    for part, convert in (("dit", keymaps.dit_from_diffusers), ("gemma", keymaps.gemma_from_transformers),
-                          ("jina", lambda sd: keymaps.jina_from_remote_code(sd, jina_config))):
-        try:
-            converted[part] = convert(raw[part])
-        except (KeyError, ValueError) as e:
-            raise ModelFileError(paths[part], f"unexpected tensor layout: {e}",
-                                 f"{EXPECT[part]} in the official folder layout") from None
-    for part, sig in (("dit", "cap_embedder.1.weight"), ("gemma", "model.layers.0.self_attn.q_norm.weight"),
-                      ("jina", "model.encoder.layers.0.mixer.Wqkv.weight")):
-        _expect_kind(converted[part], paths[part], part, sig)
+    converted = {part: _from_folder_layout(part, raw[part], paths[part], convert) for part, convert in (
+        ("dit", keymaps.dit_from_diffusers), ("gemma", keymaps.gemma_from_transformers),
+        ("jina", lambda sd: keymaps.jina_from_remote_code(sd, jina_config)))}
     toks = {k: torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for k, p in tok_paths.items()}
     return NewBieParts(converted["dit"], converted["gemma"], converted["jina"], raw["vae"], toks["gemma"],
                        toks["jina"], {**paths, "folder": folder})
@@ -155,13 +158,7 @@ def read_dit(paths: dict) -> dict:
 
     if "folder" in paths:
         sd = checkpoint.load_state_dict(paths["dit"], EXPECT["dit"])
-        try:
-            sd = keymaps.dit_from_diffusers(sd)
-        except (KeyError, ValueError) as e:
-            raise ModelFileError(paths["dit"], f"unexpected tensor layout: {e}",
-                                 f"{EXPECT['dit']} in the official folder layout") from None
-        _expect_kind(sd, paths["dit"], "dit", _SIGNATURE["dit"])
-        return sd
+        return _from_folder_layout("dit", sd, paths["dit"], keymaps.dit_from_diffusers)
     return read_single_part("dit", paths["dit"])[0]
 
 
@@ -216,16 +213,16 @@ def build_model(parts: NewBieParts, precision: str, safe_fp16: bool = True, budg
     model_config.supported_inference_dtypes = [torch.float16, torch.bfloat16, torch.float32]
     dtype = PRECISIONS[precision]
     load_device = mm.get_torch_device()
-    if not (safe_fp16 and precision == "fp16"):
-        fp16_state = None
-    if safe_fp16 and precision == "fp16":
+    safe_fp16 = safe_fp16 and precision == "fp16"
+    if safe_fp16:
         # fp16 weights and GEMMs, fp32 activations (pipeline/precision.py explains why this cannot overflow).
         manual_cast = torch.float32
         fp16_state = precision_mod.configure_model_config(model_config, fp16_state)
-    elif precision == "fp16":
-        manual_cast = None  # plain fp16 compute, as upstream's --fp16-unet (comparisons only)
     else:
-        manual_cast = mm.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
+        fp16_state = None
+        # fp16 here is plain fp16 compute, as upstream's --fp16-unet (comparisons only)
+        manual_cast = None if precision == "fp16" else mm.unet_manual_cast(dtype, load_device,
+                                                                           model_config.supported_inference_dtypes)
     compat.set_inference_dtype(model_config, dtype, manual_cast, load_device)
     model = model_config.get_model(parts.dit, "")
     if budget:
