@@ -184,10 +184,34 @@ def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -
         result["warm"] = summarise([result[r] for r, _ in runs[1:] if r in result and "wall_s" in result[r]])
     finally:
         server.stop()
+        result["log_events"] = log_events(server.log_path, args.out / "logs" / f"{name}-{budget}.log")
         if hog:
             hog.kill()
             hog.wait()
     return result
+
+
+LOG_EVENTS = {  # what the server log says about memory, compile and the fp16 path; counted per configuration
+    "fp16_recompute": "recomputing it in",
+    "model_load": "Requested to load",
+    "partial_load": "loaded partially",
+    "unload": "Unloaded partially",
+    "full_unload": "Unloaded ",
+    "recompile": "Recompiling",
+    "graph_break": "Graph break",
+    "oom": "out of memory",
+}
+
+
+def log_events(log_path: Path, copy_to: Path) -> dict:
+    """Counts of LOG_EVENTS in the server log, and a copy of the log under OUT/logs/."""
+    try:
+        text = Path(log_path).read_text(errors="replace")
+    except OSError:
+        return {}
+    copy_to.parent.mkdir(parents=True, exist_ok=True)
+    copy_to.write_text(text[-200_000:])
+    return {k: text.count(v) for k, v in LOG_EVENTS.items()}
 
 
 def summarise(warm_runs: list[dict]) -> dict:

@@ -21,8 +21,13 @@ through comfy-aimdo on each call, which Dynamo cannot trace, so each block fell 
 ran about 3x slower than eager (measured, shared/baseline.md). With the plain patcher a resident block's weights
 are ordinary parameters and the block is one graph.
 
-`auto` (the loader's default) compiles where it pays and can run: a CUDA device with Triton. On a CPU it stays
-eager (Inductor's C++ backend would need a compiler and gains little).
+`auto` (the loader's default) compiles where it pays and can run: a CUDA device with Triton, and room on the GPU
+for the DiT's weights plus a call's activations. On a CPU it stays eager (Inductor's C++ backend would need a
+compiler and gains little). Where the weights cannot stay resident it stays eager too: the non-dynamic patcher
+then streams the layers beyond its room through ComfyUI's lowvram casts, and dynamic VRAM (which compiled blocks
+cannot use) streams faster. Measured on an H200 with the GPU held to a budget (bench/results/run17-results.json):
+at 8 and 12 GiB the resident compiled DiT ran 7.5 it/s against upstream's 4.9 and 5.4; at 4 GiB the streamed
+compiled DiT ran 2.4 it/s against upstream's 3.3 under dynamic VRAM.
 """
 from __future__ import annotations
 
@@ -45,13 +50,25 @@ def _triton_available() -> bool:
     return True
 
 
-def resolve(mode: str, device) -> str:
-    """'auto' -> 'blocks' on a CUDA device with Triton, else 'off'; other modes as given."""
+# What a 1024x1024 CFG call needs beside the weights (measured peak 0.8 GiB above them, bench/profile_dit.py).
+ACTIVATION_ROOM = 1024 ** 3
+
+
+def resolve(mode: str, device, weight_bytes: int | None = None, room_bytes: int | None = None) -> tuple[str, str]:
+    """(mode, why): 'auto' -> 'blocks' on a CUDA device with Triton where `weight_bytes` of DiT weights plus a call's
+    activations fit in `room_bytes` (either None: not checked), else 'off'; other modes as given."""
     if mode not in MODES:
         raise ValueError(f"compile={mode!r}: expected one of {list(MODES)}")
     if mode != "auto":
-        return mode
-    return "blocks" if getattr(device, "type", str(device)) == "cuda" and _triton_available() else "off"
+        return mode, "as chosen"
+    if getattr(device, "type", str(device)) != "cuda":
+        return "off", "auto: eager on a CPU"
+    if not _triton_available():
+        return "off", "auto: Triton is not installed"
+    if weight_bytes is not None and room_bytes is not None and weight_bytes + ACTIVATION_ROOM > room_bytes:
+        return "off", (f"auto: the DiT's {weight_bytes / 2**30:.1f} GiB of weights cannot stay on the GPU (room for "
+                       f"{room_bytes / 2**30:.1f} GiB), and streamed weights run faster eager under dynamic VRAM")
+    return "blocks", "auto: CUDA with Triton, weights resident"
 
 
 def block_keys(diffusion_model) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import block_compile, checkpoint, compat, detect, precision as precision_mod, prompt_limits, vram_budget
+from . import block_compile, checkpoint, compat, detect, precision as precision_mod, prompt_limits, vae_memory, vram_budget
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -317,7 +317,9 @@ def build_vae(parts: NewBieParts):
     if w is not None and w.shape[1] != 16:
         raise ModelFileError(parts.paths.get("vae"), f"VAE with {w.shape[1]} latent channels",
                              "the FLUX.1 VAE with 16 latent channels (ae.safetensors)")
-    return comfy.sd.VAE(sd=parts.vae)
+    vae = comfy.sd.VAE(sd=parts.vae)
+    vae_memory.fit(vae)
+    return vae
 
 
 def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str | None = "auto",
@@ -328,13 +330,17 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
     the DiT (pipeline/block_compile.py)."""
     import comfy.model_management as mm
 
-    compile = block_compile.resolve(compile, mm.get_torch_device())
     t0 = time.perf_counter()
     dit_cfg = detect.nextdit_config(parts.dit, parts.paths.get("dit"))
     detect.check_compatible(dit_cfg, detect.gemma_config(parts.gemma, parts.paths.get("gemma")),
                             detect.jina_config(parts.jina, parts.paths.get("jina")), parts.paths)
     step = progress.update if progress is not None else (lambda n: None)
     budget = vram_budget.budget_bytes(vram_budget_gb)
+    device = mm.get_torch_device()
+    weight_bytes = sum(v.numel() for v in parts.dit.values()) * PRECISIONS[precision].itemsize
+    # Room is checked only without a budget: a budget holds the DiT in the non-dynamic patcher either way.
+    room = vram_budget.room_for_weights(device) if getattr(device, "type", None) == "cuda" and not budget else None
+    compile, compile_why = block_compile.resolve(compile, device, weight_bytes, room)
     model, unet_config, dtype, manual_cast = build_model(parts, precision, budget=budget,
                                                          dynamic=compile == "off")
     model.cached_patcher_init = (reload_dit_patcher, (dict(parts.paths), precision, budget,
@@ -361,7 +367,8 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
          "per step (legacy loader for this model)" if budget else
          "VRAM budget: none (ComfyUI decides what stays on the GPU)"),
         (f"compile: {compiled} transformer blocks compiled on their own at the first sampling run (one graph per "
-         "block kind; ComfyUI's non-dynamic model patcher)" if compiled else "compile: off (eager)"),
+         f"block kind; ComfyUI's non-dynamic model patcher; {compile_why})" if compiled
+         else f"compile: off (eager; {compile_why})"),
         "from: " + ", ".join(f"{k}={Path(str(v)).name}" for k, v in parts.paths.items()),
         f"loaded in {time.perf_counter() - t0:.1f} s",
     ])

@@ -42,3 +42,13 @@ def patcher_class():
             return super().load(device_to, lowvram_model_memory, force_patch_weights, full_load, **kwargs)
 
     return NewBieBudgetModelPatcher
+
+
+def room_for_weights(device) -> int:
+    """Bytes a model could take on `device` now: the free memory plus what ComfyUI's loaded models hold there
+    (it unloads those when a model needs the room)."""
+    import comfy.model_management as mm
+
+    held = sum(m.model_loaded_memory() for m in mm.current_loaded_models
+               if getattr(m, "device", None) == device and hasattr(m, "model_loaded_memory"))
+    return int(mm.get_free_memory(device)) + int(held)
