@@ -46,6 +46,16 @@ COMMANDS = {
              "--variants bf16,bf16+compile,fp16_pack+compile,bf16+compile:reduce-overhead --calls 5 --top 25",
     "run14": "(H200, the next call on the same machine) python3 bench/run.py --configs upstream-compile@none,"
              "pack-bf16@none --warm 3 --timeout 200",
+    "run15": "(H200, torch 2.11 cu130, with rope_fusion) python3 bench/run.py --configs upstream-gpu-only@none,"
+             "pack-bf16@none,pack-bf16-eager@none,pack-fp16@none,upstream-bf16@16,pack-fp16@16 --warm 3 --timeout 200; "
+             "(the next call on the same machine) python3 bench/profile_dit.py --variants "
+             "bf16+compile,fp16_pack+compile,fp16_pack --calls 5 --top 25",
+    "run16": "(H200, a new machine) python3 bench/vae_memory.py --sizes 512,1024,1536,2048; python3 bench/run.py "
+             "--configs pack-fp16@none,pack-bf16@none,upstream-bf16@8,pack-bf16@8 --warm 3 --timeout 200; "
+             "python3 bench/fp16_accuracy.py",
+    "run17": "(H200, the next call on the same machine, with the measured VAE estimate) python3 bench/run.py "
+             "--configs upstream-bf16@8,pack-bf16@8,upstream-bf16@12,pack-bf16@12,upstream-bf16@4,pack-bf16@4 "
+             "--warm 3 --timeout 150",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
@@ -194,6 +204,17 @@ def main():
         parts += profile_table(profiles)
     parts += ["", "## fp16 accuracy (one DiT call at 1024², CFG batch of 2, vs fp32)", ""]
     parts += accuracy_table(acc)
+    vae = _load("vae_memory")
+    if vae:
+        parts += ["", "## FLUX VAE decode memory (bench/vae_memory.py)", "",
+                  "Peak allocation above the weights for one decode, against the estimate ComfyUI plans with "
+                  "(AutoencoderKL's 2178·64 bytes per latent pixel and dtype byte). The pack's VAE plans with the "
+                  "measurement + 20 % (pipeline/vae_memory.py).", "", "| run | dtype | image px | measured GiB | ComfyUI plans GiB | measured / plan |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for run, rows in vae.items():
+            for r in rows:
+                parts.append(f"| {run} | {r['dtype']} | {r['size']}² | {r['peak_above_weights_gib']:.2f} | "
+                             f"{r['comfy_estimate_gib']:.2f} | {r['peak_above_weights_gib'] / r['comfy_estimate_gib']:.2f} |")
     oom = _load("oom")
     if oom:
         parts += ["", "## OOM Guard on the GPU", "", "| run | verdict | latent identical | pixels identical | guard log |",
