@@ -242,6 +242,8 @@ def write_folder_layout(root: Path, spec: ModelSpec = TINY, sds: dict | None = N
     """Write the official repository's diffusers-style folder under root/<name>/ and return it."""
     from pipeline import keymaps
 
+    from . import vae_layout
+
     folder = Path(root) / spec.name
     stamp = Path(root) / f".{spec.name}.{spec.fingerprint()}.folder"
     if stamp.exists() and (folder / "model_index.json").exists():
@@ -262,7 +264,7 @@ def write_folder_layout(root: Path, spec: ModelSpec = TINY, sds: dict | None = N
     _save(keymaps.jina_to_remote_code(jina_sd), folder / "clip_model" / "model.safetensors")
     _write_json(folder / "clip_model" / "config.json", _jina_config(spec))
     (folder / "clip_model" / "sentencepiece.bpe.model").write_bytes(jina_tok.numpy().tobytes())
-    _save(keymaps.vae_to_diffusers(sds["vae"]), folder / "vae" / "diffusion_pytorch_model.safetensors")
+    _save(vae_layout.to_diffusers(sds["vae"]), folder / "vae" / "diffusion_pytorch_model.safetensors")
     _write_json(folder / "vae" / "config.json", _VAE_CONFIG)
     _write_json(folder / "model_index.json", _MODEL_INDEX)
     stamp.write_text("ok")

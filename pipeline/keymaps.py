@@ -1,13 +1,15 @@
 """State-dict key maps between NewBie's folder layout and ComfyUI's module names.
 
-Four parts, each with a reader (folder layout -> ComfyUI) and a writer (ComfyUI ->
-folder layout; the test factory uses the writers to build tiny folders, so every
-reader(writer(sd)) round trip is exact):
+Three parts, each with a reader (folder layout -> ComfyUI) and a writer (ComfyUI ->
+folder layout) built from the same name table, so every reader(writer(sd)) round trip is exact; the test factory
+uses the writers to build tiny folders:
 
   DiT       dit_from_diffusers / dit_to_diffusers
   Gemma-3   gemma_from_transformers / gemma_to_transformers
   Jina v2   jina_from_remote_code / jina_to_remote_code
-  VAE       vae_to_diffusers (+ vae_from_diffusers, see the VAE section)
+
+The VAE needs no map here: ComfyUI's VAE reads the diffusers layout itself (comfy.diffusers_convert); the test
+factory writes that layout with ComfyUI's own map (devkit/vae_layout.py).
 
 ComfyUI-side names are those of ComfyUI v0.33.0:
   DiT     comfy/ldm/lumina/model.py            NextDiT (as detected by comfy/model_detection.py, "Lumina 2"
@@ -15,7 +17,6 @@ ComfyUI-side names are those of ComfyUI v0.33.0:
   Gemma   comfy/text_encoders/llama.py         Gemma3_4B ("model." + Llama2_ module), loaded via
                                                comfy/text_encoders/newbie.py -> lumina2.Gemma3_4BModel
   Jina    comfy/text_encoders/jina_clip_2.py   XLMRobertaModel ("model." + XLMRobertaModel_)
-  VAE     comfy/ldm/modules/diffusionmodules/model.py Encoder/Decoder inside AutoencodingEngine (comfy/sd.py VAE)
 
 Only pure tensor ops (cat/split/matmul) are used; nothing here imports ComfyUI.
 """
@@ -38,8 +39,6 @@ __all__ = [
     "jina_lora_settings",
     "jina_from_remote_code",
     "jina_to_remote_code",
-    "vae_from_diffusers",
-    "vae_to_diffusers",
 ]
 
 
@@ -518,120 +517,3 @@ def jina_to_remote_code(sd: dict, with_lora: bool = True, lora_rank: int = 4, lo
         else:
             out[JINA_TEXT_PREFIX + rest] = value
     return out
-
-
-# ======================================================================================
-# FLUX VAE (vae/)
-# ======================================================================================
-#
-# ComfyUI already reads the diffusers layout: comfy/sd.py VAE.__init__ sees
-# 'decoder.up_blocks.0.resnets.0.norm1.weight', runs comfy/diffusers_convert.py
-# convert_vae_state_dict (adapted from diffusers scripts/convert_diffusers_to_original_stable_diffusion.py),
-# and with no post_quant_conv builds AutoencodingEngine with z_channels =
-# decoder.conv_in.weight.shape[1] (16 for FLUX). So a loader can pass vae/diffusion_pytorch_model
-# .safetensors to comfy.sd.VAE unchanged. vae_to_diffusers is for the test factory;
-# vae_from_diffusers is its inverse, written independently of ComfyUI's converter, kept so the
-# factory's output can be round-trip checked without ComfyUI.
-#
-# diffusers names: src/diffusers/models/autoencoders/autoencoder_kl.py + vae.py (Encoder/Decoder),
-# resnet.py (ResnetBlock2D: norm1 conv1 norm2 conv2 conv_shortcut), attention_processor.py Attention
-# (group_norm, to_q/to_k/to_v/to_out.0 as nn.Linear). ComfyUI names: comfy/ldm/modules/diffusionmodules/
-# model.py (down[i].block[j], down[i].downsample, mid.block_1/attn_1/block_2, up[i].upsample, norm_out,
-# nin_shortcut; attention q/k/v/proj_out are 1x1 Conv2d). Decoder levels are numbered in reverse:
-# ComfyUI up.{k} <-> diffusers up_blocks.{levels-1-k}.
-
-_VAE_RESNET_PARAMS = (  # inside one resnet block: (ComfyUI, diffusers)
-    ("norm1", "norm1"),
-    ("conv1", "conv1"),
-    ("norm2", "norm2"),
-    ("conv2", "conv2"),
-    ("nin_shortcut", "conv_shortcut"),  # only where channels change
-)
-_VAE_ATTN_PARAMS = (  # mid attention: (ComfyUI, diffusers, weight is a 1x1 conv in ComfyUI)
-    ("norm", "group_norm", False),
-    ("q", "to_q", True),
-    ("k", "to_k", True),
-    ("v", "to_v", True),
-    ("proj_out", "to_out.0", True),
-)
-_VAE_PASSTHROUGH = ("quant_conv", "post_quant_conv")  # absent in FLUX; same name in both layouts
-
-
-def _vae_count(keys, prefix: str) -> int:
-    """1 + the largest integer right after `prefix` among keys (0 if none)."""
-    found = [int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)]
-    return max(found) + 1 if found else 0
-
-
-def _vae_name_table(levels: int, enc_blocks: int, dec_blocks: int):
-    """Every (ComfyUI key, diffusers key, reshape) pair of an AutoencoderKL of this shape."""
-    modules = []  # (ComfyUI module, diffusers module, kind)
-    for side in ("encoder", "decoder"):
-        modules += [
-            (f"{side}.conv_in", f"{side}.conv_in", "plain"),
-            (f"{side}.norm_out", f"{side}.conv_norm_out", "plain"),
-            (f"{side}.conv_out", f"{side}.conv_out", "plain"),
-            (f"{side}.mid.block_1", f"{side}.mid_block.resnets.0", "resnet"),
-            (f"{side}.mid.block_2", f"{side}.mid_block.resnets.1", "resnet"),
-            (f"{side}.mid.attn_1", f"{side}.mid_block.attentions.0", "attention"),
-        ]
-    for i in range(levels):
-        up = levels - 1 - i  # decoder levels run in opposite order
-        modules += [(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", "resnet") for j in range(enc_blocks)]
-        modules.append((f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv", "plain"))
-        modules += [(f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}", "resnet") for j in range(dec_blocks)]
-        modules.append((f"decoder.up.{i}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv", "plain"))
-    modules += [(name, name, "plain") for name in _VAE_PASSTHROUGH]
-
-    table = []
-    for comfy, diff, kind in modules:
-        if kind == "plain":
-            params = [("", "", False)]
-        elif kind == "resnet":
-            params = [("." + c, "." + d, False) for c, d in _VAE_RESNET_PARAMS]
-        else:
-            params = [("." + c, "." + d, r) for c, d, r in _VAE_ATTN_PARAMS]
-        for c, d, reshape in params:
-            table.append((f"{comfy}{c}.weight", f"{diff}{d}.weight", reshape))
-            table.append((f"{comfy}{c}.bias", f"{diff}{d}.bias", False))
-    return table
-
-
-def _vae_convert(sd: dict, to_diffusers: bool) -> dict:
-    keys = list(sd)
-    if to_diffusers:
-        levels = _vae_count(keys, "encoder.down.")
-        enc_blocks = max(_vae_count(keys, f"encoder.down.{i}.block.") for i in range(levels)) if levels else 0
-        dec_blocks = max(_vae_count(keys, f"decoder.up.{i}.block.") for i in range(levels)) if levels else 0
-    else:
-        levels = _vae_count(keys, "encoder.down_blocks.")
-        enc_blocks = max(_vae_count(keys, f"encoder.down_blocks.{i}.resnets.") for i in range(levels)) if levels else 0
-        dec_blocks = max(_vae_count(keys, f"decoder.up_blocks.{i}.resnets.") for i in range(levels)) if levels else 0
-    table = {}
-    for comfy, diff, reshape in _vae_name_table(levels, enc_blocks, dec_blocks):
-        src, dst = (comfy, diff) if to_diffusers else (diff, comfy)
-        table[src] = (dst, reshape)
-    out, unknown = {}, []
-    for key, value in sd.items():
-        if key not in table:
-            unknown.append(key)
-            continue
-        new_key, reshape = table[key]
-        if reshape:
-            # ComfyUI: 1x1 Conv2d weight [out, in, 1, 1]; diffusers: Linear weight [out, in].
-            value = value.reshape(value.shape[0], value.shape[1]) if to_diffusers else value.reshape(*value.shape, 1, 1)
-        out[new_key] = value
-    if unknown:
-        raise ValueError(f"VAE: unrecognised keys {sorted(unknown)[:8]}")
-    return out
-
-
-def vae_to_diffusers(sd: dict) -> dict:
-    """ComfyUI VAE keys (AutoencodingEngine: encoder.* / decoder.*) -> diffusers AutoencoderKL keys."""
-    return _vae_convert(sd, to_diffusers=True)
-
-
-def vae_from_diffusers(sd: dict) -> dict:
-    """diffusers AutoencoderKL keys -> ComfyUI VAE keys. Not needed when loading through
-    comfy.sd.VAE (it converts diffusers keys itself); kept as the exact inverse of vae_to_diffusers."""
-    return _vae_convert(sd, to_diffusers=False)

@@ -54,3 +54,28 @@ def test_lora_changes_the_output_and_strength_zero_does_not(server, models_root)
     assert not np.allclose(base, with_lora, atol=1e-4), "the LoRA did not change the result"
     assert np.allclose(base, zero, atol=1e-5), "strength 0 should leave the model unchanged"
     assert "lora key not loaded" not in server.log_tail(400)
+
+
+def _hooked_graph(strength: float, prefix: str):
+    """The LoRA as a hook on both conditionings (ComfyUI's hook nodes): patched into the pack's MODEL per
+    conditioning during sampling, instead of once by a loader."""
+    g = _latent_graph(None, prefix=prefix)
+    g["20"] = {"class_type": "CreateHookLoraModelOnly", "inputs": {
+        "lora_name": "newbie-tiny-lora.safetensors", "strength_model": strength}}
+    for cond, node in (("2", "21"), ("3", "22")):
+        g[node] = {"class_type": "ConditioningSetProperties", "inputs": {
+            "cond_NEW": [cond, 0], "strength": 1.0, "set_cond_area": "default", "hooks": ["20", 0]}}
+    g["5"]["inputs"]["positive"], g["5"]["inputs"]["negative"] = ["21", 0], ["22", 0]
+    return g
+
+
+def test_hooked_conditioning_applies_the_lora_as_the_loader_does(server, models_root):
+    """Conditioning that carries hooks reaches the pack's MODEL (under dynamic VRAM through the non-dynamic twin
+    that the loader's cached_patcher_init builds): the hooked LoRA gives the loaded LoRA's latent."""
+    _write_tiny_lora(models_root / "loras" / "newbie-tiny-lora.safetensors")
+    base = _latent(server, server.run(_latent_graph(None, prefix=f"hook-base-{server.lane}")))
+    loaded = _latent(server, server.run(_latent_graph(1.0, prefix=f"hook-loaded-{server.lane}")))
+    hooked = _latent(server, server.run(_hooked_graph(1.0, prefix=f"hook-on-{server.lane}")))
+    assert not np.allclose(base, hooked, atol=1e-4), "the hooked LoRA did not change the result"
+    scale = float(np.abs(loaded - base).max())
+    assert float(np.abs(hooked - loaded).max()) < 0.02 * scale, "hooked and loaded LoRA disagree"

@@ -401,11 +401,18 @@ def test_jina_drops_vision_tower_and_refuses_projection():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_vae_round_trip_and_names():
+@pytest.mark.host
+def test_vae_fixture_layout_is_the_official_one_and_comfyui_reads_it(comfy_import_path):
+    """devkit/vae_layout.py writes the diffusers names of the official folder, from ComfyUI's own map; ComfyUI's
+    converter gives the input back exactly (the writer checks that too)."""
+    from comfy import diffusers_convert
+
+    from devkit import vae_layout
+
     sd = comfy_vae()
-    d = km.vae_to_diffusers(sd)
+    d = vae_layout.to_diffusers(sd)
     assert len(d) == len(sd)
-    assert _same(km.vae_from_diffusers(d), sd)
+    assert _same(diffusers_convert.convert_vae_state_dict(dict(d)), sd)
     expected = {
         "encoder.conv_in.weight": "encoder.conv_in.weight",
         "encoder.down.0.block.1.conv2.bias": "encoder.down_blocks.0.resnets.1.conv2.bias",
@@ -434,8 +441,12 @@ def test_vae_round_trip_and_names():
     assert not any(k.startswith(("quant_conv", "post_quant_conv")) for k in d)  # FLUX has neither
 
 
-def test_vae_rejects_unknown_keys():
+@pytest.mark.host
+def test_vae_fixture_refuses_what_comfyui_map_cannot_name(comfy_import_path):
+    """A fifth level is beyond ComfyUI's map (it names four): the writer says so instead of writing ComfyUI keys."""
+    from devkit import vae_layout
+
     sd = comfy_vae()
-    sd["encoder.mystery.weight"] = _rand(2)
-    with pytest.raises(ValueError):
-        km.vae_to_diffusers(sd)
+    sd["encoder.down.4.block.0.conv1.weight"] = _rand(2, 2, 3, 3)
+    with pytest.raises(ValueError, match="encoder.down.4.block.0.conv1.weight"):
+        vae_layout.to_diffusers(sd)
