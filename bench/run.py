@@ -182,6 +182,8 @@ def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -
         trace.stop()
         result["trace"] = trace.samples[::4]
         result["warm"] = summarise([result[r] for r, _ in runs[1:] if r in result and "wall_s" in result[r]])
+        if args.restart:
+            result["restarted"] = restarted_image(server, kind, precision, names, compile_mode, args, name)
     finally:
         server.stop()
         result["log_events"] = log_events(server.log_path, args.out / "logs" / f"{name}-{budget}.log")
@@ -189,6 +191,23 @@ def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -
             hog.kill()
             hog.wait()
     return result
+
+
+def restarted_image(server, kind, precision, names, compile_mode, args, name) -> dict:
+    """A second server on the same machine (same user caches: Inductor's FX-graph and autotuning caches, kept under
+    /tmp by default), one image with a new seed: what a restarted ComfyUI pays before its first image."""
+    server.stop()
+    t = time.perf_counter()
+    server.start()
+    out = {"server_start_s": round(time.perf_counter() - t, 2)}
+    g = graph(kind, precision, names, 99, args.width, args.height, args.steps, args.sampler,
+              compiled=name == "upstream-compile", compile_mode=compile_mode or "off")
+    t = time.perf_counter()
+    try:
+        entry, events = server.run_with_events(g, timeout=args.timeout)
+    except Exception as e:
+        return {**out, "error": str(e)[:2000]}
+    return {**out, "wall_s": round(time.perf_counter() - t, 3), **stage_times(g, events)}
 
 
 LOG_EVENTS = {  # what the server log says about memory, compile and the fp16 path; counted per configuration
@@ -239,6 +258,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=1, help="run the configuration list this many times, alternating")
     ap.add_argument("--sampler", default="euler_ancestral", help="KSampler sampler_name")
     ap.add_argument("--tiny", action="store_true", help="use the tiny model (smoke test)")
+    ap.add_argument("--restart", action="store_true",
+                    help="after the warm runs, restart the server and time one more image (compile caches kept)")
     args = ap.parse_args()
     args.width, args.height = (int(v) for v in args.size.split("x"))
     sys.path.insert(0, os.environ["COMFYUI_PATH"])
