@@ -87,3 +87,58 @@ def test_auto_stays_eager_where_the_weights_cannot_stay_resident(monkeypatch):
     assert block_compile.resolve("auto", cuda, weights, weights + gib // 2)[0] == "off", "no room for activations"
     assert block_compile.resolve("blocks", cuda, weights, 4 * gib)[0] == "blocks"
     assert block_compile.resolve("auto", torch.device("cpu"), weights, 80 * gib)[0] == "off"
+
+
+def test_new_prompt_lengths_and_image_sizes_do_not_recompile_after_the_first_run(comfy_import_path):
+    """NewBie's caption length is the prompt's token count (no padding), and a CFG step calls the DiT with the
+    positive and the negative prompt's lengths: the first run compiles once more for the second length (Dynamo
+    then marks the dimension dynamic) and later prompts and image sizes compile nothing."""
+    from devkit.dit_calls import dit_inputs
+    from pipeline import block_compile, loader
+
+    parts = _parts_with_layers(2)
+    patcher, cfg, _, _ = loader.build_model(parts, "fp32", dynamic=False)
+    torch._dynamo.reset()
+    try:
+        block_compile.apply(patcher)
+        for tokens in (12, 20):  # the first sampling run: positive and negative prompt
+            dit_call(patcher, cfg, dit_inputs(cfg, "cpu", (8, 8), tokens))
+        before = block_compile.compiled_graph_count()
+        for tokens, hw in ((7, (8, 8)), (33, (8, 8)), (12, (16, 8))):
+            dit_call(patcher, cfg, dit_inputs(cfg, "cpu", hw, tokens))
+        assert block_compile.compiled_graph_count() == before, "a later prompt length or image size recompiled"
+    finally:
+        torch._dynamo.reset()
+
+
+def test_lora_strengths_change_the_output_without_a_recompile(comfy_import_path):
+    """LoRA patches are applied to the weights before a call (parameters are graph inputs, not constants): each
+    strength gives the eager model's output at that strength, and a new strength compiles nothing."""
+    from pipeline import block_compile, loader
+
+    def patched_call(patcher, cfg, delta, strength):
+        lora = patcher.clone()
+        lora.add_patches({KEY: (delta,)}, strength)
+        lora.patch_model()  # what ComfyUI's loading does with the patches
+        try:
+            return dit_call(lora, cfg)
+        finally:
+            lora.unpatch_model()
+
+    KEY = "diffusion_model.layers.0.attention.qkv.weight"
+    eager, cfg, _, _ = loader.build_model(_parts_with_layers(2), "fp32", dynamic=False)
+    compiled, _, _, _ = loader.build_model(_parts_with_layers(2), "fp32", dynamic=False)
+    delta = torch.randn_like(eager.model.get_parameter(KEY)) * 0.05
+    torch._dynamo.reset()
+    try:
+        block_compile.apply(compiled)
+        first = patched_call(compiled, cfg, delta, 0.0)
+        before = block_compile.compiled_graph_count()
+        outs = [first] + [patched_call(compiled, cfg, delta, s) for s in (0.5, 1.0)]
+        assert block_compile.compiled_graph_count() == before, "a new LoRA strength recompiled"
+    finally:
+        torch._dynamo.reset()
+    for out, strength in zip(outs, (0.0, 0.5, 1.0)):
+        ref = patched_call(eager, cfg, delta, strength)
+        assert float((out - ref).norm() / ref.norm()) < 1e-5, strength
+    assert not torch.allclose(outs[0], outs[1], atol=1e-4) and not torch.allclose(outs[1], outs[2], atol=1e-4)
