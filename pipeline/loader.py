@@ -368,6 +368,24 @@ def build_vae(parts: NewBieParts):
     return vae
 
 
+def _weights_line(patcher, precision: str, dtype, compute: str) -> str:
+    """The DiT's format and bytes as loaded, for the report."""
+    import comfy.model_management as mm
+
+    sd = patcher.model.diffusion_model.state_dict()
+    n_bytes = quantize.stored_bytes(sd)
+    size = f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
+    if precision not in quantize.FORMATS:
+        return f"weights {_dtype_name(dtype)}, {size}; compute {compute}"
+    n = len(quantize.layer_formats(sd))
+    if precision == "fp8" and mm.supports_fp8_compute(patcher.load_device):
+        run = "fp8 matmuls"
+    else:
+        run = f"each layer dequantised to {compute} when it runs"
+    return (f"weights {precision} ({quantize.DESCRIPTION[precision]}) in {n} Linear layers, the rest {compute}, "
+            f"{size}; {run}")
+
+
 def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str | None = "auto",
                 progress=None, vram_budget_gb: float = 0.0, compile: str = "auto") -> LoadedNewBie:
     """progress: an object with update(n) (ComfyUI's ProgressBar), advanced once per built part (3 in all).
@@ -383,7 +401,7 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
     step = progress.update if progress is not None else (lambda n: None)
     budget = vram_budget.budget_bytes(vram_budget_gb)
     device = mm.get_torch_device()
-    weight_bytes = sum(v.numel() for v in parts.dit.values()) * PRECISIONS[precision].itemsize
+    weight_bytes = dit_weight_bytes(parts, precision)
     # Room is checked only without a budget: a budget holds the DiT in the non-dynamic patcher either way.
     room = vram_budget.room_for_weights(device) if getattr(device, "type", None) == "cuda" and not budget else None
     compile, compile_why = block_compile.resolve(compile, device, weight_bytes, room)
@@ -398,14 +416,14 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
     step(1)
     vae = build_vae(parts)
     step(1)
-    n_params = sum(v.numel() for v in parts.dit.values()) / 1e6
+    n_params = sum(v.numel() for k, v in parts.dit.items() if not k.endswith(quantize.QUANT_KEY)) / 1e6
     if precision == "fp16":
         compute = "fp16 matmuls + fp32 activations (overflow-safe)"
     else:
         compute = _dtype_name(manual_cast) if manual_cast is not None else _dtype_name(dtype)
     report = "\n".join([
         f"DiT: {n_params:.1f}M params, dim {unet_config['dim']}, {unet_config['n_layers']} layers, "
-        f"{unet_config['n_heads']}/{unet_config['n_kv_heads']} heads; weights {_dtype_name(dtype)}, compute {compute}",
+        f"{unet_config['n_heads']}/{unet_config['n_kv_heads']} heads; " + _weights_line(model, precision, dtype, compute),
         f"Gemma-3: {gemma_cfg['num_hidden_layers']} layers, width {gemma_cfg['hidden_size']}; "
         f"Jina CLIP v2: {jina_cfg['num_hidden_layers']} layers, width {jina_cfg['hidden_size']}; "
         f"text encoders {_dtype_name(te_dtype)}",

@@ -161,3 +161,24 @@ def from_file(sd: dict, metadata: dict | None, path, expected: str) -> dict:
 def stored_bytes(sd: dict) -> int:
     """Bytes of a DiT state dict's tensors as they are stored (quantized weights at 1 byte per value)."""
     return sum(v.numel() * v.element_size() for k, v in sd.items() if not k.endswith(QUANT_KEY))
+
+
+def write_quantized_file(sd: dict, precision: str, path, source) -> str:
+    """Quantize a 16-bit DiT state dict once and write it to `path` (never over an existing file); a report."""
+    from pathlib import Path
+
+    path, expected = Path(path), "a new file name for the quantized DiT (an existing file is never overwritten)"
+    if path.suffix.lower() != ".safetensors":
+        raise ModelFileError(path, "does not end in .safetensors", expected)
+    if path.exists():
+        raise ModelFileError(path, "already exists", expected)
+    stored = precision_of(sd)
+    if stored is not None:
+        raise ModelFileError(source, f"this DiT is already quantized ({stored})", "the 16-bit DiT to quantize")
+    quantized = quantize_state_dict(sd, precision)
+    tmp = path.with_name(path.name + ".partial")
+    save(quantized, tmp)
+    tmp.replace(path)  # a crash leaves a .partial file behind, never a half-written model under the real name
+    return (f"wrote {path.name}: {precision} ({DESCRIPTION[precision]}) in {len(layer_formats(quantized))} Linear "
+            f"layers, {stored_bytes(quantized) / 1e9:.2f} GB (from {stored_bytes(sd) / 1e9:.2f} GB). Pick it in "
+            f"NewBie Loader with precision {precision}; ComfyUI's Load Diffusion Model reads it too.")
