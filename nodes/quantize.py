@@ -26,8 +26,8 @@ class NewBieSaveQuantizedDiT(io.ComfyNode):
                                tooltip="fp8: scaled e4m3, one scale per tensor. int8: one scale per output "
                                        "channel (needs a ComfyUI with int8_tensorwise)."),
                 io.String.Input("filename", default="",
-                                tooltip="Name of the new file in models/diffusion_models; empty: the source name "
-                                        "with -fp8/-int8. An existing file is never overwritten."),
+                                tooltip="Name of the new file, written beside the source file; empty: the source "
+                                        "name with -fp8/-int8. An existing file is never overwritten."),
             ],
             outputs=[io.String.Output(display_name="report", tooltip="What was written, where, and its size.")],
             is_output_node=True,
@@ -37,7 +37,7 @@ class NewBieSaveQuantizedDiT(io.ComfyNode):
     def execute(cls, diffusion_model, precision, filename) -> io.NodeOutput:
         source = Path(folder_paths.get_full_path_or_raise("diffusion_models", diffusion_model))
         name = filename.strip() or f"{source.stem}-{precision}.safetensors"
-        target = Path(folder_paths.get_folder_paths("diffusion_models")[0]) / Path(name).name
+        target = source.parent / Path(name).name  # beside the source, in whichever models folder that is
         sd = loader.read_single_part("dit", source)[0]
         report = quantize.write_quantized_file(sd, precision, target, source)
         return io.NodeOutput(report, ui={"text": [report]})
