@@ -89,16 +89,3 @@ def quant_layout(fmt: str, precision: str):
 def quant_storage_dtype(fmt: str, precision: str):
     return _quant_algo(fmt, precision)["storage_t"]
 
-
-def quant_precisions_available() -> dict:
-    """{precision: None if the host can run it, else the reason} for the quantized precisions."""
-    from . import quantize
-
-    out = {}
-    for precision, fmt in quantize.FORMATS.items():
-        try:
-            _quant_algo(fmt, precision)
-            out[precision] = None
-        except QuantizationUnavailable as e:
-            out[precision] = str(e)
-    return out
