@@ -36,7 +36,8 @@ XML = ("<character_1><n>$character_1$</n><gender>1girl</gender><appearance>blue_
        "</style><background>night_sky</background><quality>high_quality, masterpiece</quality></general_tags>")
 NEG = "lowres, bad_anatomy, worst_quality, low_quality"
 
-# name -> (graph kind, precision for the pack loader, extra server flags, the pack loader's `compile`)
+# name -> (graph kind, precision for the pack loader (for upstream: UNETLoader's weight_dtype, None = default),
+#          extra server flags, the pack loader's `compile`)
 CONFIGS = {
     "upstream-bf16": ("upstream", None, [], None),
     "upstream-gpu-only": ("upstream", None, ["--gpu-only"], None),
@@ -45,9 +46,14 @@ CONFIGS = {
     "upstream-fp16-forced": ("upstream", None, ["--fp16-unet"], None),
     # upstream's TorchCompileModel (whole DiT, non-dynamic clone) before KSampler
     "upstream-compile": ("upstream", None, [], None),
+    # upstream's fp8: UNETLoader weight_dtype fp8_e4m3fn, a plain cast of every weight without a scale
+    "upstream-fp8": ("upstream", "fp8_e4m3fn", [], None),
     # the pack with its defaults (compile auto = blocks on CUDA), and eager for comparison
     "pack-fp16": ("pack", "fp16", [], "auto"),
     "pack-bf16": ("pack", "bf16", [], "auto"),
+    # quantized DiT weights (pipeline/quantize.py), quantized from the 16-bit file at load
+    "pack-fp8": ("pack", "fp8", [], "auto"),
+    "pack-int8": ("pack", "int8", [], "auto"),
     "pack-fp16-eager": ("pack", "fp16", [], "off"),
     "pack-bf16-eager": ("pack", "bf16", [], "off"),
     "pack-fp16-gpu-only": ("pack", "fp16", ["--gpu-only"], "auto"),
@@ -68,7 +74,8 @@ def graph(kind: str, precision: str | None, names: dict, seed: int, width: int, 
         model, clip, vae = ["1", 0], ["1", 1], ["1", 2]
     else:
         nodes = {
-            "1": {"class_type": "UNETLoader", "inputs": {"unet_name": names["dit"], "weight_dtype": "default"}},
+            "1": {"class_type": "UNETLoader", "inputs": {"unet_name": names["dit"],
+                                                         "weight_dtype": precision or "default"}},
             "8": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": names["gemma"], "clip_name2": names["jina"],
                                                             "type": "newbie", "device": "default"}},
             "9": {"class_type": "VAELoader", "inputs": {"vae_name": names["vae"]}},

@@ -1,9 +1,9 @@
 """Thin ComfyUI nodes over `pipeline/`; one module per family."""
 from comfy_api.latest import ComfyExtension, io
 
-from . import guard, loader, lora, prompt, sampling, warmup
+from . import guard, loader, lora, prompt, quantize, sampling, warmup
 
-NODE_CLASSES = [*loader.NODES, *lora.NODES, *prompt.NODES, *warmup.NODES, *sampling.NODES, *guard.NODES]
+NODE_CLASSES = [*loader.NODES, *quantize.NODES, *lora.NODES, *prompt.NODES, *warmup.NODES, *sampling.NODES, *guard.NODES]
 
 
 class NewBieExtension(ComfyExtension):

@@ -38,9 +38,13 @@ class NewBieLoader(io.ComfyNode):
                 io.Combo.Input("vae", options=[model_files.AUTO] + folder_paths.get_filename_list("vae"),
                                default=model_files.AUTO,
                                tooltip="FLUX.1 VAE (models/vae). 'auto': the folder's own, or ae.safetensors."),
-                io.Combo.Input("precision", options=list(loader.PRECISIONS), default="fp16",
+                io.Combo.Input("precision", options=loader.DIT_PRECISIONS, default="fp16",
                                tooltip="DiT weight precision. fp16 runs on every CUDA card (T4, V100, RTX 20xx "
-                                       "included); bf16 needs Ampere or newer; fp32 doubles memory."),
+                                       "included); bf16 needs Ampere or newer; fp32 doubles memory. fp8 (scaled "
+                                       "e4m3) and int8 hold the blocks' matrices in 1 byte per weight through "
+                                       "ComfyUI's quantized format (fp8 matmuls on GPUs that have them); they "
+                                       "quantize a 16-bit file at load, or load a file saved quantized as it is. "
+                                       "CPU-tested, not yet GPU-measured."),
                 io.Combo.Input("text_encoder_precision", options=["auto"] + list(loader.PRECISIONS), default="auto",
                                tooltip="Precision of Gemma-3 and Jina. 'auto' lets ComfyUI choose for this GPU."),
                 io.Float.Input("vram_budget_gb", default=0.0, min=0.0, max=1024.0, step=0.5, optional=True,

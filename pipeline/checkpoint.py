@@ -20,6 +20,18 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 def check_safetensors(path: str | os.PathLike, expected: str) -> dict:
     """Validate that `path` is a complete safetensors file; return its header (name -> dtype/shape/offsets)."""
+    header = _header(path, expected)
+    header.pop("__metadata__", None)
+    return header
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The file's safetensors metadata (string -> string; empty when it has none)."""
+    meta = _header(path, "a safetensors file").get("__metadata__") or {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _header(path: str | os.PathLike, expected: str) -> dict:
     p = Path(path)
     if not p.exists():
         raise ModelFileError(p, "file not found", expected)
@@ -45,8 +57,7 @@ def check_safetensors(path: str | os.PathLike, expected: str) -> dict:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ModelFileError(p, "safetensors header is not valid JSON (corrupt file)", expected) from None
-    header.pop("__metadata__", None)
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise ModelFileError(p, f"file is truncated: {size} bytes on disk, the header describes {8 + n + end}",
                              expected)

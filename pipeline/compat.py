@@ -51,3 +51,41 @@ def loaded_size(patcher) -> int:
 
 def can_partially_unload(patcher) -> bool:
     return hasattr(patcher, "partially_unload")
+
+
+class QuantizationUnavailable(RuntimeError):
+    """The host ComfyUI lacks what a quantized precision needs."""
+
+
+def _quant_algo(fmt: str, precision: str) -> dict:
+    """ComfyUI's definition of a quantized format (comfy.quant_ops.QUANT_ALGOS), with its layout class present
+    (comfy_kitchen imported) and the mixed-precision operations that load it; else a clear error."""
+    import comfy.ops
+    import comfy.quant_ops as quant_ops
+    import comfy.utils
+
+    algo = getattr(quant_ops, "QUANT_ALGOS", {}).get(fmt)
+    missing = None
+    if algo is None:
+        missing = f"the quantization format '{fmt}' (comfy/quant_ops.py)"
+    elif quant_ops.get_layout_class(algo["comfy_tensor_layout"]) is None:
+        missing = f"comfy_kitchen's {algo['comfy_tensor_layout']} (the comfy-kitchen package failed to import)"
+    elif not (hasattr(comfy.ops, "mixed_precision_ops") and hasattr(comfy.utils, "convert_old_quants")):
+        missing = "mixed-precision operations (comfy.ops.mixed_precision_ops)"
+    if missing:
+        raise QuantizationUnavailable(
+            f"precision '{precision}' needs {missing}, which this ComfyUI does not have. Update ComfyUI (and "
+            f"install its requirements, comfy-kitchen included), or pick precision fp16 or bf16.")
+    return algo
+
+
+def quant_layout(fmt: str, precision: str):
+    """The layout class ComfyUI uses for `fmt` (e.g. TensorCoreFP8E4M3Layout for float8_e4m3fn)."""
+    import comfy.quant_ops as quant_ops
+
+    return quant_ops.get_layout_class(_quant_algo(fmt, precision)["comfy_tensor_layout"])
+
+
+def quant_storage_dtype(fmt: str, precision: str):
+    return _quant_algo(fmt, precision)["storage_t"]
+

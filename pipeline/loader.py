@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from . import block_compile, checkpoint, compat, detect, precision as precision_mod, prompt_limits, vae_memory, vram_budget
+from . import (block_compile, checkpoint, compat, detect, precision as precision_mod, prompt_limits, quantize, vae_memory,
+               vram_budget)
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 TOKENIZER_INPUT = "prompt text (given to NewBie's CLIP)"
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# The DiT also takes ComfyUI's quantized formats (pipeline/quantize.py); the text encoders only PRECISIONS.
+DIT_PRECISIONS = [*PRECISIONS, *quantize.FORMATS]
 
 EXPECT = {
     "dit": "a NewBie-image DiT (.safetensors, e.g. NewBie-Image-Exp0.1-bf16.safetensors)",
@@ -64,7 +67,10 @@ _SIGNATURE = {"dit": "cap_embedder.1.weight", "gemma": "model.layers.0.self_attn
 def read_single_part(part: str, path) -> tuple[dict, object]:
     """One part in ComfyUI's single-file layout: (state dict, embedded tokenizer or None)."""
     sd = checkpoint.load_state_dict(path, EXPECT[part])
-    if part == "dit":  # full checkpoints carry the DiT under model.diffusion_model.; UNETLoader accepts both
+    if part == "dit":
+        # A quantized DiT (ComfyUI's _quantization_metadata) gets its per-layer entries, checked, as it is.
+        sd = quantize.from_file(sd, checkpoint.read_metadata(path), path, EXPECT[part])
+        # full checkpoints carry the DiT under model.diffusion_model.; UNETLoader accepts both
         sd = checkpoint.strip_prefix(sd, ("model.diffusion_model.", "diffusion_model."))
     _expect_kind(sd, path, part, _SIGNATURE[part])
     if part not in ("gemma", "jina"):
@@ -204,15 +210,24 @@ def build_model(parts: NewBieParts, precision: str, safe_fp16: bool = True, budg
     fp16_state: the fp16 path's state to share (a twin of an existing model); None for a new one.
     """
     import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models
+    import comfy.utils
 
     unet_config = detect.nextdit_config(parts.dit, parts.paths.get("dit"))
     model_config = comfy.supported_models.Lumina2(unet_config)
+    load_device = mm.get_torch_device()
+    dit = quantized_dit(parts, precision)
+    if precision in quantize.FORMATS:
+        # ComfyUI's mixed-precision operations (pick_operations sees quant_config, as for a quantized file read by
+        # its own loaders). Compute in bf16 where the device has it, else fp32 -- upstream's Lumina2 dtypes: the
+        # pack's fp16 path is an operations class of its own and does not combine with ComfyUI's quantized ones.
+        model_config.quant_config = comfy.utils.detect_layer_quantization(dit, "")
+        dtype = manual_cast = mm.unet_manual_cast(None, load_device, [torch.bfloat16, torch.float32])
+        compat.set_inference_dtype(model_config, dtype, manual_cast, load_device)
+        return _finish_model(model_config, dit, load_device, budget, dynamic, None), unet_config, dtype, manual_cast
     # Upstream allows only bf16/fp32 for Lumina2/NewBie; the pack adds fp16 (made overflow-safe separately).
     model_config.supported_inference_dtypes = [torch.float16, torch.bfloat16, torch.float32]
     dtype = PRECISIONS[precision]
-    load_device = mm.get_torch_device()
     safe_fp16 = safe_fp16 and precision == "fp16"
     if safe_fp16:
         # fp16 weights and GEMMs, fp32 activations (pipeline/precision.py explains why this cannot overflow).
@@ -224,7 +239,15 @@ def build_model(parts: NewBieParts, precision: str, safe_fp16: bool = True, budg
         manual_cast = None if precision == "fp16" else mm.unet_manual_cast(dtype, load_device,
                                                                            model_config.supported_inference_dtypes)
     compat.set_inference_dtype(model_config, dtype, manual_cast, load_device)
-    model = model_config.get_model(parts.dit, "")
+    return _finish_model(model_config, dit, load_device, budget, dynamic, fp16_state), unet_config, dtype, manual_cast
+
+
+def _finish_model(model_config, dit: dict, load_device, budget, dynamic: bool, fp16_state):
+    """The model built from its config, in the patcher its residency needs, with the weights loaded."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    model = model_config.get_model(dit, "")
     if budget:
         patcher_cls = vram_budget.patcher_class()
         model.newbie_vram_budget = budget
@@ -233,12 +256,35 @@ def build_model(parts: NewBieParts, precision: str, safe_fp16: bool = True, budg
     else:
         patcher_cls = compat.core_patcher_class()
     patcher = patcher_cls(model, load_device=load_device, offload_device=mm.unet_offload_device())
-    model.load_model_weights(dict(parts.dit), "", **compat.load_weights_kwargs(model, patcher))  # ComfyUI pops what it loads
-    unexpected = set(parts.dit.keys()) - set(model.diffusion_model.state_dict().keys())
+    model.load_model_weights(dict(dit), "", **compat.load_weights_kwargs(model, patcher))  # ComfyUI pops what it loads
+    unexpected = set(dit.keys()) - set(model.diffusion_model.state_dict().keys()) - \
+        {k for k in dit if k.endswith(quantize.QUANT_KEY)}
     if unexpected:
         log.info("NewBie DiT: %d tensors not used by the model: %s", len(unexpected), sorted(unexpected)[:5])
     precision_mod.attach(patcher, fp16_state)
-    return patcher, unet_config, dtype, manual_cast
+    return patcher
+
+
+def quantized_dit(parts: NewBieParts, precision: str) -> dict:
+    """The DiT's state dict for `precision`: quantized now from 16 bits (fp8/int8), or a quantized file as it
+    is (no second quantization); a quantized file with another precision picked fails naming the file."""
+    stored = quantize.precision_of(parts.dit)
+    if stored is None:
+        return quantize.quantize_state_dict(parts.dit, precision) if precision in quantize.FORMATS else parts.dit
+    if stored != precision:
+        raise ModelFileError(parts.paths.get("dit"), f"this DiT is already quantized ({stored})",
+                             f"precision '{stored}' in the loader for this file, or the 16-bit file for "
+                             f"precision '{precision}'")
+    return parts.dit
+
+
+def dit_weight_bytes(parts: NewBieParts, precision: str) -> int:
+    """Bytes of the DiT's weights once loaded in `precision` (quantized layers at 1 byte per value)."""
+    if precision in quantize.FORMATS or quantize.precision_of(parts.dit):
+        quantized = set(quantize.layer_formats(parts.dit)) or set(quantize.layers_to_quantize(parts.dit))
+        return sum(v.numel() * (1 if k.endswith(".weight") and k[:-len(".weight")] in quantized else 2)
+                   for k, v in parts.dit.items() if not k.endswith(quantize.QUANT_KEY))
+    return sum(v.numel() for v in parts.dit.values()) * PRECISIONS[precision].itemsize
 
 
 def _te_classes(gemma_cfg: dict, jina_cfg: dict):
@@ -322,6 +368,24 @@ def build_vae(parts: NewBieParts):
     return vae
 
 
+def _weights_line(patcher, precision: str, dtype, compute: str) -> str:
+    """The DiT's format and bytes as loaded, for the report."""
+    import comfy.model_management as mm
+
+    sd = patcher.model.diffusion_model.state_dict()
+    n_bytes = quantize.stored_bytes(sd)
+    size = f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
+    if precision not in quantize.FORMATS:
+        return f"weights {_dtype_name(dtype)}, {size}; compute {compute}"
+    n = len(quantize.layer_formats(sd))
+    if precision == "fp8" and mm.supports_fp8_compute(patcher.load_device):
+        run = "fp8 matmuls"
+    else:
+        run = f"each layer dequantised to {compute} when it runs"
+    return (f"weights {precision} ({quantize.DESCRIPTION[precision]}) in {n} Linear layers, the rest {compute}, "
+            f"{size}; {run}")
+
+
 def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str | None = "auto",
                 progress=None, vram_budget_gb: float = 0.0, compile: str = "auto") -> LoadedNewBie:
     """progress: an object with update(n) (ComfyUI's ProgressBar), advanced once per built part (3 in all).
@@ -337,7 +401,7 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
     step = progress.update if progress is not None else (lambda n: None)
     budget = vram_budget.budget_bytes(vram_budget_gb)
     device = mm.get_torch_device()
-    weight_bytes = sum(v.numel() for v in parts.dit.values()) * PRECISIONS[precision].itemsize
+    weight_bytes = dit_weight_bytes(parts, precision)
     # Room is checked only without a budget: a budget holds the DiT in the non-dynamic patcher either way.
     room = vram_budget.room_for_weights(device) if getattr(device, "type", None) == "cuda" and not budget else None
     compile, compile_why = block_compile.resolve(compile, device, weight_bytes, room)
@@ -352,14 +416,14 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
     step(1)
     vae = build_vae(parts)
     step(1)
-    n_params = sum(v.numel() for v in parts.dit.values()) / 1e6
+    n_params = sum(v.numel() for k, v in parts.dit.items() if not k.endswith(quantize.QUANT_KEY)) / 1e6
     if precision == "fp16":
         compute = "fp16 matmuls + fp32 activations (overflow-safe)"
     else:
         compute = _dtype_name(manual_cast) if manual_cast is not None else _dtype_name(dtype)
     report = "\n".join([
         f"DiT: {n_params:.1f}M params, dim {unet_config['dim']}, {unet_config['n_layers']} layers, "
-        f"{unet_config['n_heads']}/{unet_config['n_kv_heads']} heads; weights {_dtype_name(dtype)}, compute {compute}",
+        f"{unet_config['n_heads']}/{unet_config['n_kv_heads']} heads; " + _weights_line(model, precision, dtype, compute),
         f"Gemma-3: {gemma_cfg['num_hidden_layers']} layers, width {gemma_cfg['hidden_size']}; "
         f"Jina CLIP v2: {jina_cfg['num_hidden_layers']} layers, width {jina_cfg['hidden_size']}; "
         f"text encoders {_dtype_name(te_dtype)}",

@@ -11,7 +11,7 @@ from devkit import harness
 pytestmark = pytest.mark.host
 
 DOCS = harness.REPO / "web" / "docs"
-NODE_IDS = ["NewBieLoader", "NewBieLoraLoader", "NewBieXMLPromptFlatten", "NewBieVRAMWarmup", "NewBieEulerAncestralSampler",
+NODE_IDS = ["NewBieLoader", "NewBieSaveQuantizedDiT", "NewBieLoraLoader", "NewBieXMLPromptFlatten", "NewBieVRAMWarmup", "NewBieEulerAncestralSampler",
             "NewBieOOMGuard"]
 
 
