@@ -82,7 +82,24 @@ def quantize_state_dict(sd: dict, precision: str, layers: list[str] | None = Non
     layers = layers_to_quantize(sd) if layers is None else layers
     for layer in layers:
         out[f"{layer}.weight"], out[f"{layer}.weight_scale"] = quantize_weight(sd[f"{layer}.weight"], precision)
-    return with_quant_entries(out, {layer: {"format": fmt} for layer in layers})
+    return with_quant_entries(out, {layer: layer_config(layer, precision) for layer in layers})
+
+
+# Inputs an fp8 matmul cannot take as they are. With fp8 compute ComfyUI quantizes each layer's input with the
+# checkpoint's `input_scale`, or with scale 1 where there is none (as here: activations are not calibrated), so an
+# input beyond e4m3's 448 cannot be represented. The blocks' other Linears take RMS-normalised, modulated inputs
+# (attention.out the attention's convex mix of v); feed_forward.w2 takes the SwiGLU product silu(w1 x) * (w3 x),
+# which has no such bound (it is what overflows fp16, pipeline/precision.py). So w2 keeps its fp8 weight but
+# multiplies in the compute dtype (ComfyUI's `full_precision_matrix_mult`): a third of the FFN's matmul work.
+_FULL_PRECISION_MM = (".feed_forward.w2",)
+
+
+def layer_config(layer: str, precision: str) -> dict:
+    """The `comfy_quant` entry of one quantized layer."""
+    conf = {"format": FORMATS[precision]}
+    if precision == "fp8" and layer.endswith(_FULL_PRECISION_MM):
+        conf["full_precision_matrix_mult"] = True
+    return conf
 
 
 def with_quant_entries(sd: dict, layers: dict) -> dict:

@@ -83,6 +83,22 @@ def test_layers_kept_16_bit(tiny_dit):
     assert quantize.stored_bytes(q) < 0.65 * quantize.stored_bytes(tiny_dit)
 
 
+def test_fp8_w2_multiplies_in_the_compute_dtype(tiny_dit):
+    """feed_forward.w2's input (the SwiGLU product) has no bound an fp8 input of scale 1 could take: its layers
+    carry ComfyUI's full_precision_matrix_mult, which the loaded model honours; int8 is weight-only anyway."""
+    from pipeline import quantize
+
+    confs = quantize.layer_formats(quantize.quantize_state_dict(tiny_dit, "fp8"))
+    flagged = sorted(k for k, c in confs.items() if c.get("full_precision_matrix_mult"))
+    assert flagged and all(k.endswith(".feed_forward.w2") for k in flagged)
+    assert len(flagged) == len([k for k in confs if k.endswith(".feed_forward.w2")])
+    assert not any(c.get("full_precision_matrix_mult")
+                   for c in quantize.layer_formats(quantize.quantize_state_dict(tiny_dit, "int8")).values())
+    patcher, _ = _build(quantize.quantize_state_dict(tiny_dit, "fp8"), "fp8")
+    ffn = patcher.model.diffusion_model.layers[0].feed_forward
+    assert ffn.w2._full_precision_mm_config and not ffn.w1._full_precision_mm_config
+
+
 # --- one DiT call against fp32 -----------------------------------------------------------------------------------
 
 def _errors(sd) -> dict:
