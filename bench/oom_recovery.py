@@ -97,7 +97,9 @@ class Hog:
             self.proc.wait(30)
 
 
-def graph_for(args, dit: str, prefix: str, max_retries: int | None) -> dict:
+def graph_for(args, dit: str, prefix: str, max_retries: int | None, pause: dict | None = None) -> dict:
+    """The job, guarded unless max_retries is None; with `pause` ({"signal", "ack", "call"}), devkit's model
+    fault node (inside the guard) pauses before that model call until the hog has grabbed."""
     graph = graphs.txt2img(seed=args.seed, width=args.width, height=args.height, steps=args.steps, cfg=args.cfg,
                            sampler="euler_ancestral", prefix=prefix, diffusion_model=dit, precision=args.precision)
     if max_retries is not None:
@@ -107,6 +109,9 @@ def graph_for(args, dit: str, prefix: str, max_retries: int | None) -> dict:
         graph["5"]["inputs"]["model"] = ["8", 0]
         graph["6"]["inputs"]["vae"] = ["8", 1]
     graph["9"] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"latents/{prefix}"}}
+    if pause is not None:
+        graph = graphs.with_faults(graph, {"pause_at_call": pause["call"], "pause_signal": pause["signal"],
+                                           "pause_ack": pause["ack"]})
     return graph
 
 
@@ -124,7 +129,7 @@ def _grab_on_signal(signal: Path, ack: Path, hog: Hog, out: dict, stop) -> None:
 
 def run(server, graph: dict, grab_at: int | None = None, hog: Hog | None = None, pause: dict | None = None) -> dict:
     """Queue the graph; when KSampler (node 5) reaches step `grab_at`, tell the hog to grab. With `pause`
-    ({"signal", "ack"} paths of the server's fault plan), grab when the server signals instead."""
+    ({"signal", "ack"} paths of the graph's fault plan, see graph_for), grab when the server signals instead."""
     import threading
 
     import websocket  # websocket-client
@@ -133,8 +138,6 @@ def run(server, graph: dict, grab_at: int | None = None, hog: Hog | None = None,
     if pause is not None and hog is not None:
         for p in (pause["signal"], pause["ack"]):
             Path(p).unlink(missing_ok=True)
-        Path(pause["plan"]).write_text(json.dumps({"pause_at_call": pause["call"], "pause_signal": pause["signal"],
-                                                   "pause_ack": pause["ack"]}))
         watcher = threading.Thread(target=_grab_on_signal, args=(Path(pause["signal"]), Path(pause["ack"]), hog,
                                                                  paused_grab, stop), daemon=True)
         watcher.start()
@@ -182,8 +185,6 @@ def run(server, graph: dict, grab_at: int | None = None, hog: Hog | None = None,
         result["error"] = str(e)[:3000]
     finally:
         stop.set()
-        if pause is not None:
-            Path(pause["plan"]).unlink(missing_ok=True)
         if watcher is not None:
             watcher.join(5)
             result["grab"] = paused_grab or None
@@ -231,7 +232,7 @@ def main() -> int:
     ap.add_argument("--budget-gib", type=float, help="hold all but this much GPU memory for the whole run")
     ap.add_argument("--grab-at-step", type=int, default=3, help="0: when KSampler starts; N: after step N")
     ap.add_argument("--grab-at-call", type=int, default=None,
-                    help="grab exactly before this model call (the server pauses there through the fault-plan "
+                    help="grab exactly before this model call (the server pauses there through devkit's fault "
                          "hook until the grab is done), so the call meets a real CUDA OOM")
     ap.add_argument("--leave-gib", type=float, default=0.5, help="free memory the grab leaves")
     ap.add_argument("--greedy", action="store_true", help="keep taking what the server frees after the grab")
@@ -267,14 +268,13 @@ def main() -> int:
 
     work = args.out / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
     budget = Hog(int((args.budget_gib + 0.6) * 2**30), immediate=True) if args.budget_gib else None
-    pause, env = None, None
+    pause = None
     if args.grab_at_call is not None:
         work.mkdir(parents=True, exist_ok=True)
-        # The plan file exists only while a disturbed run is queued (run() writes and removes it).
-        pause = {"signal": str(work / "pause.signal"), "ack": str(work / "pause.ack"),
-                 "plan": str(work / "fault-plan.json"), "call": args.grab_at_call}
-        env = {"NEWBIE_FAULT_PLAN": pause["plan"]}
-    server = harness.ComfyServer(host, work, models, extra_args=args.server_arg, cpu=False, env=env)
+        # Only the disturbed graphs carry the pause (devkit's fault node, which this server loads).
+        pause = {"signal": str(work / "pause.signal"), "ack": str(work / "pause.ack"), "call": args.grab_at_call}
+    server = harness.ComfyServer(host, work, models, extra_args=args.server_arg, cpu=False,
+                                 extra_nodes=[harness.FAULT_NODES] if pause else [])
     summary = {"host": harness.host_version(Path(host)), "gpu": torch.cuda.get_device_name(0),
                "args": {k: str(v) for k, v in vars(args).items()}, "budget_hog": budget and budget.first}
     try:
@@ -284,7 +284,8 @@ def main() -> int:
         print(f"[oom_recovery] undisturbed: {summary['undisturbed']['seconds']} s, "
               f"ok={summary['undisturbed']['ok']}", flush=True)
         hog = Hog(int(args.leave_gib * 2**30), greedy=args.greedy)
-        summary["disturbed"] = run(server, graph_for(args, dit, "disturbed", 7), args.grab_at_step, hog, pause)
+        summary["disturbed"] = run(server, graph_for(args, dit, "disturbed", 7, pause), args.grab_at_step, hog,
+                                   pause)
         d = summary["disturbed"]
         print(f"[oom_recovery] disturbed: {d['seconds']} s, ok={d['ok']}, recoveries={d['recoveries']}, "
               f"tiled VAE={d['comfy_tiled_vae']}", flush=True)
@@ -292,7 +293,7 @@ def main() -> int:
             summary["comparison"] = compare(summary["undisturbed"], d)
         if args.unguarded_too:
             hog = Hog(int(args.leave_gib * 2**30), greedy=args.greedy)
-            summary["unguarded_disturbed"] = u = run(server, graph_for(args, dit, "unguarded", None),
+            summary["unguarded_disturbed"] = u = run(server, graph_for(args, dit, "unguarded", None, pause),
                                                      args.grab_at_step, hog, pause)
             if u["ok"] and summary["undisturbed"]["ok"]:
                 summary["unguarded_comparison"] = compare(summary["undisturbed"], u)

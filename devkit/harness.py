@@ -19,6 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACK_NAME = "comfyui-newbie-lowvram"
+FAULT_NODES = REPO / "devkit" / "fault_nodes"  # test-only nodes that inject out-of-memory errors (devkit/faults.py)
 
 
 def find_hosts() -> dict[str, Path | None]:
@@ -57,12 +58,12 @@ class PromptFailed(Exception):
 
 
 class ComfyServer:
-    """Start with `start()`, stop with `stop()`; everything it writes goes under `workdir`."""
+    """Start with `start()`, stop with `stop()`; everything it writes goes under `workdir`. `extra_nodes`:
+    folders of custom nodes loaded beside the pack (e.g. FAULT_NODES), for this server only."""
 
-    def __init__(self, comfy_dir: Path, workdir: Path, models_root: Path, extra_args=(), cpu=True,
-                 env: dict | None = None):
+    def __init__(self, comfy_dir: Path, workdir: Path, models_root: Path, extra_args=(), cpu=True, extra_nodes=()):
         self.comfy_dir = Path(comfy_dir)
-        self.env = dict(env or {})  # extra environment variables for the server process
+        self.extra_nodes = [Path(p) for p in extra_nodes]
         self.workdir = Path(workdir)
         self.models_root = Path(models_root)
         self.extra_args = list(extra_args)
@@ -78,9 +79,10 @@ class ComfyServer:
     def _write_config(self) -> Path:
         custom = self.workdir / "custom_nodes"
         custom.mkdir(parents=True, exist_ok=True)
-        link = custom / PACK_NAME
-        if not link.exists():
-            link.symlink_to(REPO, target_is_directory=True)
+        for name, target in ((PACK_NAME, REPO), *((f"{PACK_NAME}-{p.name}", p) for p in self.extra_nodes)):
+            link = custom / name
+            if not link.exists():
+                link.symlink_to(target, target_is_directory=True)
         cfg = self.workdir / "extra_model_paths.yaml"
         lines = ["newbie_tests:", f"    base_path: {self.models_root}"]
         for folder in ("diffusion_models", "text_encoders", "vae", "diffusers", "loras", "checkpoints"):
@@ -105,7 +107,7 @@ class ComfyServer:
         if not any(a.startswith("--front-end-root") for a in self.extra_args) and "--real-front-end" not in self.extra_args:
             cmd += ["--front-end-root", str(self.workdir / "frontend")]
         cmd += [a for a in self.extra_args if a != "--real-front-end"]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)

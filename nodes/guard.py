@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..pipeline import oom_guard
+from ..pipeline.oom.attach import guard_model
+from ..pipeline.oom.guard import DEFAULT_MAX_RETRIES
+from ..pipeline.oom.vae import guard_vae
 from . import outputs
 
 
@@ -25,7 +27,7 @@ class NewBieOOMGuard(io.ComfyNode):
                              tooltip="Optional: a VAE to guard as well. A decode that runs out of memory is "
                                      "retried whole after freeing memory, before ComfyUI's tiled fallback "
                                      "(which can differ slightly at tile seams). Use the VAE output for VAEDecode."),
-                io.Int.Input("max_retries", default=oom_guard.DEFAULT_MAX_RETRIES, min=0, max=16,
+                io.Int.Input("max_retries", default=DEFAULT_MAX_RETRIES, min=0, max=16,
                              tooltip="Retries per model call, each after one more rung of the ladder: 1 empty the "
                                      "cache, 2 unload other models, 3 offload part of this model's weights, "
                                      "4+ split the batch. 0 turns recovery off (the error message stays)."),
@@ -46,9 +48,9 @@ class NewBieOOMGuard(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, max_retries, allow_batch_split, vae=None) -> io.NodeOutput:
-        guarded, guard = oom_guard.guard_model(model, max_retries, allow_batch_split, node_id=cls.hidden.unique_id)
+        guarded, guard = guard_model(model, max_retries, allow_batch_split, node_id=cls.hidden.unique_id)
         if vae is not None:
-            guarded_vae = oom_guard.guard_vae(vae, guard)
+            guarded_vae = guard_vae(vae, guard)
         else:
             (guarded_vae,) = outputs.unavailable(
                 cls.hidden.prompt, cls.hidden.unique_id, {1: "VAE"},

@@ -1,14 +1,12 @@
 """NewBieOOMGuard inside a real ComfyUI server: out-of-memory errors injected at chosen sampling steps and in
-VAE decoding (the NEWBIE_FAULT_PLAN test hook, pipeline/oom_guard.py) must leave the image an uninterrupted
-run gives: bit-identical where the retry ran the same computation, within 1e-3 relative where the batch was
-split (or ComfyUI tiled the decode). An unrecoverable fault fails that prompt only.
+VAE decoding (devkit's fault node, devkit/faults.py, loaded into this module's server only) must leave the image
+an uninterrupted run gives: bit-identical where the retry ran the same computation, within 1e-3 relative where
+the batch was split (or ComfyUI tiled the decode). An unrecoverable fault fails that prompt only.
 
 KSampler runs euler_ancestral, so a retry that drew noise again would change the image.
 Each case gives the guard its own max_retries, so ComfyUI's cache cannot serve a case from the one before.
 """
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -27,16 +25,14 @@ STEPS = 4
 
 @pytest.fixture(scope="module", params=LANES or ["none"])
 def fault_server(request, models_root, tmp_path_factory):
-    """A server of its own whose NEWBIE_FAULT_PLAN points at a file the tests rewrite between prompts."""
+    """A server of its own that also loads devkit's fault node (the shared one does not)."""
     lane = request.param
     host = HOSTS.get(lane)
     if host is None:
         pytest.skip("no ComfyUI host found; looked in " + harness.where_looked())
-    work = tmp_path_factory.mktemp(f"oom-{lane}")
-    plan = work / "fault_plan.json"
-    srv = harness.ComfyServer(host, work, models_root, env={"NEWBIE_FAULT_PLAN": str(plan)})
+    srv = harness.ComfyServer(host, tmp_path_factory.mktemp(f"oom-{lane}"), models_root,
+                              extra_nodes=[harness.FAULT_NODES])
     srv.lane = lane
-    srv.plan_path = plan
     srv.start()
     yield srv
     srv.stop()
@@ -71,12 +67,12 @@ class Result:
 
 
 def run_case(srv, prefix, max_retries, plan: dict | None, **graph_args) -> Result:
-    if plan is None:
-        srv.plan_path.unlink(missing_ok=True)
-    else:
-        srv.plan_path.write_text(json.dumps(plan))
+    """One prompt; with a fault plan (devkit/faults.py), devkit's fault node goes into its graph."""
+    graph = guarded_txt2img(f"{prefix}-{srv.lane}", max_retries, **graph_args)
+    if plan is not None:
+        graph = graphs.with_faults(graph, plan)
     start = srv.log_path.stat().st_size if srv.log_path.exists() else 0
-    entry = srv.run(guarded_txt2img(f"{prefix}-{srv.lane}", max_retries, **graph_args))
+    entry = srv.run(graph)
     with open(srv.log_path, "rb") as f:
         f.seek(start)
         log_text = f.read().decode(errors="replace")
@@ -132,7 +128,7 @@ def test_retried_steps_give_the_same_image(fault_server, reference, case, max_re
     assert recovered_steps(result) == steps, result.log
     assert result.recoveries >= len(steps)
     assert f"on retry {plan.get('times', 1)} after" in result.log
-    assert "Injected by the NEWBIE_FAULT_PLAN test hook" in result.log
+    assert "Injected by devkit's fault plan" in result.log
     assert_identical(result, reference)
 
 
@@ -174,7 +170,7 @@ def test_unrecoverable_fault_fails_only_that_prompt(fault_server, reference):
     assert "Try a smaller resolution" in message, message
     # The whole ladder ran first; a one-row call (cond and uncond apart, as NewBie's prompts are) has no split.
     assert "after 3 retry(ies)" in message and "no batch split possible: the batch has a single row" in message
-    # The server goes on serving: the next prompt (fault plan gone) gives the reference image.
+    # The server goes on serving: the next prompt (no fault node) gives the reference image.
     assert fault_server.alive()
     after = run_case(fault_server, "after-unrecoverable", 15, None)
     assert after.recoveries == 0
@@ -182,7 +178,10 @@ def test_unrecoverable_fault_fails_only_that_prompt(fault_server, reference):
 
 
 def test_guard_schema_has_tooltips_and_outputs(fault_server):
-    info = fault_server.get("/object_info")["NewBieOOMGuard"]
+    nodes = fault_server.get("/object_info")
+    info = nodes["NewBieOOMGuard"]
+    # devkit's fault node comes from this server's extra folder, not from the pack
+    assert nodes["NewBieDevkitFaults"]["python_module"].split(".")[-1] != harness.PACK_NAME
     assert info["display_name"] == "OOM Guard" and info["category"] == "NewBie"
     assert info["output"] == ["MODEL", "VAE", "STRING"]
     for section in ("required", "optional"):

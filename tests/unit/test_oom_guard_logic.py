@@ -1,4 +1,5 @@
-"""The OOM recovery ladder, the batch split and the fault plan on toy callables (pipeline/oom_guard.py).
+"""The OOM recovery ladder, the batch split and devkit's injected faults on toy callables (pipeline/oom/,
+devkit/faults.py).
 
 No ComfyUI here: the memory rungs get a fake in place of ComfyUI's model management, and the "model" is a
 row-wise function, so a split batch must give exactly the whole batch's result.
@@ -9,7 +10,11 @@ import logging
 import pytest
 import torch
 
-from pipeline import oom_guard as og
+from devkit import faults
+from pipeline.oom import calls, ladder, report
+from pipeline.oom.guard import OOMGuard, OOMUnrecoverable
+from pipeline.oom.memory import ComfyMemory, is_oom
+from pipeline.oom.vae import guard_vae
 
 
 class FakeMemory:
@@ -35,7 +40,7 @@ class FakeMemory:
 
     def offload_weights(self, amount):
         self.done.append("offload_weights")
-        return f"moved {og.fmt_bytes(amount)} of weights"
+        return f"moved {report.fmt_bytes(amount)} of weights"
 
 
 def oom(text="CUDA out of memory. Tried to allocate 2.00 GiB."):
@@ -62,13 +67,17 @@ class ToyModel:
 
 
 class Executor:
-    """Plays ComfyUI's WrapperExecutor: callable, with the wrapped model as class_obj."""
+    """Plays ComfyUI's WrapperExecutor: callable, with the wrapped model as class_obj; the wrappers in `inner`
+    run inside the one it is handed to, the first outermost."""
 
-    def __init__(self, model, base_model=None):
+    def __init__(self, model, base_model=None, inner=()):
         self.model = model
         self.class_obj = base_model
+        self.inner = list(inner)
 
     def __call__(self, *args, **kwargs):
+        if self.inner:
+            return self.inner[0](Executor(self.model, self.class_obj, self.inner[1:]), *args, **kwargs)
         return self.model(*args, **kwargs)
 
 
@@ -89,18 +98,20 @@ def inputs(batch=2, chunks=2, seed=0):
     return x, t, cross, pooled, opts
 
 
-def call_guard(guard, model, batch=2, chunks=2, seed=0):
+def call_guard(guard, model, batch=2, chunks=2, seed=0, model_faults=None):
+    """One model call through the guard's APPLY_MODEL wrapper (and inside it devkit's, when given)."""
     x, t, cross, pooled, opts = inputs(batch, chunks, seed)
-    return guard.apply_model(Executor(model, BaseModel()), x, t, None, cross, None, opts, pooled=pooled)
+    inner = [model_faults.apply_model] if model_faults is not None else []
+    return guard.apply_model(Executor(model, BaseModel(), inner), x, t, None, cross, None, opts, pooled=pooled)
+
+
+def sample(guard, model_faults, run):
+    """A sampling run: both OUTER_SAMPLE wrappers around `run`, the guard's outermost."""
+    return guard.outer_sample(lambda: model_faults.outer_sample(run))
 
 
 def new_guard(**kw):
-    return og.OOMGuard(memory=FakeMemory, **kw)
-
-
-@pytest.fixture(autouse=True)
-def no_fault_plan(monkeypatch):
-    monkeypatch.delenv(og.FAULT_PLAN_ENV, raising=False)
+    return OOMGuard(memory=FakeMemory, **kw)
 
 
 # -- the ladder --------------------------------------------------------------------------------------------
@@ -125,7 +136,7 @@ def _kw(batch=2, chunks=2):
                                             (3, ["empty_cache", "free_models", "offload_weights"])])
 def test_retry_after_memory_rungs_is_bit_identical(failures, rungs):
     memory = FakeMemory()
-    guard = og.OOMGuard(memory=lambda *args: memory)
+    guard = OOMGuard(memory=lambda *args: memory)
     reference = ToyModel()(*_positional(), **_kw())
     model = ToyModel(fail_first=failures)
     out = call_guard(guard, model)
@@ -167,41 +178,41 @@ def test_split_goes_on_halving_rows_within_chunks():
 
 def test_split_sizes_keep_pieces_aligned_with_chunks():
     x = torch.zeros(6, 1)
-    call = og.ModelCall(x, torch.zeros(6), transformer_options={"cond_or_uncond": [0, 1]})
+    call = calls.ModelCall(x, torch.zeros(6), transformer_options={"cond_or_uncond": [0, 1]})
     assert call.split_sizes() == [3, 1]
-    call = og.ModelCall(torch.zeros(2, 1), torch.zeros(2), transformer_options={"cond_or_uncond": [0, 1]})
+    call = calls.ModelCall(torch.zeros(2, 1), torch.zeros(2), transformer_options={"cond_or_uncond": [0, 1]})
     assert call.split_sizes() == [1]
-    call = og.ModelCall(torch.zeros(1, 1), torch.zeros(1), transformer_options={"cond_or_uncond": [0]})
-    with pytest.raises(og.SplitImpossible):
+    call = calls.ModelCall(torch.zeros(1, 1), torch.zeros(1), transformer_options={"cond_or_uncond": [0]})
+    with pytest.raises(calls.SplitImpossible):
         call.check_splittable()
 
 
 def test_split_refused_with_controlnet_or_odd_inputs():
-    call = og.ModelCall(torch.zeros(2, 1), torch.zeros(2), control=object())
-    with pytest.raises(og.SplitImpossible, match="ControlNet"):
+    call = calls.ModelCall(torch.zeros(2, 1), torch.zeros(2), control=object())
+    with pytest.raises(calls.SplitImpossible, match="ControlNet"):
         call.check_splittable()
-    call = og.ModelCall(torch.zeros(2, 1), torch.zeros(2), kwargs={"odd": torch.zeros(3, 1)})
-    with pytest.raises(og.SplitImpossible, match="'odd' has 3 rows"):
+    call = calls.ModelCall(torch.zeros(2, 1), torch.zeros(2), kwargs={"odd": torch.zeros(3, 1)})
+    with pytest.raises(calls.SplitImpossible, match="'odd' has 3 rows"):
         call.check_splittable()
 
 
 def test_no_split_when_not_allowed_exhausts_with_a_message():
     guard = new_guard(allow_batch_split=False)
     model = ToyModel(fail_first=99)
-    with pytest.raises(og.OOMUnrecoverable) as err:
+    with pytest.raises(OOMUnrecoverable) as err:
         call_guard(guard, model)
     assert len(model.calls) == 4  # first try + the three memory rungs
     text = str(err.value)
     assert "step 2/4 (model call 0)" in text
     assert "needs about 2.00 GiB" in text and "3.00 GiB is free on cpu of 8.00 GiB" in text
     assert "allow_batch_split" in text and "smaller resolution" in text
-    assert isinstance(err.value, torch.OutOfMemoryError) and og.is_oom(err.value)
+    assert isinstance(err.value, torch.OutOfMemoryError) and is_oom(err.value)
 
 
 def test_max_retries_zero_fails_at_once_with_a_message():
     guard = new_guard(max_retries=0)
     model = ToyModel(fail_first=1)
-    with pytest.raises(og.OOMUnrecoverable, match="no retries allowed: max_retries is 0"):
+    with pytest.raises(OOMUnrecoverable, match="no retries allowed: max_retries is 0"):
         call_guard(guard, model)
     assert len(model.calls) == 1
 
@@ -229,13 +240,13 @@ def test_call_with_recovery_runs_rungs_outside_the_except_block():
         seen.append(sys.exc_info()[0])
         return "did something"
 
-    done = og.call_with_recovery(attempt, lambda: [og.Rung("a", rung), og.Rung("b", rung)], max_retries=5)
+    done = ladder.call_with_recovery(attempt, lambda: [ladder.Rung("a", rung), ladder.Rung("b", rung)], max_retries=5)
     assert done.value == "ok" and done.retries == 2 and seen == [None, None]
 
 
 def test_recovery_is_logged_with_step_and_count(caplog):
     guard = new_guard()
-    with caplog.at_level(logging.INFO, logger=og.log.name):
+    with caplog.at_level(logging.INFO, logger="pipeline.oom"):
         call_guard(guard, ToyModel(fail_first=1))
         call_guard(guard, ToyModel(fail_first=2))
     recovered = [r.getMessage() for r in caplog.records if "recovered" in r.getMessage()]
@@ -244,60 +255,62 @@ def test_recovery_is_logged_with_step_and_count(caplog):
     assert "Recovery #2" in recovered[1]
 
 
-# -- fault plan --------------------------------------------------------------------------------------------
+# -- injected faults (devkit/faults.py) ----------------------------------------------------------------------
 
-def _plan(tmp_path, monkeypatch, **plan):
-    path = tmp_path / "plan.json"
-    path.write_text(json.dumps(plan))
-    monkeypatch.setenv(og.FAULT_PLAN_ENV, str(path))
-    return path
+def plan(**keys):
+    return faults.FaultPlan.parse(json.dumps(keys))
 
 
-def test_fault_plan_absent_file_means_no_faults(tmp_path, monkeypatch):
-    monkeypatch.setenv(og.FAULT_PLAN_ENV, str(tmp_path / "missing.json"))
-    assert og.FaultPlan.load() is None
+def test_fault_plan_rejects_unknown_keys():
+    with pytest.raises(faults.FaultPlanError, match="unknown keys \\['step'\\]"):
+        plan(step=[1])
+    with pytest.raises(faults.FaultPlanError, match="cannot read the fault plan"):
+        faults.FaultPlan.parse("steps: [1]")
 
 
-def test_fault_plan_rejects_unknown_keys(tmp_path, monkeypatch):
-    _plan(tmp_path, monkeypatch, step=[1])
-    with pytest.raises(og.FaultPlanError, match="unknown keys \\['step'\\]"):
-        og.FaultPlan.load()
+def test_fault_plan_steps_count_from_the_end():
+    chosen = plan(steps=[-1], model_calls=[0])
+    assert chosen.targets_model_call(7, 3, 4) and not chosen.targets_model_call(7, 2, 4)
+    assert chosen.targets_model_call(0, None, None)
 
 
-def test_fault_plan_steps_count_from_the_end(tmp_path, monkeypatch):
-    _plan(tmp_path, monkeypatch, steps=[-1], model_calls=[0])
-    plan = og.FaultPlan.load()
-    assert plan.targets_model_call(7, 3, 4) and not plan.targets_model_call(7, 2, 4)
-    assert plan.targets_model_call(0, None, None)
-
-
-def test_injected_fault_is_a_genuine_oom_raised_before_the_model_runs(tmp_path, monkeypatch):
-    _plan(tmp_path, monkeypatch, steps=[1], times=2)
-    guard, model = new_guard(), ToyModel()
-    out = guard.outer_sample(lambda: call_guard(guard, model))
+def test_injected_fault_is_a_genuine_oom_raised_before_the_model_runs():
+    guard, model, model_faults = new_guard(), ToyModel(), faults.ModelFaults(plan(steps=[1], times=2))
+    out = sample(guard, model_faults, lambda: call_guard(guard, model, model_faults=model_faults))
     assert torch.equal(out, ToyModel()(*_positional(), **_kw()))
     assert len(model.calls) == 1  # the two injected failures never reached the model
     assert guard.events[0].retries == 2
 
 
-def test_unrecoverable_fault_plan_fails_every_attempt(tmp_path, monkeypatch):
-    _plan(tmp_path, monkeypatch, steps=[1], unrecoverable=True)
-    guard, model = new_guard(), ToyModel()
-    with pytest.raises(og.OOMUnrecoverable) as err:
-        guard.outer_sample(lambda: call_guard(guard, model))
+def test_unrecoverable_fault_plan_fails_every_attempt():
+    guard, model, model_faults = new_guard(), ToyModel(), faults.ModelFaults(plan(steps=[1], unrecoverable=True))
+    with pytest.raises(OOMUnrecoverable) as err:
+        sample(guard, model_faults, lambda: call_guard(guard, model, model_faults=model_faults))
     assert model.calls == []
     text = str(err.value)
     assert "after 4 retry(ies)" in text and "split the batch of 2" in text and "Injected" in text
 
 
-def test_fault_plan_is_reread_for_each_sampling_run(tmp_path, monkeypatch):
-    path = _plan(tmp_path, monkeypatch, model_calls=[0])
-    guard = new_guard()
-    guard.outer_sample(lambda: call_guard(guard, ToyModel()))
-    assert guard.recoveries == 1
-    path.unlink()
-    guard.outer_sample(lambda: call_guard(guard, ToyModel()))
-    assert guard.recoveries == 1
+def test_retries_and_split_pieces_are_attempts_at_the_same_call():
+    """Four failures, then the pieces of the split call: the pieces are the fifth attempt, not new calls."""
+    guard, model, model_faults = new_guard(), ToyModel(), faults.ModelFaults(plan(model_calls=[0], times=4))
+    out = sample(guard, model_faults, lambda: call_guard(guard, model, model_faults=model_faults))
+    assert torch.allclose(out, ToyModel()(*_positional(), **_kw()), rtol=1e-6, atol=0)
+    assert model.calls == [(1, [1]), (1, [0])]
+    assert guard.recoveries == 1 and guard.events[0].retries == 4
+
+
+def test_model_calls_are_counted_from_0_in_each_sampling_run():
+    guard, model_faults = new_guard(), faults.ModelFaults(plan(model_calls=[1]))
+
+    def two_calls():
+        call_guard(guard, ToyModel(), seed=0, model_faults=model_faults)
+        call_guard(guard, ToyModel(), seed=1, model_faults=model_faults)
+
+    sample(guard, model_faults, two_calls)
+    assert [e.where for e in guard.events] == ["step 2/4 (model call 1)"]
+    sample(guard, model_faults, two_calls)
+    assert guard.recoveries == 2
 
 
 # -- VAE -----------------------------------------------------------------------------------------------------
@@ -334,7 +347,7 @@ def test_guarded_vae_retries_decode_and_leaves_the_input_vae_alone():
     decoder = ToyDecoder(fail_first=2)
     vae = ToyVAE(decoder)
     guard = new_guard()
-    guarded = og.guard_vae(vae, guard)
+    guarded = guard_vae(vae, guard)
     assert vae.first_stage_model is decoder
     z = torch.randn(1, 16, 4, 4)
     assert torch.equal(guarded.first_stage_model.decode(z), z * 3)
@@ -347,17 +360,16 @@ def test_guarded_vae_retries_decode_and_leaves_the_input_vae_alone():
 
 def test_guarded_vae_gives_up_with_an_oom_so_comfyui_can_tile():
     decoder = ToyDecoder(fail_first=99)
-    guarded = og.guard_vae(ToyVAE(decoder), new_guard())
+    guarded = guard_vae(ToyVAE(decoder), new_guard())
     with pytest.raises(torch.OutOfMemoryError, match="VAE decode"):
         guarded.first_stage_model.decode(torch.zeros(1, 16, 4, 4))
     assert decoder.calls == 3  # first try + empty cache + unload other models
 
 
-def test_vae_fault_plan_counts_attempts_per_prompt(tmp_path, monkeypatch):
-    _plan(tmp_path, monkeypatch, vae_decode=True, times=1)
+def test_vae_fault_plan_counts_attempts_per_prompt():
     decoder = ToyDecoder()
     guard = new_guard()
-    guarded = og.guard_vae(ToyVAE(decoder), guard)
+    guarded = guard_vae(faults.inject_vae_faults(ToyVAE(decoder), plan(vae_decode=True, times=1)), guard)
     guarded.first_stage_model.decode(torch.zeros(1, 16, 4, 4))
     guarded.first_stage_model.decode(torch.zeros(1, 16, 4, 4))  # same prompt: the one fault is spent
     assert decoder.calls == 2 and guard.recoveries == 1
@@ -366,16 +378,16 @@ def test_vae_fault_plan_counts_attempts_per_prompt(tmp_path, monkeypatch):
 # -- helpers -------------------------------------------------------------------------------------------------
 
 def test_requested_bytes_reads_cuda_messages():
-    assert og.requested_bytes("CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0") == int(2.5 * (1 << 30))
-    assert og.requested_bytes("Tried to allocate 20.00 MiB") == 20 << 20
-    assert og.requested_bytes("something else") is None
+    assert report.requested_bytes("CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0") == int(2.5 * (1 << 30))
+    assert report.requested_bytes("Tried to allocate 20.00 MiB") == 20 << 20
+    assert report.requested_bytes("something else") is None
 
 
 def test_step_of_finds_the_sigma_in_the_schedule():
     schedule = torch.tensor([14.6, 7.0, 3.0, 1.0, 0.0])
-    assert og.step_of({"sample_sigmas": schedule, "sigmas": torch.tensor([3.0, 3.0])}) == (2, 4)
-    assert og.step_of({"sample_sigmas": schedule, "sigmas": torch.tensor([2.0])}) == (None, 4)
-    assert og.step_of({}) == (None, None)
+    assert calls.step_of({"sample_sigmas": schedule, "sigmas": torch.tensor([3.0, 3.0])}) == (2, 4)
+    assert calls.step_of({"sample_sigmas": schedule, "sigmas": torch.tensor([2.0])}) == (None, 4)
+    assert calls.step_of({}) == (None, None)
 
 
 # -- ComfyUI's memory functions, against a stand-in for comfy.model_management -------------------------------
@@ -433,7 +445,7 @@ def test_unloading_other_models_keeps_what_the_sampling_run_uses(monkeypatch):
     sibling = FakePatcher("dit-clone", base=ours.model)  # another clone of the same model
     mm = FakeModelManagement([text_encoder, sibling, controlnet, ours])
     monkeypatch.setitem(__import__("sys").modules, "comfy.model_management", mm)
-    memory = og.ComfyMemory(ours, "cuda:0", in_use=[controlnet])
+    memory = ComfyMemory(ours, "cuda:0", in_use=[controlnet])
     text = memory.free_other_models()
     assert mm.freed_with[1] == torch.device("cuda:0")
     assert sorted(mm.freed_with[2]) == ["controlnet", "dit", "dit-clone"]
@@ -443,20 +455,20 @@ def test_unloading_other_models_keeps_what_the_sampling_run_uses(monkeypatch):
 def test_offloading_weights_moves_part_of_this_model(monkeypatch):
     ours = FakePatcher("dit", loaded=4 << 30)
     monkeypatch.setitem(__import__("sys").modules, "comfy.model_management", FakeModelManagement([ours]))
-    text = og.ComfyMemory(ours, "cuda:0").offload_weights(3 << 30)
+    text = ComfyMemory(ours, "cuda:0").offload_weights(3 << 30)
     assert ours.unloaded == [(torch.device("cpu"), 3 << 30)]
     assert text.startswith("moved 3.00 GiB of this model's weights to cpu (1.00 GiB stay on cuda:0")
 
 
 def test_memory_rungs_on_the_cpu_free_nothing():
-    memory = og.ComfyMemory(None, "cpu")
+    memory = ComfyMemory(None, "cpu")
     assert "CPU" in memory.empty_cache()
     assert "CPU" in memory.free_other_models()
     assert "CPU" in memory.offload_weights(1 << 30)
 
 
 def test_report_describes_the_ladder():
-    text = og.OOMGuard(max_retries=5, allow_batch_split=False).describe(vae_guarded=True, device="cpu")
+    text = OOMGuard(max_retries=5, allow_batch_split=False).describe(vae_guarded=True, device="cpu")
     assert "up to 5 retries" in text and "split" not in text.split("\n")[0]
     assert "VAE: guarded" in text and "shown on this node as they happen" in text
     assert "so far" not in text, "made before sampling, the report cannot count recoveries"
