@@ -1,5 +1,5 @@
 """Hold all free GPU memory except BUDGET GiB (+0.6 GiB of slack), so that a second process sees the free
-memory of a smaller card (shared/baseline.md's method). Prints READY once holding; exits on stdin EOF/kill."""
+memory of a smaller card (a second process holding the rest). Prints READY once holding; exits on stdin EOF/kill."""
 import sys
 import time
 

@@ -7,8 +7,8 @@ NewBieLoader -> NewBieOOMGuard -> CLIPTextEncode x2 -> EmptySD3LatentImage -> KS
 2. disturbed: when the KSampler reports step --grab-at-step (0: as soon as KSampler starts, before the
    model is loaded), a second process takes the GPU's free memory down to --leave-gib and holds it to the end
    (--greedy: it keeps taking whatever the server frees, like a co-tenant ramping up).
-Optionally (--budget-gib) a third process holds everything but that budget for the whole run, as in
-shared/baseline.md, and (--unguarded-too) the disturbed job runs once more without the guard, to show what
+Optionally (--budget-gib) a third process holds everything but that budget for the whole run, as
+bench/run.py does, and (--unguarded-too) the disturbed job runs once more without the guard, to show what
 upstream does in the same situation.
 
 Prints, and writes to <work>/summary.json: the guard's recoveries (from the server log), whether ComfyUI fell

@@ -1,5 +1,5 @@
 """Side-by-side benchmark on a CUDA machine: the pack's graph vs upstream ComfyUI's native NewBie graph, in one
-run, on the same full-size random weights (shared/baseline.md's method).
+run, on the same full-size random weights (the same graphs, weights and budgets for both).
 
 For each configuration: a fresh ComfyUI server (optionally under a memory budget: a second process holds all
 free GPU memory but BUDGET + 0.6 GiB), one cold prompt and then --warm warm prompts (a new seed each), recording

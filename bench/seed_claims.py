@@ -1,4 +1,4 @@
-"""The seed article's three memory claims, measured (shared/newbie.md, "Claims in the seed article"):
+"""The seed article's three memory claims, measured (the article NewBie's low-VRAM claims came from):
 
 1. "bf16 with flash-attn costs 1.2 GB more than fp16": attention at NewBie's shapes (1024²: 4096 image tokens +
    caption tokens, 24 heads of 96, CFG batch 2) through each SDPA kernel (flash, memory-efficient, math) in fp16

@@ -23,7 +23,7 @@ FAULT_NODES = REPO / "devkit" / "fault_nodes"  # test-only nodes that inject out
 
 
 def find_hosts() -> dict[str, Path | None]:
-    """The primary host (v0.33.0 line) and the legacy lane (v0.8.0), as shared/host.md describes."""
+    """The primary host (v0.33.0 line) and the legacy lane (v0.8.0)."""
     primary = None
     for cand in (os.environ.get("COMFYUI_PATH"), str(Path.home() / "comfy" / "ComfyUI"), str(REPO.parents[1])):
         if cand and (Path(cand) / "main.py").exists() and (Path(cand) / "comfy").is_dir():

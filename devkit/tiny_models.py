@@ -95,7 +95,7 @@ TINY = ModelSpec(
                   num_attention_heads=2, tokenizer_vocab=400),
 )
 
-# NewBie-image-Exp0.1's real dimensions (shared/newbie.md); random values.
+# NewBie-image-Exp0.1's real dimensions (the official transformer/config.json); random values.
 FULL = ModelSpec(
     name="newbie-full-random",
     dit=DiTSpec(dim=2304, n_layers=36, n_refiner_layers=2, n_heads=24, n_kv_heads=8, ffn_dim=9216,

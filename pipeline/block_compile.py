@@ -18,8 +18,8 @@ the first run pay and the next ones not.
 A compiled model is held by ComfyUI's non-dynamic ModelPatcher (the loader picks it, as upstream's
 TorchCompileModel does with `clone(disable_dynamic=True)`): under dynamic VRAM every Linear fetches its weight
 through comfy-aimdo on each call, which Dynamo cannot trace, so each block fell apart into many small graphs and
-ran about 3x slower than eager (measured, shared/baseline.md). With the plain patcher a resident block's weights
-are ordinary parameters and the block is one graph.
+ran about 3x slower than eager (measured on an H200: 14.0 s against 4.8 s a warm image; bench/results/NOTES.md).
+With the plain patcher a resident block's weights are ordinary parameters and the block is one graph.
 
 `auto` (the loader's default) compiles where it pays and can run: a CUDA device with Triton, and room on the GPU
 for the DiT's weights plus a call's activations. On a CPU it stays eager (Inductor's C++ backend would need a

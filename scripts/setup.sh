@@ -24,7 +24,7 @@ pip() { "$venv/bin/python" -m pip "$@"; }
 quiet() { grep -v -E "is ignored: it is neither|^$" || true; }
 
 # ComfyUI imports torchaudio at start-up; torch 2.9.1 is the release line with matching torchvision and
-# torchaudio wheels on PyPI for x86_64 and aarch64 (shared/host.md).
+# torchaudio wheels on PyPI for x86_64 and aarch64.
 if ! "$venv/bin/python" -c "import torch, torchvision, torchaudio" 2>/dev/null; then
   echo "[setup] installing torch 2.9.1, torchvision, torchaudio (several GB the first time)"
   pip install -q torch==2.9.1 torchvision==0.24.1 2>&1 | quiet
@@ -40,7 +40,7 @@ else
   # Without a host the pure-logic tests still run; these are the packages they import.
   reqs+=("safetensors" "sentencepiece" "numpy" "pillow")
   echo "[setup] !!! no ComfyUI host found (looked at \$COMFYUI_PATH, ~/comfy/ComfyUI, $here/../..);" \
-       "host tests will be skipped. See shared/host.md or the README to get one."
+       "host tests will be skipped. See the README to get one."
 fi
 pip install -q "${reqs[@]}" 2>&1 | quiet
 bash "$here/scripts/install_browser.sh" || true   # Chromium + playwright-core for tests/browser; never fails
