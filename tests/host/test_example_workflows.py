@@ -39,9 +39,10 @@ def _small(prompt: dict) -> dict:
     return out
 
 
-def test_examples_cover_the_six_cases():
-    assert [p.stem for p in EXAMPLES] == ["newbie_16gb_basic", "newbie_8gb_low_vram", "newbie_batch_oom_guard_warmup",
-                                          "newbie_lora", "newbie_no_bf16_fp16", "newbie_two_characters"]
+def test_examples_cover_the_seven_cases():
+    assert [p.stem for p in EXAMPLES] == ["newbie_16gb_basic", "newbie_8gb_fp8", "newbie_8gb_low_vram",
+                                          "newbie_batch_oom_guard_warmup", "newbie_lora", "newbie_no_bf16_fp16",
+                                          "newbie_two_characters"]
     assert sorted(p.name for p in TWINS.glob("*.json")) == [p.name for p in EXAMPLES]
 
 
@@ -53,7 +54,8 @@ def test_example_names_the_public_files_and_keeps_real_settings(example):
     assert budget == 0, "examples leave residency to ComfyUI (vram_budget_gb is for GPUs shared with other apps)"
     assert compile_mode == "auto", "examples compile on a CUDA GPU and stay eager on a CPU (the loader default)"
     assert [dit, gemma, jina, vae] == list(ui_to_api.PUBLIC_TO_TINY)
-    assert precision == ("fp16" if "fp16" in example.stem or "8gb" in example.stem else "bf16")
+    expected = "fp8" if "fp8" in example.stem else "fp16" if "fp16" in example.stem or "8gb" in example.stem else "bf16"
+    assert precision == expected
     width, height, _ = nodes["EmptySD3LatentImage"]["widgets_values"]
     assert width * height >= 1024 * 832
     steps = [n["widgets_values"][2] for n in workflow["nodes"] if n["type"] == "KSampler"] + \
