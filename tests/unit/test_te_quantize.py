@@ -83,3 +83,13 @@ def test_full_width_gemma_conditioning_error_beats_a_plain_fp8_cast(tiny_parts):
     # measured: fp8 0.136, int8 0.048, plain fp8 cast 0.259 (pipeline/te_quantize.py)
     assert err["fp8"] < 0.16 and err["int8"] < 0.06, err
     assert err["fp8"] < 0.6 * err["plain fp8"] and err["int8"] < 0.25 * err["plain fp8"], err
+
+
+def test_host_without_quantized_text_encoders_names_the_option_and_the_fix(tiny_parts, monkeypatch):
+    """Both supported hosts read model_options["quantization_metadata"]; one that did not must say so before
+    anything is quantized (the probe itself is asked of the real host on both lanes by tests/host/test_quantized.py)."""
+    from pipeline import compat
+
+    monkeypatch.setattr(compat, "_text_encoder_takes_quantization_metadata", lambda: False)
+    with pytest.raises(compat.QuantizationUnavailable, match="text_encoder_precision 'fp8' needs .*Update ComfyUI"):
+        _clip(tiny_parts, "fp8")
