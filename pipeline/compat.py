@@ -57,9 +57,14 @@ class QuantizationUnavailable(RuntimeError):
     """The host ComfyUI lacks what a quantized precision needs."""
 
 
-def _quant_algo(fmt: str, precision: str) -> dict:
+# The loader input a quantized precision was picked in -> what to pick instead on a host without it.
+_INSTEAD = {"precision": "precision fp16 or bf16", "text_encoder_precision": "text_encoder_precision auto"}
+
+
+def _quant_algo(fmt: str, precision: str, option: str = "precision") -> dict:
     """ComfyUI's definition of a quantized format (comfy.quant_ops.QUANT_ALGOS), with its layout class present
-    (comfy_kitchen imported) and the mixed-precision operations that load it; else a clear error."""
+    (comfy_kitchen imported) and the mixed-precision operations that load it; else a clear error naming the
+    loader's `option` where it was picked."""
     import comfy.ops
     import comfy.quant_ops as quant_ops
     import comfy.utils
@@ -74,18 +79,48 @@ def _quant_algo(fmt: str, precision: str) -> dict:
         missing = "mixed-precision operations (comfy.ops.mixed_precision_ops)"
     if missing:
         raise QuantizationUnavailable(
-            f"precision '{precision}' needs {missing}, which this ComfyUI does not have. Update ComfyUI (and "
-            f"install its requirements, comfy-kitchen included), or pick precision fp16 or bf16.")
+            f"{option} '{precision}' needs {missing}, which this ComfyUI does not have. Update ComfyUI (and "
+            f"install its requirements, comfy-kitchen included), or pick {_INSTEAD[option]}.")
     return algo
 
 
-def quant_layout(fmt: str, precision: str):
+def quant_layout(fmt: str, precision: str, option: str = "precision"):
     """The layout class ComfyUI uses for `fmt` (e.g. TensorCoreFP8E4M3Layout for float8_e4m3fn)."""
     import comfy.quant_ops as quant_ops
 
-    return quant_ops.get_layout_class(_quant_algo(fmt, precision)["comfy_tensor_layout"])
+    return quant_ops.get_layout_class(_quant_algo(fmt, precision, option)["comfy_tensor_layout"])
 
 
 def quant_storage_dtype(fmt: str, precision: str):
     return _quant_algo(fmt, precision)["storage_t"]
 
+
+
+@functools.cache
+def _text_encoder_takes_quantization_metadata() -> bool:
+    """Whether comfy.sd1_clip.SDClipModel builds ComfyUI's mixed-precision operations from
+    model_options["quantization_metadata"] (how comfy.sd loads a quantized text-encoder file). Asked of the class
+    itself: an SDClipModel around a stand-in transformer that only records the operations it was given."""
+    import comfy.sd1_clip
+    import torch
+
+    class _Recorder(torch.nn.Module):
+        num_layers = 1
+
+        def __init__(self, config, dtype, device, operations):
+            super().__init__()
+            self.operations = operations
+
+    probe = comfy.sd1_clip.SDClipModel(textmodel_json_config={}, model_class=_Recorder,
+                                       model_options={"quantization_metadata": {"mixed_ops": True}})
+    return getattr(probe.transformer.operations, "_quant_config", None) is not None
+
+
+def require_text_encoder_quantization(precision: str) -> None:
+    """A quantized text encoder needs the host to read model_options["quantization_metadata"]; else a clear
+    error naming the loader's input and the fix."""
+    if not _text_encoder_takes_quantization_metadata():
+        raise QuantizationUnavailable(
+            f"text_encoder_precision '{precision}' needs ComfyUI's quantized text encoders (model_options "
+            f"'quantization_metadata' read by comfy.sd1_clip.SDClipModel), which this ComfyUI does not have. "
+            f"Update ComfyUI, or pick {_INSTEAD['text_encoder_precision']}.")

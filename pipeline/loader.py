@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from . import (block_compile, checkpoint, compat, detect, precision as precision_mod, prompt_limits, quantize, vae_memory,
-               vram_budget)
+from . import (block_compile, checkpoint, compat, detect, precision as precision_mod, prompt_limits, quantize,
+               te_quantize, vae_memory, vram_budget)
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 TOKENIZER_INPUT = "prompt text (given to NewBie's CLIP)"
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# The DiT also takes ComfyUI's quantized formats (pipeline/quantize.py); the text encoders only PRECISIONS.
+# The DiT also takes ComfyUI's quantized formats (pipeline/quantize.py); so does Gemma (pipeline/te_quantize.py).
 DIT_PRECISIONS = [*PRECISIONS, *quantize.FORMATS]
+TE_PRECISIONS = ["auto", *PRECISIONS, *quantize.FORMATS]
 
 EXPECT = {
     "dit": "a NewBie-image DiT (.safetensors, e.g. NewBie-Image-Exp0.1-bf16.safetensors)",
@@ -287,8 +288,9 @@ def dit_weight_bytes(parts: NewBieParts, precision: str) -> int:
     return sum(v.numel() for v in parts.dit.values()) * PRECISIONS[precision].itemsize
 
 
-def _te_classes(gemma_cfg: dict, jina_cfg: dict):
-    """Text-encoder classes like ComfyUI's NewBieTEModel, built with the dimensions found in the files."""
+def _te_classes(gemma_cfg: dict, jina_cfg: dict, gemma_options: dict):
+    """Text-encoder classes like ComfyUI's NewBieTEModel, built with the dimensions found in the files.
+    gemma_options: model_options for Gemma only (a quantized Gemma's `quantization_metadata`)."""
     import comfy.sd1_clip
     import comfy.text_encoders.jina_clip_2 as jina
     import comfy.text_encoders.llama as llama
@@ -300,7 +302,7 @@ def _te_classes(gemma_cfg: dict, jina_cfg: dict):
             super().__init__(device=device, layer="hidden", layer_idx=-2, textmodel_json_config=dict(gemma_cfg),
                              dtype=dtype, special_tokens={"start": 2, "pad": 0}, layer_norm_hidden_state=False,
                              model_class=llama.Gemma3_4B, enable_attention_masks=True,
-                             return_attention_masks=True, model_options=model_options)
+                             return_attention_masks=True, model_options={**model_options, **gemma_options})
 
     class JinaTE(comfy.sd1_clip.SDClipModel):
         # Same settings as comfy.text_encoders.jina_clip_2.JinaClip2TextModel.
@@ -330,6 +332,8 @@ def _te_classes(gemma_cfg: dict, jina_cfg: dict):
 
 
 def build_clip(parts: NewBieParts, te_precision: str | None, disable_dynamic: bool = False):
+    """ComfyUI's CLIP holding Gemma and Jina. te_precision fp8/int8 quantizes Gemma's decoder layers
+    (pipeline/te_quantize.py); the rest of Gemma, and Jina, are then in what 'auto' picks."""
     import comfy.model_management as mm
     import comfy.sd
     import comfy.supported_models_base
@@ -338,18 +342,21 @@ def build_clip(parts: NewBieParts, te_precision: str | None, disable_dynamic: bo
 
     gemma_cfg = detect.gemma_config(parts.gemma, parts.paths.get("gemma"))
     jina_cfg = detect.jina_config(parts.jina, parts.paths.get("jina"))
-    te_cls, tok_cls = _te_classes(gemma_cfg, jina_cfg)
-    target = comfy.supported_models_base.ClipTarget(tok_cls, te_cls)
+    gemma = parts.gemma
     model_options = {}
-    if te_precision and te_precision != "auto":
+    if te_precision in quantize.FORMATS:
+        gemma = te_quantize.quantized_gemma(parts.gemma, te_precision)
+    elif te_precision and te_precision != "auto":
         model_options["dtype"] = PRECISIONS[te_precision]
+    te_cls, tok_cls = _te_classes(gemma_cfg, jina_cfg, te_quantize.model_options(gemma))
+    target = comfy.supported_models_base.ClipTarget(tok_cls, te_cls)
     params = comfy.utils.calculate_parameters(parts.gemma) + comfy.utils.calculate_parameters(parts.jina)
     tokenizer_data = {"gemma_spiece_model": parts.gemma_tokenizer, "jina_spiece_model": parts.jina_tokenizer}
     kwargs = {}
     if disable_dynamic and compat.clip_takes_disable_dynamic():
         kwargs["disable_dynamic"] = True
     clip = comfy.sd.CLIP(target, embedding_directory=folder_paths.get_folder_paths("embeddings"),
-                         parameters=params, tokenizer_data=tokenizer_data, state_dict=[parts.gemma, parts.jina],
+                         parameters=params, tokenizer_data=tokenizer_data, state_dict=[gemma, parts.jina],
                          model_options=model_options, **kwargs)
     return clip, gemma_cfg, jina_cfg, model_options.get("dtype") or mm.text_encoder_dtype()
 
@@ -368,13 +375,16 @@ def build_vae(parts: NewBieParts):
     return vae
 
 
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
+
+
 def _weights_line(patcher, precision: str, dtype, compute: str) -> str:
     """The DiT's format and bytes as loaded, for the report."""
     import comfy.model_management as mm
 
     sd = patcher.model.diffusion_model.state_dict()
-    n_bytes = quantize.stored_bytes(sd)
-    size = f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
+    size = _size(quantize.stored_bytes(sd))
     if precision not in quantize.FORMATS:
         return f"weights {_dtype_name(dtype)}, {size}; compute {compute}"
     n = len(quantize.layer_formats(sd))
@@ -384,6 +394,20 @@ def _weights_line(patcher, precision: str, dtype, compute: str) -> str:
         run = f"each layer dequantised to {compute} when it runs"
     return (f"weights {precision} ({quantize.DESCRIPTION[precision]}) in {n} Linear layers, the rest {compute}, "
             f"{size}; {run}")
+
+
+def _text_encoders_line(clip, gemma_cfg: dict, jina_cfg: dict, te_precision: str | None, te_dtype) -> str:
+    """Gemma's and Jina's sizes, formats and bytes as loaded, for the report."""
+    te = clip.cond_stage_model
+    gemma_sd, jina_sd = te.gemma.state_dict(), te.jina.state_dict()
+    rest = _dtype_name(te_dtype)
+    gemma = rest
+    if te_precision in quantize.FORMATS:
+        gemma = (f"{te_precision} ({quantize.DESCRIPTION[te_precision]}) in {len(quantize.layer_formats(gemma_sd))} "
+                 f"Linear layers (each dequantised when it runs), the rest {rest}")
+    return (f"Gemma-3: {gemma_cfg['num_hidden_layers']} layers, width {gemma_cfg['hidden_size']}, {gemma}, "
+            f"{_size(quantize.stored_bytes(gemma_sd))}; Jina CLIP v2: {jina_cfg['num_hidden_layers']} layers, width "
+            f"{jina_cfg['hidden_size']}, {rest}, {_size(quantize.stored_bytes(jina_sd))}")
 
 
 def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str | None = "auto",
@@ -424,9 +448,7 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
     report = "\n".join([
         f"DiT: {n_params:.1f}M params, dim {unet_config['dim']}, {unet_config['n_layers']} layers, "
         f"{unet_config['n_heads']}/{unet_config['n_kv_heads']} heads; " + _weights_line(model, precision, dtype, compute),
-        f"Gemma-3: {gemma_cfg['num_hidden_layers']} layers, width {gemma_cfg['hidden_size']}; "
-        f"Jina CLIP v2: {jina_cfg['num_hidden_layers']} layers, width {jina_cfg['hidden_size']}; "
-        f"text encoders {_dtype_name(te_dtype)}",
+        _text_encoders_line(clip, gemma_cfg, jina_cfg, te_precision, te_dtype),
         (f"VRAM budget: at most {budget / vram_budget.GIB:.2f} GiB of DiT weights on the GPU, the rest streamed "
          "per step (legacy loader for this model)" if budget else
          "VRAM budget: none (ComfyUI decides what stays on the GPU)"),

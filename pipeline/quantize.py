@@ -56,11 +56,12 @@ QUANT_KEY = ".comfy_quant"
 METADATA_KEY = "_quantization_metadata"
 
 
-def layers_to_quantize(sd: dict) -> list[str]:
-    """The DiT's Linear layers that get quantized (see the module docstring for those kept 16-bit)."""
+def layers_to_quantize(sd: dict, blocks: tuple = _BLOCKS, kinds: tuple = _QUANTIZED) -> list[str]:
+    """The Linear layers that get quantized: those under `blocks` whose names end in one of `kinds` (default: the
+    DiT's; see the module docstring for those kept 16-bit; pipeline/te_quantize.py passes Gemma's)."""
     return sorted(k[:-len(".weight")] for k, v in sd.items()
-                  if k.startswith(_BLOCKS) and k.endswith(".weight") and v.ndim == 2
-                  and k[:-len(".weight")].endswith(_QUANTIZED))
+                  if k.startswith(blocks) and k.endswith(".weight") and v.ndim == 2
+                  and k[:-len(".weight")].endswith(kinds))
 
 
 def quantize_weight(weight: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
-"""fp8 and int8 DiT weights inside a real ComfyUI server: a quantized tiny model samples through native KSampler,
-a DiT saved quantized by NewBie Save Quantized DiT loads as it is and gives the same pixels as quantizing at load,
-and a host without the int8 format says so (v0.8.0 has fp8 but not int8_tensorwise)."""
+"""fp8 and int8 DiT and Gemma-3 weights inside a real ComfyUI server: a quantized tiny model (and a tiny model whose
+Gemma is quantized) samples through native KSampler, a DiT saved quantized by NewBie Save Quantized DiT loads as it
+is and gives the same pixels as quantizing at load, and a host without the int8 format says so (v0.8.0 has fp8
+but not int8_tensorwise)."""
 from __future__ import annotations
 
 import numpy as np
@@ -44,6 +45,21 @@ def test_quantized_model_samples_with_ksampler(server, precision):
     reference = _image(server, "q-fp32", precision="fp32")
     assert image.shape == (64, 64, 3) and image.std() > 0
     # Random weights, 3 steps: the decoded noise image stays close to the 32-bit one (mean |diff| in 0..255).
+    assert np.abs(image.astype(float) - reference.astype(float)).mean() < 12
+
+
+@pytest.mark.parametrize("te_precision", ["fp8", "int8"])
+def test_quantized_gemma_conditions_ksampler(server, te_precision):
+    if te_precision in _unavailable(server):
+        with pytest.raises(PromptFailed) as err:
+            _image(server, f"te-{te_precision}", precision="fp32", text_encoder_precision=te_precision)
+        message = str(err.value) + str(err.value.details)
+        assert f"text_encoder_precision '{te_precision}' needs" in message and "Update ComfyUI" in message, message
+        return
+    image = _image(server, f"te-{te_precision}", precision="fp32", text_encoder_precision=te_precision)
+    reference = _image(server, "te-fp32", precision="fp32", text_encoder_precision="fp32")
+    assert image.shape == (64, 64, 3) and image.std() > 0
+    # Only the conditioning differs (tests/unit/test_te_quantize.py bounds its error): the image stays close.
     assert np.abs(image.astype(float) - reference.astype(float)).mean() < 12
 
 

@@ -20,12 +20,12 @@ def _paths(models_root, layout: str) -> dict:
             for part, pattern in tiny_models.SINGLE_FILE_NAMES.items()}
 
 
-def _load(models_root, layout: str, precision: str):
+def _load(models_root, layout: str, precision: str, te_precision: str = "auto"):
     from pipeline import loader
 
     paths = _paths(models_root, layout)
     parts = loader.read_folder(paths["folder"]) if layout == "folder" else loader.read_single_files(paths)
-    return loader.load_newbie(parts, precision, compile="off")
+    return loader.load_newbie(parts, precision, te_precision, compile="off")
 
 
 @pytest.mark.parametrize("layout", ["single", "folder"])
@@ -44,12 +44,18 @@ def test_model_twin_is_the_same_dit_without_dynamic_vram(models_root, layout):
     torch.testing.assert_close(dit_call(twin, cfg), dit_call(loaded.model, cfg), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("layout", ["single", "folder"])
-def test_clip_twin_holds_the_same_text_encoders(models_root, layout):
-    loaded = _load(models_root, layout, "bf16")
+@pytest.mark.parametrize("layout,te_precision", [("single", "auto"), ("folder", "auto"), ("single", "fp8"),
+                                                 ("folder", "int8")])
+def test_clip_twin_holds_the_same_text_encoders(models_root, layout, te_precision):
+    from pipeline import quantize
+
+    loaded = _load(models_root, layout, "bf16", te_precision)
     factory, args = loaded.clip.patcher.cached_patcher_init
     twin = factory(*args, disable_dynamic=True)
     ours, theirs = loaded.clip.patcher.model.state_dict(), twin.model.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    if te_precision in quantize.FORMATS:  # the twin is the quantized Gemma again, not a 16-bit one
+        assert quantize.layer_formats(theirs) == quantize.layer_formats(ours) != {}
+        assert f"{te_precision} ({quantize.DESCRIPTION[te_precision]})" in loaded.report
 
