@@ -54,9 +54,11 @@ def _triton_available() -> bool:
 ACTIVATION_ROOM = 1024 ** 3
 
 
-def resolve(mode: str, device, weight_bytes: int | None = None, room_bytes: int | None = None) -> tuple[str, str]:
+def resolve(mode: str, device, weight_bytes: int | None = None, room_bytes: int | None = None,
+            quantized: bool = False) -> tuple[str, str]:
     """(mode, why): 'auto' -> 'blocks' on a CUDA device with Triton where `weight_bytes` of DiT weights plus a call's
-    activations fit in `room_bytes` (either None: not checked), else 'off'; other modes as given."""
+    activations fit in `room_bytes` (either None: not checked), else 'off'; other modes as given. Quantized weights
+    (ComfyUI's QuantizedTensor, pipeline/quantize.py) stay eager under 'auto' until compiling them is measured."""
     if mode not in MODES:
         raise ValueError(f"compile={mode!r}: expected one of {list(MODES)}")
     if mode != "auto":
@@ -65,6 +67,8 @@ def resolve(mode: str, device, weight_bytes: int | None = None, room_bytes: int 
         return "off", "auto: eager on a CPU"
     if not _triton_available():
         return "off", "auto: Triton is not installed"
+    if quantized:
+        return "off", "auto: quantized weights run eager (compiled quantized blocks are not measured yet)"
     if weight_bytes is not None and room_bytes is not None and weight_bytes + ACTIVATION_ROOM > room_bytes:
         return "off", (f"auto: the DiT's {weight_bytes / 2**30:.1f} GiB of weights cannot stay on the GPU (room for "
                        f"{room_bytes / 2**30:.1f} GiB), and streamed weights run faster eager under dynamic VRAM")

@@ -428,7 +428,8 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
     weight_bytes = dit_weight_bytes(parts, precision)
     # Room is checked only without a budget: a budget holds the DiT in the non-dynamic patcher either way.
     room = vram_budget.room_for_weights(device) if getattr(device, "type", None) == "cuda" and not budget else None
-    compile, compile_why = block_compile.resolve(compile, device, weight_bytes, room)
+    quantized = precision in quantize.FORMATS or quantize.precision_of(parts.dit) is not None
+    compile, compile_why = block_compile.resolve(compile, device, weight_bytes, room, quantized)
     model, unet_config, dtype, manual_cast = build_model(parts, precision, budget=budget,
                                                          dynamic=compile == "off")
     model.cached_patcher_init = (reload_dit_patcher, (dict(parts.paths), precision, budget,
