@@ -49,3 +49,22 @@ def test_budgeted_load_keeps_at_most_the_budget_and_the_same_output(tiny_parts):
         assert type(clone) is type(patcher) and clone.model.newbie_vram_budget == budget
     finally:
         mm.unload_all_models()
+
+
+@pytest.mark.host
+def test_room_counts_free_memory_and_what_loaded_models_hold_on_that_device(tiny_parts, monkeypatch):
+    """compile: auto asks how much a model could have on the GPU: the free memory plus the models ComfyUI holds
+    there (it unloads them for a new one), not those on another device."""
+    import comfy.model_management as mm
+
+    class Held:  # a LoadedModel as far as the room is concerned: its device and its loaded bytes
+        def __init__(self, device, n):
+            self.device, self.n = device, n
+
+        def model_loaded_memory(self):
+            return self.n
+
+    dev = torch.device("cpu")
+    monkeypatch.setattr(mm, "get_free_memory", lambda d=None, torch_free_too=False: 5_000)
+    monkeypatch.setattr(mm, "current_loaded_models", [Held(dev, 300), Held(torch.device("meta"), 7_000), Held(dev, 20)])
+    assert vram_budget.room_for_weights(dev) == 5_320
