@@ -73,6 +73,8 @@ def read_single_part(part: str, path) -> tuple[dict, object]:
         sd = quantize.from_file(sd, checkpoint.read_metadata(path), path, EXPECT[part])
         # full checkpoints carry the DiT under model.diffusion_model.; UNETLoader accepts both
         sd = checkpoint.strip_prefix(sd, ("model.diffusion_model.", "diffusion_model."))
+    elif part in ("gemma", "jina"):
+        sd = te_quantize.from_file(sd, checkpoint.read_metadata(path), path, EXPECT[part], part)
     _expect_kind(sd, path, part, _SIGNATURE[part])
     if part not in ("gemma", "jina"):
         return sd, None
@@ -342,11 +344,9 @@ def build_clip(parts: NewBieParts, te_precision: str | None, disable_dynamic: bo
 
     gemma_cfg = detect.gemma_config(parts.gemma, parts.paths.get("gemma"))
     jina_cfg = detect.jina_config(parts.jina, parts.paths.get("jina"))
-    gemma = parts.gemma
+    gemma = te_quantize.gemma_for(parts.gemma, te_precision, parts.paths.get("gemma"))
     model_options = {}
-    if te_precision in quantize.FORMATS:
-        gemma = te_quantize.quantized_gemma(parts.gemma, te_precision)
-    elif te_precision and te_precision != "auto":
+    if te_precision in PRECISIONS:
         model_options["dtype"] = PRECISIONS[te_precision]
     te_cls, tok_cls = _te_classes(gemma_cfg, jina_cfg, te_quantize.model_options(gemma))
     target = comfy.supported_models_base.ClipTarget(tok_cls, te_cls)
@@ -402,8 +402,9 @@ def _text_encoders_line(clip, gemma_cfg: dict, jina_cfg: dict, te_precision: str
     gemma_sd, jina_sd = te.gemma.state_dict(), te.jina.state_dict()
     rest = _dtype_name(te_dtype)
     gemma = rest
-    if te_precision in quantize.FORMATS:
-        gemma = (f"{te_precision} ({quantize.DESCRIPTION[te_precision]}) in {len(quantize.layer_formats(gemma_sd))} "
+    stored = quantize.precision_of(gemma_sd)  # te_precision's, or a quantized file's own
+    if stored in quantize.FORMATS:
+        gemma = (f"{stored} ({quantize.DESCRIPTION[stored]}) in {len(quantize.layer_formats(gemma_sd))} "
                  f"Linear layers (each dequantised when it runs), the rest {rest}")
     return (f"Gemma-3: {gemma_cfg['num_hidden_layers']} layers, width {gemma_cfg['hidden_size']}, {gemma}, "
             f"{_size(quantize.stored_bytes(gemma_sd))}; Jina CLIP v2: {jina_cfg['num_hidden_layers']} layers, width "

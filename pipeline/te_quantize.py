@@ -62,3 +62,41 @@ def model_options(sd: dict) -> dict:
 
     quant = comfy.utils.detect_layer_quantization(sd, "")
     return {} if quant is None else {"quantization_metadata": quant}
+
+
+def from_file(sd: dict, metadata: dict | None, path, expected: str, part: str) -> dict:
+    """A text encoder as read from `path`. A quantized Gemma file (ComfyUI's `_quantization_metadata`, or the older
+    `scaled_fp8` layout, which ComfyUI's own reader converts) gets ComfyUI's per-layer entries, checked, and is used
+    as it is; a quantized Jina fails naming the file (the pack keeps Jina 16-bit: 1.1 GB, little to save)."""
+    import comfy.utils
+
+    from .errors import ModelFileError
+
+    if quantize.METADATA_KEY in (metadata or {}):
+        sd = quantize.from_file(sd, metadata, path, expected)
+    elif "scaled_fp8" in sd:
+        sd, _ = comfy.utils.convert_old_quants(dict(sd), "", metadata={})
+    stored = quantize.precision_of(sd)
+    if stored is not None and part != "gemma":
+        raise ModelFileError(path, f"this {part} text encoder is quantized ({stored})",
+                             f"its 16-bit file; the pack quantizes only Gemma ({OPTION} fp8 or int8)")
+    if stored is not None and stored not in quantize.FORMATS:
+        raise ModelFileError(path, f"its layers are quantized as {stored}",
+                             f"a Gemma file in {' or '.join(quantize.FORMATS)} (or the 16-bit file)")
+    return sd
+
+
+def gemma_for(sd: dict, precision: str | None, path) -> dict:
+    """Gemma's state dict for `precision` (the loader's text_encoder_precision): quantized now from 16 bits
+    (fp8/int8), a quantized file as it is ('auto' or its own precision), or the 16-bit one untouched."""
+    from .errors import ModelFileError
+
+    stored = quantize.precision_of(sd)
+    if stored is None:
+        return quantized_gemma(sd, precision) if precision in quantize.FORMATS else sd
+    if precision not in (None, "auto", stored):
+        raise ModelFileError(path, f"this Gemma is already quantized ({stored})",
+                             f"{OPTION} '{stored}' or 'auto' for this file, or the 16-bit file for '{precision}'")
+    compat.require_text_encoder_quantization(stored)
+    compat.quant_layout(quantize.FORMATS[stored], stored, OPTION)
+    return sd

@@ -93,3 +93,51 @@ def test_host_without_quantized_text_encoders_names_the_option_and_the_fix(tiny_
     monkeypatch.setattr(compat, "_text_encoder_takes_quantization_metadata", lambda: False)
     with pytest.raises(compat.QuantizationUnavailable, match="text_encoder_precision 'fp8' needs .*Update ComfyUI"):
         _clip(tiny_parts, "fp8")
+
+
+def _write_text_encoder(path, sd: dict, tokenizer, metadata=None):
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in sd.items() if not k.endswith(".comfy_quant")}
+    save_file({**tensors, "spiece_model": tokenizer}, str(path), metadata=metadata)
+    return path
+
+
+def test_a_quantized_gemma_file_loads_as_it_is(tiny_parts, tmp_path):
+    """A Gemma file already quantized (ComfyUI's _quantization_metadata, as the pack would write it, or the older
+    scaled_fp8 layout ComfyUI's reader converts) is used as it is under 'auto': the conditioning equals quantizing
+    the 16-bit file at load, bit for bit."""
+    from pipeline import loader, quantize, te_quantize
+
+    q = te_quantize.quantized_gemma(tiny_parts.gemma, "fp8")
+    at_load = _cond(_clip(tiny_parts, "fp8"))
+    new_style = _write_text_encoder(tmp_path / "gemma-fp8.safetensors", q, tiny_parts.gemma_tokenizer,
+                                    quantize.file_metadata(q))
+    old = {k.replace(".weight_scale", ".scale_weight"): v for k, v in q.items() if not k.endswith(".comfy_quant")}
+    old_style = _write_text_encoder(tmp_path / "gemma-scaled-fp8.safetensors",
+                                    {**old, "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)},
+                                    tiny_parts.gemma_tokenizer)
+    for path in (new_style, old_style):
+        sd, _ = loader.read_single_part("gemma", path)
+        assert quantize.precision_of(sd) == "fp8", path.name
+        parts = dataclasses.replace(tiny_parts, gemma=sd, paths={**tiny_parts.paths, "gemma": str(path)})
+        assert torch.equal(_cond(_clip(parts, "auto")), at_load), path.name
+        assert torch.equal(_cond(_clip(parts, "fp8")), at_load), path.name
+
+
+def test_quantized_text_encoder_files_that_cannot_be_used_fail_naming_them(tiny_parts, tmp_path):
+    from pipeline import loader, quantize, te_quantize
+    from pipeline.errors import ModelFileError
+
+    q = te_quantize.quantized_gemma(tiny_parts.gemma, "fp8")
+    path = _write_text_encoder(tmp_path / "gemma-fp8.safetensors", q, tiny_parts.gemma_tokenizer,
+                               quantize.file_metadata(q))
+    sd, _ = loader.read_single_part("gemma", path)
+    parts = dataclasses.replace(tiny_parts, gemma=sd, paths={**tiny_parts.paths, "gemma": str(path)})
+    with pytest.raises(ModelFileError, match="gemma-fp8.safetensors.*already quantized"):
+        _clip(parts, "int8")
+    jina_q = quantize.quantize_state_dict(tiny_parts.jina, "fp8", ["model.encoder.layers.0.mixer.Wqkv"])
+    jina_path = _write_text_encoder(tmp_path / "jina-fp8.safetensors", jina_q, tiny_parts.jina_tokenizer,
+                                    quantize.file_metadata(jina_q))
+    with pytest.raises(ModelFileError, match="jina-fp8.safetensors.*quantized"):
+        loader.read_single_part("jina", jina_path)
