@@ -95,7 +95,6 @@ def quant_storage_dtype(fmt: str, precision: str):
     return _quant_algo(fmt, precision)["storage_t"]
 
 
-
 @functools.cache
 def _text_encoder_takes_quantization_metadata() -> bool:
     """Whether comfy.sd1_clip.SDClipModel builds ComfyUI's mixed-precision operations from

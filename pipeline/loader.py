@@ -69,7 +69,7 @@ def read_single_part(part: str, path) -> tuple[dict, object]:
     """One part in ComfyUI's single-file layout: (state dict, embedded tokenizer or None)."""
     sd = checkpoint.load_state_dict(path, EXPECT[part])
     if part == "dit":
-        # A quantized DiT (ComfyUI's _quantization_metadata) gets its per-layer entries, checked, as it is.
+        # A quantized DiT (ComfyUI's formats) gets its per-layer entries, checked, as it is.
         sd = quantize.from_file(sd, checkpoint.read_metadata(path), path, EXPECT[part])
         # full checkpoints carry the DiT under model.diffusion_model.; UNETLoader accepts both
         sd = checkpoint.strip_prefix(sd, ("model.diffusion_model.", "diffusion_model."))

@@ -143,18 +143,26 @@ def save(sd: dict, path) -> None:
 
 
 def from_file(sd: dict, metadata: dict | None, path, expected: str) -> dict:
-    """A DiT state dict read from `path` with its `_quantization_metadata` turned into per-layer entries and
-    checked: every quantized layer has its weight in the storage dtype and a finite positive scale. Anything
-    else fails naming the file (a damaged file would otherwise load as silent garbage)."""
+    """A state dict read from `path` with its quantization turned into per-layer entries and checked: ComfyUI's
+    `_quantization_metadata`, or its older `scaled_fp8` layout (converted by ComfyUI's own reader,
+    comfy.utils.convert_old_quants). Every quantized layer must have its weight in the storage dtype and a finite
+    positive scale; anything else fails naming the file (a damaged file would otherwise load as silent garbage)."""
+    import comfy.utils
+
     raw = (metadata or {}).get(METADATA_KEY)
-    if raw is None:
+    if raw is None and "scaled_fp8" not in sd:
         return sd
-    try:
-        layers = json.loads(raw)["layers"]
-        if not isinstance(layers, dict):
-            raise ValueError("'layers' is not an object")
-    except (ValueError, KeyError, TypeError) as e:
-        raise ModelFileError(path, f"its {METADATA_KEY} is not valid ({e})", expected) from None
+    if raw is None:
+        sd, _ = comfy.utils.convert_old_quants(dict(sd), "", metadata={})
+        layers = layer_formats(sd)
+        sd = {k: v for k, v in sd.items() if not k.endswith(QUANT_KEY)}  # written again below, once checked
+    else:
+        try:
+            layers = json.loads(raw)["layers"]
+            if not isinstance(layers, dict):
+                raise ValueError("'layers' is not an object")
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelFileError(path, f"its {METADATA_KEY} is not valid ({e})", expected) from None
     known = {f: p for p, f in FORMATS.items()}
     for layer, conf in layers.items():
         fmt = conf.get("format") if isinstance(conf, dict) else None

@@ -65,17 +65,11 @@ def model_options(sd: dict) -> dict:
 
 
 def from_file(sd: dict, metadata: dict | None, path, expected: str, part: str) -> dict:
-    """A text encoder as read from `path`. A quantized Gemma file (ComfyUI's `_quantization_metadata`, or the older
-    `scaled_fp8` layout, which ComfyUI's own reader converts) gets ComfyUI's per-layer entries, checked, and is used
+    """A text encoder as read from `path`. A quantized Gemma file (read and checked by quantize.from_file) is used
     as it is; a quantized Jina fails naming the file (the pack keeps Jina 16-bit: 1.1 GB, little to save)."""
-    import comfy.utils
-
     from .errors import ModelFileError
 
-    if quantize.METADATA_KEY in (metadata or {}):
-        sd = quantize.from_file(sd, metadata, path, expected)
-    elif "scaled_fp8" in sd:
-        sd, _ = comfy.utils.convert_old_quants(dict(sd), "", metadata={})
+    sd = quantize.from_file(sd, metadata, path, expected)
     stored = quantize.precision_of(sd)
     if stored is not None and part != "gemma":
         raise ModelFileError(path, f"this {part} text encoder is quantized ({stored})",

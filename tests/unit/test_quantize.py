@@ -159,6 +159,25 @@ def test_saved_file_reloads_bit_identically_without_requantizing(tiny_dit, tmp_p
     assert torch.equal(dit_call(a, cfg), dit_call(b, cfg))
 
 
+def test_older_scaled_fp8_file_is_read_as_quantized(tiny_dit, tmp_path):
+    """ComfyUI's older fp8 layout (a `scaled_fp8` marker and per-layer `scale_weight`, no metadata), converted by
+    ComfyUI's own reader: the same model as the pack's fp8, under the full checkpoint's key prefix too."""
+    from safetensors.torch import save_file
+
+    from pipeline import loader, quantize
+
+    made = quantize.quantize_state_dict(tiny_dit, "fp8")
+    old = {"model.diffusion_model." + k.replace(".weight_scale", ".scale_weight"): v.contiguous()
+           for k, v in made.items() if not k.endswith(quantize.QUANT_KEY)}
+    path = tmp_path / "tiny-scaled-fp8.safetensors"
+    save_file({**old, "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}, str(path))
+    read = loader.read_single_part("dit", path)[0]
+    assert quantize.precision_of(read) == "fp8" and "scaled_fp8" not in read
+    a, cfg = _build(made, "fp8")
+    b, _ = _build(read, "fp8", path)
+    assert torch.equal(dit_call(a, cfg), dit_call(b, cfg))
+
+
 def test_upstream_reader_sees_the_quantized_layers(tiny_dit, tmp_path):
     """What UNETLoader does before detecting the model: load_torch_file + convert_old_quants."""
     import comfy.utils
