@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from devkit import stress, tiny_models
+from devkit import quant_errors, stress, tiny_models
 from devkit.dit_calls import dit_call
 from pipeline.errors import ModelFileError
 
@@ -20,19 +20,7 @@ def _parts(sd, path="tiny"):
     return loader.NewBieParts(sd, {}, {}, {}, None, None, {"dit": str(path)})
 
 
-def _build(sd, precision, path="tiny"):
-    from pipeline import loader
-
-    patcher, cfg, _, _ = loader.build_model(_parts(sd, path), precision)
-    return patcher, cfg
-
-
-def _plain_fp8_cast(sd: dict) -> dict:
-    """What upstream's `UNETLoader weight_dtype fp8_e4m3fn` does to the weights: every floating tensor stored as
-    fp8 without a scale (and cast back to the compute dtype per op). Upstream's own model detection cannot build
-    the tiny model (its head dim is not 96), so the tests apply the cast to the weights; bench/quant_accuracy.py
-    runs upstream's loader itself on the full-size model."""
-    return {k: v.to(torch.float8_e4m3fn).to(v.dtype) if v.is_floating_point() else v for k, v in sd.items()}
+_build = quant_errors.build_dit
 
 
 @pytest.fixture(scope="module")
@@ -101,16 +89,13 @@ def test_fp8_w2_multiplies_in_the_compute_dtype(tiny_dit):
 
 # --- one DiT call against fp32 -----------------------------------------------------------------------------------
 
+def _quantized_weights(patcher):
+    weight = patcher.model.diffusion_model.layers[0].attention.qkv.weight
+    assert type(weight).__name__ == "QuantizedTensor" or type(weight.data).__name__ == "QuantizedTensor"
+
+
 def _errors(sd) -> dict:
-    ref, cfg = _build(sd, "fp32")
-    o_ref = dit_call(ref, cfg)
-    out = {"plain_fp8_cast": stress.relative_error(dit_call(_build(_plain_fp8_cast(sd), "fp32")[0], cfg), o_ref)}
-    for precision in ("fp8", "int8"):
-        patcher, _ = _build(sd, precision)
-        weight = patcher.model.diffusion_model.layers[0].attention.qkv.weight
-        assert type(weight).__name__ == "QuantizedTensor" or type(weight.data).__name__ == "QuantizedTensor"
-        out[precision] = stress.relative_error(dit_call(patcher, cfg), o_ref)
-    return out
+    return quant_errors.dit_errors(sd, check=_quantized_weights)
 
 
 def test_tiny_model_error_beats_a_plain_fp8_cast(tiny_dit):

@@ -8,35 +8,11 @@ import dataclasses
 import pytest
 import torch
 
-from devkit import stress, tiny_models
+from devkit import quant_errors, tiny_models
 
-PROMPT = "1girl, red_eyes, cherry_blossoms, looking_at_viewer, outdoors"
-
-
-def _plain_fp8_cast(sd: dict) -> dict:
-    """What upstream's --fp8_e4m3fn-text-enc does to Gemma's weights: every floating tensor (embedding and norms
-    included) stored as fp8 without a scale, cast back to the compute dtype per op."""
-    return {k: v.to(torch.float8_e4m3fn).to(v.dtype) if v.is_floating_point() else v for k, v in sd.items()}
-
-
-def _clip(parts, te_precision, gemma=None):
-    from pipeline import loader
-
-    if gemma is not None:
-        parts = dataclasses.replace(parts, gemma=gemma)
-    return loader.build_clip(parts, te_precision)[0]
-
-
-def _cond(clip) -> torch.Tensor:
-    return clip.encode_from_tokens(clip.tokenize(PROMPT)).float()
-
-
-def _errors(parts) -> dict:
-    """Relative error of the conditioning against the fp32 encoder, per precision and for a plain fp8 cast."""
-    ref = _cond(_clip(parts, "fp32"))
-    out = {p: stress.relative_error(_cond(_clip(parts, p)), ref) for p in ("fp8", "int8")}
-    out["plain fp8"] = stress.relative_error(_cond(_clip(parts, "fp16", _plain_fp8_cast(parts.gemma))), ref)
-    return out
+_clip = quant_errors.clip
+_cond = quant_errors.conditioning
+_errors = quant_errors.gemma_errors
 
 
 def test_decoder_projections_are_quantized_embeddings_and_norms_are_not(tiny_parts):
