@@ -9,7 +9,8 @@ Writes OUT/profile_dit.json.
 
     python3 bench/profile_dit.py --variants fp32,fp16_pack,fp16_plain,bf16,bf16+compile
 
-A variant is PATH[+compile[:MODE]]: PATH one of fp16_pack, fp16_plain, bf16, fp32; MODE a torch.compile mode
+A variant is PATH[+compile[:MODE]]: PATH one of fp16_pack, fp16_plain, bf16, fp32, fp8, int8 (the loader's
+quantized DiT, pipeline/quantize.py); MODE a torch.compile mode
 (e.g. reduce-overhead for CUDA graphs). The first variant is the accuracy
 reference. Compiled variants also report Dynamo's graph-break reasons and graph count.
 """
@@ -74,13 +75,13 @@ def main():
         variant_base, _, extra = variant.partition("+")
         name = variant_base
         prec, safe = {"fp16_pack": ("fp16", True), "fp16_plain": ("fp16", False), "bf16": ("bf16", True),
-                      "fp32": ("fp32", True)}[name]
+                      "fp32": ("fp32", True), "fp8": ("fp8", True), "int8": ("int8", True)}[name]
         parts = loader.NewBieParts(dict(base_sd), {}, {}, {}, None, None, {"dit": "random"})
         patcher, cfg, _, _ = loader.build_model(parts, prec, safe_fp16=safe)
         mm.load_models_gpu([patcher])
         dm = patcher.model.diffusion_model
-        if extra.startswith("compile"):  # the loader's `compile: blocks` (pipeline/block_compile.py)
-            block_compile.apply(patcher, mode=extra.partition(":")[2] or None)
+        if extra.startswith("compile"):  # the loader's `compile: blocks` (pipeline/block_compile.py); quantized
+            block_compile.apply(patcher, mode=extra.partition(":")[2] or None)  # too, which the loader refuses
         inputs = dit_calls.dit_inputs(cfg, dev, (h, w), tokens=96)
 
         steps = iter(range(10**6))
@@ -113,6 +114,7 @@ def main():
         averages = prof.key_averages()
         table = averages.table(sort_by=key, row_limit=args.top, max_name_column_width=60)
         r["profile"] = table
+        r["profile_cpu"] = averages.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=60)
         r["kernel_ms_by_kind"] = kernel_kinds(averages) if dev == "cuda" else None
         print(f"[profile] {variant}\n{table}", flush=True)
         out = out.float().cpu()
@@ -128,7 +130,7 @@ def main():
         results[variant] = r
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "profile_dit.json").write_text(json.dumps(results, indent=1))  # after each: a timeout keeps it
-        print(f"[profile] {variant}: {json.dumps({k: v for k, v in r.items() if k != 'profile'})}", flush=True)
+        print(f"[profile] {variant}: {json.dumps({k: v for k, v in r.items() if not k.startswith('profile')})}", flush=True)
         mm.unload_all_models()
         del patcher, dm
         gc.collect()

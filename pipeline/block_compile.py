@@ -54,22 +54,37 @@ def _triton_available() -> bool:
 ACTIVATION_ROOM = 1024 ** 3
 
 
+def weights_fit(weight_bytes: int | None, room_bytes: int | None) -> bool | None:
+    """Whether `weight_bytes` of DiT weights plus a 1024x1024 call's activations fit in `room_bytes` on the GPU;
+    None where either is unknown (a CPU, or a user's VRAM budget)."""
+    if weight_bytes is None or room_bytes is None:
+        return None
+    return weight_bytes + ACTIVATION_ROOM <= room_bytes
+
+
+# What compiling quantized blocks did on an H200 (torch 2.11, bench/results/run18-results.json): Dynamo failed in
+# the first sampling step inside ComfyUI's cast_bias_weight for QuantizedTensor weights ("vr must not be None for
+# symbol s31"), which takes the job down. Until that is fixed, quantized weights run eager whatever is asked.
+QUANTIZED_EAGER = ("quantized weights run eager: compiling ComfyUI's quantized layers failed in Dynamo on CUDA "
+                   "(torch 2.11, measured on an H200)")
+
+
 def resolve(mode: str, device, weight_bytes: int | None = None, room_bytes: int | None = None,
             quantized: bool = False) -> tuple[str, str]:
     """(mode, why): 'auto' -> 'blocks' on a CUDA device with Triton where `weight_bytes` of DiT weights plus a call's
     activations fit in `room_bytes` (either None: not checked), else 'off'; other modes as given. Quantized weights
-    (ComfyUI's QuantizedTensor, pipeline/quantize.py) stay eager under 'auto' until compiling them is measured."""
+    (ComfyUI's QuantizedTensor, pipeline/quantize.py) always run eager (QUANTIZED_EAGER)."""
     if mode not in MODES:
         raise ValueError(f"compile={mode!r}: expected one of {list(MODES)}")
+    if quantized and mode != "off":
+        return "off", ("auto: " if mode == "auto" else "'blocks' not applied: ") + QUANTIZED_EAGER
     if mode != "auto":
         return mode, "as chosen"
     if getattr(device, "type", str(device)) != "cuda":
         return "off", "auto: eager on a CPU"
     if not _triton_available():
         return "off", "auto: Triton is not installed"
-    if quantized:
-        return "off", "auto: quantized weights run eager (compiled quantized blocks are not measured yet)"
-    if weight_bytes is not None and room_bytes is not None and weight_bytes + ACTIVATION_ROOM > room_bytes:
+    if weights_fit(weight_bytes, room_bytes) is False:
         return "off", (f"auto: the DiT's {weight_bytes / 2**30:.1f} GiB of weights cannot stay on the GPU (room for "
                        f"{room_bytes / 2**30:.1f} GiB), and streamed weights run faster eager under dynamic VRAM")
     return "blocks", "auto: CUDA with Triton, weights resident"

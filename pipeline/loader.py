@@ -227,6 +227,8 @@ def build_model(parts: NewBieParts, precision: str, safe_fp16: bool = True, budg
         model_config.quant_config = comfy.utils.detect_layer_quantization(dit, "")
         dtype = manual_cast = mm.unet_manual_cast(None, load_device, [torch.bfloat16, torch.float32])
         compat.set_inference_dtype(model_config, dtype, manual_cast, load_device)
+        if quantize.precision_of(dit) == "int8" and quantize.int8_matmuls_dequantised(load_device):
+            model_config.custom_operations = quantize.dequantising_int8_ops(model_config.quant_config, manual_cast)
         return _finish_model(model_config, dit, load_device, budget, dynamic, None), unet_config, dtype, manual_cast
     # Upstream allows only bf16/fp32 for Lumina2/NewBie; the pack adds fp16 (made overflow-safe separately).
     model_config.supported_inference_dtypes = [torch.float16, torch.bfloat16, torch.float32]
@@ -279,6 +281,12 @@ def quantized_dit(parts: NewBieParts, precision: str) -> dict:
                              f"precision '{stored}' in the loader for this file, or the 16-bit file for "
                              f"precision '{precision}'")
     return parts.dit
+
+
+def dit_room(device, budget: int | None) -> int | None:
+    """Bytes the DiT could hold on `device` now (vram_budget.room_for_weights), or None where that is not asked:
+    a CPU, or a user's budget (which holds the DiT in its own non-dynamic patcher either way)."""
+    return vram_budget.room_for_weights(device) if getattr(device, "type", None) == "cuda" and not budget else None
 
 
 def dit_weight_bytes(parts: NewBieParts, precision: str) -> int:
@@ -390,6 +398,8 @@ def _weights_line(patcher, precision: str, dtype, compute: str) -> str:
     n = len(quantize.layer_formats(sd))
     if precision == "fp8" and mm.supports_fp8_compute(patcher.load_device):
         run = "fp8 matmuls"
+    elif precision == "int8" and not quantize.int8_matmuls_dequantised(patcher.load_device):
+        run = "int8 matmuls (activations quantized per row)"
     else:
         run = f"each layer dequantised to {compute} when it runs"
     return (f"weights {precision} ({quantize.DESCRIPTION[precision]}) in {n} Linear layers, the rest {compute}, "
@@ -427,12 +437,15 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
     budget = vram_budget.budget_bytes(vram_budget_gb)
     device = mm.get_torch_device()
     weight_bytes = dit_weight_bytes(parts, precision)
-    # Room is checked only without a budget: a budget holds the DiT in the non-dynamic patcher either way.
-    room = vram_budget.room_for_weights(device) if getattr(device, "type", None) == "cuda" and not budget else None
+    room = dit_room(device, budget)
     quantized = precision in quantize.FORMATS or quantize.precision_of(parts.dit) is not None
     compile, compile_why = block_compile.resolve(compile, device, weight_bytes, room, quantized)
+    # Weights that fit stay resident in ComfyUI's non-dynamic patcher, compiled or not: under dynamic VRAM every
+    # Linear fetches its weight through comfy-aimdo on each call (eager bf16 sampled 4.9 it/s that way against
+    # upstream --gpu-only's 5.9, run15; the fp8 DiT 3.9 it/s, run18). Dynamic VRAM is kept for weights that don't.
+    resident = block_compile.weights_fit(weight_bytes, room)
     model, unet_config, dtype, manual_cast = build_model(parts, precision, budget=budget,
-                                                         dynamic=compile == "off")
+                                                         dynamic=compile == "off" and not resident)
     model.cached_patcher_init = (reload_dit_patcher, (dict(parts.paths), precision, budget,
                                                       precision_mod.state_of(model)))
     compiled = block_compile.apply(model) if compile == "blocks" else 0
@@ -453,6 +466,8 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
         _text_encoders_line(clip, gemma_cfg, jina_cfg, te_precision, te_dtype),
         (f"VRAM budget: at most {budget / vram_budget.GIB:.2f} GiB of DiT weights on the GPU, the rest streamed "
          "per step (legacy loader for this model)" if budget else
+         f"VRAM budget: none; the DiT's {weight_bytes / vram_budget.GIB:.2f} GiB of weights stay resident "
+         f"(non-dynamic patcher: they fit in {room / vram_budget.GIB:.1f} GiB free)" if resident else
          "VRAM budget: none (ComfyUI decides what stays on the GPU)"),
         (f"compile: {compiled} transformer blocks compiled on their own at the first sampling run (one graph per "
          f"block kind; ComfyUI's non-dynamic model patcher; {compile_why})" if compiled

@@ -73,7 +73,8 @@ def test_layers_kept_16_bit(tiny_dit):
 
 def test_fp8_w2_multiplies_in_the_compute_dtype(tiny_dit):
     """feed_forward.w2's input (the SwiGLU product) has no bound an fp8 input of scale 1 could take: its layers
-    carry ComfyUI's full_precision_matrix_mult, which the loaded model honours; int8 is weight-only anyway."""
+    carry ComfyUI's full_precision_matrix_mult, which the loaded model honours; int8's per-row activation scales
+    follow the input's range."""
     from pipeline import quantize
 
     confs = quantize.layer_formats(quantize.quantize_state_dict(tiny_dit, "fp8"))
@@ -85,6 +86,28 @@ def test_fp8_w2_multiplies_in_the_compute_dtype(tiny_dit):
     patcher, _ = _build(quantize.quantize_state_dict(tiny_dit, "fp8"), "fp8")
     ffn = patcher.model.diffusion_model.layers[0].feed_forward
     assert ffn.w2._full_precision_mm_config and not ffn.w1._full_precision_mm_config
+
+
+def test_int8_layers_multiply_in_the_compute_dtype_where_int8_matmuls_are_slow(tiny_dit, monkeypatch):
+    """On Hopper and newer the int8 matmul ran 4.4x slower than bf16 (run19), and the loader builds int8 layers
+    that dequantise and multiply in the compute dtype there. Such a model's call equals the 16-bit model built from
+    the dequantised weights; the int8 matmul (activations quantized per row) does not, and keeps int8 weights."""
+    from pipeline import quantize
+
+    q = quantize.quantize_state_dict(tiny_dit, "int8")
+    int8_mm_model, cfg = _build(q, "int8")
+    int8_mm = dit_call(int8_mm_model, cfg)
+    assert not quantize.int8_matmuls_dequantised(torch.device("cpu"))
+    monkeypatch.setattr(quantize, "int8_matmuls_dequantised", lambda device: True)
+    patcher, _ = _build(q, "int8")
+    _quantized_weights(patcher)  # still int8 in memory
+    dequantised = dit_call(patcher, cfg)
+    plain = dict(tiny_dit)
+    for layer in quantize.layer_formats(q):
+        plain[f"{layer}.weight"] = q[f"{layer}.weight"].float() * q[f"{layer}.weight_scale"].float()
+    reference = dit_call(_build(plain, "fp32")[0], cfg)  # a quantized model computes in fp32 on the CPU
+    assert stress.relative_error(dequantised, reference) < 1e-5
+    assert stress.relative_error(int8_mm, reference) > 1e-4, "the int8 matmul quantizes the activations"
 
 
 # --- one DiT call against fp32 -----------------------------------------------------------------------------------
