@@ -62,24 +62,29 @@ def weights_fit(weight_bytes: int | None, room_bytes: int | None) -> bool | None
     return weight_bytes + ACTIVATION_ROOM <= room_bytes
 
 
-# What compiling quantized blocks did on an H200 (torch 2.11, bench/results/run18-results.json): Dynamo failed in
-# the first sampling step inside ComfyUI's cast_bias_weight for QuantizedTensor weights ("vr must not be None for
-# symbol s31"), which takes the job down. Until that is fixed, quantized weights run eager whatever is asked.
-QUANTIZED_EAGER = ("quantized weights run eager: compiling ComfyUI's quantized layers failed in Dynamo on CUDA "
-                   "(torch 2.11, measured on an H200)")
+# What compiling quantized blocks did on an H200 (torch 2.11, bench/results/run18-results.json, run19-profile.json):
+# Dynamo failed in the first sampling step on ComfyUI's quantized layers, which rebuild the activation as a
+# QuantizedTensor each call ("vr must not be None for symbol s31"), and the job failed. The pack's fp8 layers on
+# GPUs with fp8 matmuls (pipeline/quantized_ops.py) use plain tensor ops, which Dynamo traces (CPU-tested); those
+# compile when asked ('blocks'). `auto` keeps every quantized DiT eager until compiled fp8 is measured on a GPU.
+QUANTIZED_EAGER = "quantized weights run eager: Dynamo failed on ComfyUI's quantized layers (torch 2.11, H200)"
 
 
 def resolve(mode: str, device, weight_bytes: int | None = None, room_bytes: int | None = None,
-            quantized: bool = False) -> tuple[str, str]:
+            quantized: bool = False, traceable: bool = False) -> tuple[str, str]:
     """(mode, why): 'auto' -> 'blocks' on a CUDA device with Triton where `weight_bytes` of DiT weights plus a call's
     activations fit in `room_bytes` (either None: not checked), else 'off'; other modes as given. Quantized weights
-    (ComfyUI's QuantizedTensor, pipeline/quantize.py) always run eager (QUANTIZED_EAGER)."""
+    (ComfyUI's QuantizedTensor, pipeline/quantize.py) run eager under 'auto', and under 'blocks' too unless their
+    layers are `traceable` (the pack's plain-op fp8 layers)."""
     if mode not in MODES:
         raise ValueError(f"compile={mode!r}: expected one of {list(MODES)}")
-    if quantized and mode != "off":
-        return "off", ("auto: " if mode == "auto" else "'blocks' not applied: ") + QUANTIZED_EAGER
+    if quantized and mode == "auto":
+        return "off", "auto: " + QUANTIZED_EAGER + "; compile: blocks compiles the fp8 layers where they are plain ops"
+    if quantized and mode == "blocks" and not traceable:
+        return "off", "'blocks' not applied: " + QUANTIZED_EAGER
     if mode != "auto":
-        return mode, "as chosen"
+        return mode, ("as chosen; fp8 layers as plain ops (not yet measured compiled on a GPU)" if quantized
+                      else "as chosen")
     if getattr(device, "type", str(device)) != "cuda":
         return "off", "auto: eager on a CPU"
     if not _triton_available():

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import (block_compile, checkpoint, compat, detect, precision as precision_mod, prompt_limits, quantize,
-               te_quantize, vae_memory, vram_budget)
+               quantized_ops, te_quantize, vae_memory, vram_budget)
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -227,8 +227,9 @@ def build_model(parts: NewBieParts, precision: str, safe_fp16: bool = True, budg
         model_config.quant_config = comfy.utils.detect_layer_quantization(dit, "")
         dtype = manual_cast = mm.unet_manual_cast(None, load_device, [torch.bfloat16, torch.float32])
         compat.set_inference_dtype(model_config, dtype, manual_cast, load_device)
-        if quantize.precision_of(dit) == "int8" and quantize.int8_matmuls_dequantised(load_device):
-            model_config.custom_operations = quantize.dequantising_int8_ops(model_config.quant_config, manual_cast)
+        ops = quantized_ops_for(quantize.precision_of(dit), load_device)
+        if ops is not None:
+            model_config.custom_operations = ops(model_config.quant_config, manual_cast)
         return _finish_model(model_config, dit, load_device, budget, dynamic, None), unet_config, dtype, manual_cast
     # Upstream allows only bf16/fp32 for Lumina2/NewBie; the pack adds fp16 (made overflow-safe separately).
     model_config.supported_inference_dtypes = [torch.float16, torch.bfloat16, torch.float32]
@@ -245,6 +246,18 @@ def build_model(parts: NewBieParts, precision: str, safe_fp16: bool = True, budg
                                                                            model_config.supported_inference_dtypes)
     compat.set_inference_dtype(model_config, dtype, manual_cast, load_device)
     return _finish_model(model_config, dit, load_device, budget, dynamic, fp16_state), unet_config, dtype, manual_cast
+
+
+def quantized_ops_for(fmt: str | None, device):
+    """The pack's operations class for a DiT quantized in `fmt` on `device` (pipeline/quantized_ops.py), or None
+    for ComfyUI's own mixed-precision operations."""
+    import comfy.model_management as mm
+
+    if fmt == "int8" and quantized_ops.int8_matmuls_dequantised(device):
+        return quantized_ops.dequantising_int8_ops
+    if fmt == "fp8" and mm.supports_fp8_compute(device):
+        return quantized_ops.traceable_fp8_ops
+    return None
 
 
 def _finish_model(model_config, dit: dict, load_device, budget, dynamic: bool, fp16_state):
@@ -398,7 +411,7 @@ def _weights_line(patcher, precision: str, dtype, compute: str) -> str:
     n = len(quantize.layer_formats(sd))
     if precision == "fp8" and mm.supports_fp8_compute(patcher.load_device):
         run = "fp8 matmuls"
-    elif precision == "int8" and not quantize.int8_matmuls_dequantised(patcher.load_device):
+    elif precision == "int8" and not quantized_ops.int8_matmuls_dequantised(patcher.load_device):
         run = "int8 matmuls (activations quantized per row)"
     else:
         run = f"each layer dequantised to {compute} when it runs"
@@ -438,8 +451,9 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
     device = mm.get_torch_device()
     weight_bytes = dit_weight_bytes(parts, precision)
     room = dit_room(device, budget)
-    quantized = precision in quantize.FORMATS or quantize.precision_of(parts.dit) is not None
-    compile, compile_why = block_compile.resolve(compile, device, weight_bytes, room, quantized)
+    fmt = precision if precision in quantize.FORMATS else quantize.precision_of(parts.dit)
+    traceable = quantized_ops_for(fmt, device) is quantized_ops.traceable_fp8_ops
+    compile, compile_why = block_compile.resolve(compile, device, weight_bytes, room, fmt is not None, traceable)
     # Weights that fit stay resident in ComfyUI's non-dynamic patcher, compiled or not: under dynamic VRAM every
     # Linear fetches its weight through comfy-aimdo on each call (eager bf16 sampled 4.9 it/s that way against
     # upstream --gpu-only's 5.9, run15; the fp8 DiT 3.9 it/s, run18). Dynamic VRAM is kept for weights that don't.

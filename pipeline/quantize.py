@@ -15,7 +15,7 @@ Formats
   and multiplies with torch._int_mm). The layout also takes one scale per output channel (`per_channel=True`,
   scale = row amax / 127), which is used here: it bounds each row's error by that row's own amax rather than
   the whole matrix's. On Hopper and newer GPUs the int8 layers multiply in the compute dtype instead
-  (`dequantising_int8_ops`: the int8 matmul measured 4.4x slower than bf16 there).
+  (pipeline/quantized_ops.py: the int8 matmul measured 4.4x slower than bf16 there).
 
 What stays 16-bit (loaded in the compute dtype), and why
 - Embedders (x_embedder, t_embedder, cap_embedder, clip_text_pooled_proj, time_text_embed) and final_layer:
@@ -96,41 +96,6 @@ def quantize_state_dict(sd: dict, precision: str, layers: list[str] | None = Non
 # which has no such bound (it is what overflows fp16, pipeline/precision.py). So w2 keeps its fp8 weight but
 # multiplies in the compute dtype (ComfyUI's `full_precision_matrix_mult`): a third of the FFN's matmul work.
 _FULL_PRECISION_MM = (".feed_forward.w2",)
-
-
-# int8 matmuls on an H200 (bench/results/run19-profile_dit.json, one full-size DiT call): 0.64 s against bf16's
-# 0.147 s. torch._int_mm ran CUTLASS's sm80 WMMA kernel (2.0 ms a GEMM, 395 ms of the call) and comfy_kitchen's
-# eager int8_linear copies each weight transposed every call (84 ms). Hopper and newer GPUs have fp8 matmuls for
-# speed, so there an int8 layer is dequantised and multiplied in the compute dtype, as fp8's w2 is. Older GPUs
-# (Turing, Ampere, Ada: CUTLASS's sm80 kernels are theirs) keep the int8 matmul; not measured here.
-DEQUANTISED_INT8_FROM_CAPABILITY = (9, 0)
-
-
-def int8_matmuls_dequantised(device) -> bool:
-    """Whether int8 layers on `device` multiply in the compute dtype (DEQUANTISED_INT8_FROM_CAPABILITY)."""
-    return (getattr(device, "type", None) == "cuda"
-            and torch.cuda.get_device_capability(device) >= DEQUANTISED_INT8_FROM_CAPABILITY)
-
-
-def dequantising_int8_ops(quant_config: dict, compute_dtype):
-    """ComfyUI's mixed-precision operations (what `pick_operations` gives a quantized model), except that a
-    quantized weight reaching the matmul is dequantised to the input's dtype first. ComfyUI has no switch for that
-    with int8: its `full_precision_matrix_mult` leaves F.linear to TensorWiseINT8Layout, which quantizes the
-    activations and runs comfy_kitchen's int8_linear whatever the layer says. The weights stay int8 in memory;
-    LoRA patches and the saved format go through ComfyUI's own code as before."""
-    import comfy.ops
-    from comfy.quant_ops import QuantizedTensor
-
-    base = comfy.ops.mixed_precision_ops(quant_config, compute_dtype, full_precision_mm=True)
-
-    class DequantisingInt8Ops(base):
-        class Linear(base.Linear):
-            def _forward(self, input, weight, bias):
-                if isinstance(weight, QuantizedTensor):
-                    weight = weight.dequantize().to(input.dtype)
-                return super()._forward(input, weight, bias)
-
-    return DequantisingInt8Ops
 
 
 def layer_config(layer: str, precision: str) -> dict:

@@ -92,13 +92,13 @@ def test_int8_layers_multiply_in_the_compute_dtype_where_int8_matmuls_are_slow(t
     """On Hopper and newer the int8 matmul ran 4.4x slower than bf16 (run19), and the loader builds int8 layers
     that dequantise and multiply in the compute dtype there. Such a model's call equals the 16-bit model built from
     the dequantised weights; the int8 matmul (activations quantized per row) does not, and keeps int8 weights."""
-    from pipeline import quantize
+    from pipeline import quantize, quantized_ops
 
     q = quantize.quantize_state_dict(tiny_dit, "int8")
     int8_mm_model, cfg = _build(q, "int8")
     int8_mm = dit_call(int8_mm_model, cfg)
-    assert not quantize.int8_matmuls_dequantised(torch.device("cpu"))
-    monkeypatch.setattr(quantize, "int8_matmuls_dequantised", lambda device: True)
+    assert not quantized_ops.int8_matmuls_dequantised(torch.device("cpu"))
+    monkeypatch.setattr(quantized_ops, "int8_matmuls_dequantised", lambda device: True)
     patcher, _ = _build(q, "int8")
     _quantized_weights(patcher)  # still int8 in memory
     dequantised = dit_call(patcher, cfg)

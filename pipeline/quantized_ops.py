@@ -1,0 +1,98 @@
+"""Operations classes for the quantized DiT (pipeline/quantize.py): ComfyUI's mixed-precision operations with two
+changes where ComfyUI's own path was measured slow. Each is a subclass of what `comfy.ops.pick_operations` gives a
+quantized model (`mixed_precision_ops`), set as the model config's `custom_operations`; loading, the saved format,
+LoRA patches and offloading stay ComfyUI's.
+
+- int8 on Hopper and newer (`dequantising_int8_ops`): one full-size DiT call on an H200 took 0.64 s with int8
+  matmuls against bf16's 0.147 s (bench/results/run19-profile.json). torch._int_mm ran CUTLASS's sm80 WMMA kernel
+  (2.0 ms a GEMM, 395 ms of the call) and comfy_kitchen's eager int8_linear copies each weight transposed every
+  call (84 ms). Dequantised and multiplied in bf16 the call took 0.167 s (run21). ComfyUI has no switch for that:
+  its `full_precision_matrix_mult` leaves F.linear to TensorWiseINT8Layout, which quantizes the activations and
+  runs int8_linear whatever the layer says. Older GPUs (Turing, Ampere, Ada, whose kernels CUTLASS's sm80 ones
+  are) keep the int8 matmul: not measured here.
+- fp8 where the GPU multiplies fp8 (`traceable_fp8_ops`): ComfyUI's layer quantizes its input into a new
+  QuantizedTensor each call and dispatches through comfy_kitchen's tensor subclass. Eager that is CPU-bound (an
+  H200 call: 150 ms of CPU for 141 ms of kernels, 13 ms of them the input quantization, run19), and Dynamo fails
+  on it (the activation subclass is rebuilt with dynamic sizes: "vr must not be None", run19), so compiled blocks
+  could not fuse the quantization into the norm before it. The pack's layer does the same arithmetic with plain
+  tensor ops -- input clamped to e4m3's range with scale 1 (ComfyUI's default without an `input_scale`), one
+  torch._scaled_mm with the weight's fp8 data and scale -- for a resident weight without weight functions; every
+  other case goes to ComfyUI's forward.
+"""
+from __future__ import annotations
+
+import torch
+
+# Hopper (sm90) and newer: int8 layers multiply dequantised (see the module docstring).
+DEQUANTISED_INT8_FROM_CAPABILITY = (9, 0)
+FP8_FORMAT = "float8_e4m3fn"
+_E4M3_MAX = 448.0
+
+
+def int8_matmuls_dequantised(device) -> bool:
+    """Whether int8 layers on `device` multiply in the compute dtype (DEQUANTISED_INT8_FROM_CAPABILITY)."""
+    return (getattr(device, "type", None) == "cuda"
+            and torch.cuda.get_device_capability(device) >= DEQUANTISED_INT8_FROM_CAPABILITY)
+
+
+def dequantising_int8_ops(quant_config: dict, compute_dtype):
+    """ComfyUI's mixed-precision operations in which a quantized weight reaching the matmul is dequantised to the
+    input's dtype first. The weights stay int8 in memory."""
+    import comfy.ops
+    from comfy.quant_ops import QuantizedTensor
+
+    base = comfy.ops.mixed_precision_ops(quant_config, compute_dtype, full_precision_mm=True)
+
+    class DequantisingInt8Ops(base):
+        class Linear(base.Linear):
+            def _forward(self, input, weight, bias):
+                if isinstance(weight, QuantizedTensor):
+                    weight = weight.dequantize().to(input.dtype)
+                return super()._forward(input, weight, bias)
+
+    return DequantisingInt8Ops
+
+
+def traceable_fp8_ops(quant_config: dict, compute_dtype, disabled=()):
+    """ComfyUI's mixed-precision operations whose fp8 layers multiply with plain tensor ops when their weight is
+    resident (see the module docstring); the same arithmetic as ComfyUI's fp8 layer without an input scale."""
+    import comfy.ops
+    from comfy.quant_ops import QuantizedTensor
+
+    base = comfy.ops.mixed_precision_ops(quant_config, compute_dtype, disabled=set(disabled))
+
+    class TraceableFp8Ops(base):
+        class Linear(base.Linear):
+            def _plain_fp8(self, input) -> bool:
+                weight = self.weight
+                return (getattr(self, "quant_format", None) == FP8_FORMAT and not self._full_precision_mm
+                        and isinstance(weight, QuantizedTensor) and not isinstance(input, QuantizedTensor)
+                        and weight.device == input.device and not hasattr(self, "_v")  # not dynamic VRAM's
+                        and not self.weight_function and not self.bias_function
+                        and not getattr(self, "comfy_force_cast_weights", False)
+                        and getattr(self, "pre_quant_scale", None) is None
+                        and (self.bias is None or self.bias.device == input.device))
+
+            def forward(self, input, *args, **kwargs):
+                if not self._plain_fp8(input):
+                    return super().forward(input, *args, **kwargs)
+                return fp8_linear(input, self.weight._qdata, self.weight._params.scale, self.bias,
+                                  getattr(self, "input_scale", None))
+
+    return TraceableFp8Ops
+
+
+def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+               input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ (weight_fp8 * weight_scale).T + bias in x's dtype, x quantized to e4m3 per tensor (scale `input_scale`,
+    or 1): comfy_kitchen's quantize_per_tensor_fp8 and its fp8 linear, as plain ops."""
+    rows = x.reshape(-1, x.shape[-1])
+    if input_scale is None:
+        scale_a = torch.ones((), device=x.device, dtype=torch.float32)
+    else:
+        scale_a = input_scale.to(device=x.device, dtype=torch.float32)
+        rows = rows * (1.0 / scale_a).to(rows.dtype)
+    x8 = rows.clamp(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn)
+    out = torch._scaled_mm(x8, weight_fp8.t(), scale_a=scale_a, scale_b=weight_scale.to(torch.float32),
+                           bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
+    return out.reshape(*x.shape[:-1], weight_fp8.shape[0])

@@ -1,0 +1,140 @@
+"""The pack's operations for quantized DiTs (pipeline/quantized_ops.py), on the CPU: the plain-op fp8 layer computes
+exactly what ComfyUI's fp8 layer computes, a whole fp8 DiT built with it equals one built with ComfyUI's operations,
+and its blocks compile without graph breaks or recompiles on new prompt lengths (what ComfyUI's layers could not:
+Dynamo failed on them on an H200, run19). torch._scaled_mm runs on the CPU, so ComfyUI's fp8 path can be forced on
+here by reporting fp8 compute."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from devkit import stress, tiny_models
+from devkit.dit_calls import dit_call, dit_inputs
+
+pytestmark = pytest.mark.host
+
+
+@pytest.fixture(autouse=True)
+def comfy_on_cpu(comfy_import_path):
+    tiny_models._comfy_cpu_safe()  # ComfyUI's model management imported on a machine without CUDA
+
+
+@pytest.fixture(scope="module")
+def fp8_dit(comfy_import_path):
+    from pipeline import quantize
+
+    sd = tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.bfloat16)
+    return quantize.quantize_state_dict(sd, "fp8")
+
+
+@pytest.fixture
+def fp8_compute(monkeypatch):
+    """ComfyUI's fp8 matmul path on the CPU (torch._scaled_mm has a CPU kernel)."""
+    import comfy.model_management as mm
+
+    monkeypatch.setattr(mm, "supports_fp8_compute", lambda device=None: True)
+
+
+def _build(sd, monkeypatch=None, comfy_ops=False):
+    from pipeline import loader
+
+    if comfy_ops:
+        monkeypatch.setattr(loader, "quantized_ops_for", lambda fmt, device: None)
+    parts = loader.NewBieParts(sd, {}, {}, {}, None, None, {"dit": "tiny-fp8"})
+    patcher, cfg, _, _ = loader.build_model(parts, "fp8", dynamic=False)
+    return patcher, cfg
+
+
+@pytest.mark.parametrize("input_scale", [None, 0.5])
+def test_fp8_linear_is_comfys_fp8_layer_in_plain_ops(comfy_import_path, input_scale):
+    from comfy.quant_ops import QuantizedTensor
+    from pipeline import quantize, quantized_ops
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 96, generator=g, dtype=torch.float32) * 0.05
+    bias = torch.randn(64, generator=g)
+    x = torch.randn(2, 7, 96, generator=g) * 300  # beyond e4m3's 448 after the scale: the clamp matters
+    q, scale = quantize.quantize_weight(w, "fp8")
+    layout = "TensorCoreFP8E4M3Layout"
+    weight = QuantizedTensor.from_float(w, layout, scale=scale)
+    assert torch.equal(weight._qdata.view(torch.uint8), q.view(torch.uint8))
+    s = None if input_scale is None else torch.tensor(input_scale)
+    theirs = torch.nn.functional.linear(QuantizedTensor.from_float(x.reshape(-1, 96), layout, scale=s), weight, bias)
+    ours = quantized_ops.fp8_linear(x, q, scale, bias, s)
+    assert ours.shape == (2, 7, 64)
+    torch.testing.assert_close(ours.reshape(-1, 64), theirs, rtol=0, atol=0)
+
+
+def test_plain_fp8_dit_equals_comfys_fp8_dit(fp8_dit, fp8_compute, monkeypatch):
+    from pipeline import quantized_ops
+
+    ours, cfg = _build(fp8_dit)
+    calls = []
+    fp8_linear = quantized_ops.fp8_linear
+    monkeypatch.setattr(quantized_ops, "fp8_linear", lambda *a: calls.append(1) or fp8_linear(*a))
+    out = dit_call(ours, cfg)
+    n_fp8 = sum(1 for m in ours.model.diffusion_model.modules()
+                if getattr(m, "quant_format", None) == "float8_e4m3fn" and not m._full_precision_mm)
+    assert n_fp8 and len(calls) == n_fp8, "every fp8 layer but w2 takes the plain path"
+    theirs, _ = _build(fp8_dit, monkeypatch, comfy_ops=True)
+    assert "TraceableFp8Ops" in type(ours.model.diffusion_model.layers[0].attention.qkv).__qualname__
+    assert "TraceableFp8Ops" not in type(theirs.model.diffusion_model.layers[0].attention.qkv).__qualname__
+    ref = dit_call(theirs, cfg)
+    assert stress.relative_error(out, ref) < 1e-6
+
+
+def test_a_weight_function_goes_to_comfys_forward(fp8_dit, fp8_compute):
+    """LoRA patches ComfyUI applies per call (weight_function, for offloaded layers) need its cast path."""
+    patcher, _ = _build(fp8_dit)
+    layer = patcher.model.diffusion_model.layers[0].attention.qkv
+    x = torch.randn(1, 3, layer.weight.shape[1])
+    assert layer._plain_fp8(x)
+    layer.weight_function.append(lambda w: w)
+    assert not layer._plain_fp8(x)
+
+
+def test_plain_fp8_blocks_compile_once_without_graph_breaks(fp8_dit, fp8_compute):
+    from torch._dynamo.utils import counters
+
+    from pipeline import block_compile
+
+    patcher, cfg = _build(fp8_dit)
+    eager = {n: dit_call(patcher, cfg, dit_inputs(cfg, "cpu", (8, 8), n)) for n in (12, 20)}
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        blocks = block_compile.apply(patcher)
+        compiled = {n: dit_call(patcher, cfg, dit_inputs(cfg, "cpu", (8, 8), n)) for n in (12, 20)}
+        graphs = block_compile.compiled_graph_count()
+        dit_call(patcher, cfg, dit_inputs(cfg, "cpu", (8, 8), 33))
+        assert block_compile.compiled_graph_count() == graphs, "a new prompt length recompiled"
+        assert not dict(counters["graph_break"]), dict(counters["graph_break"])
+        assert 0 < graphs < 2 * blocks, (graphs, blocks)
+    finally:
+        torch._dynamo.reset()
+    for n in (12, 20):
+        assert stress.relative_error(compiled[n], eager[n]) < 1e-2, n
+
+
+def test_a_lora_patches_plain_fp8_layers_as_comfys(fp8_compute, monkeypatch, tmp_path):
+    """ComfyUI patches a quantized weight (dequantise, add, requantise into a new parameter); the plain path reads
+    the patched parameter, so a LoRA changes its output exactly as it changes ComfyUI's fp8 model's."""
+    import lora_files
+
+    import comfy.model_management as mm
+
+    from pipeline import lora
+
+    dit = lora_files.tiny_dit()
+    path, _ = lora_files.write_peft(tmp_path / "peft", dit)
+    out = {}
+    for comfy_ops in (False, True):
+        patcher, cfg = _build(dit, monkeypatch, comfy_ops=comfy_ops)
+        base = dit_call(patcher, cfg)
+        patched = lora.apply_lora(patcher, path, 4.0).model
+        mm.load_models_gpu([patched])
+        out[comfy_ops] = (base, dit_call(patched, cfg))
+        mm.unload_all_models()
+    (ours_base, ours_lora), (theirs_base, theirs_lora) = out[False], out[True]
+    assert stress.relative_error(ours_lora, ours_base) > 0.05, "the LoRA should change the output"
+    assert stress.relative_error(ours_lora, theirs_lora) < 1e-6
