@@ -56,6 +56,19 @@ COMMANDS = {
     "run17": "(H200, the next call on the same machine, with the measured VAE estimate) python3 bench/run.py "
              "--configs upstream-bf16@8,pack-bf16@8,upstream-bf16@12,pack-bf16@12,upstream-bf16@4,pack-bf16@4 "
              "--warm 3 --timeout 150",
+    "run18": "(H200, a new machine; the pack at abcc16c: quantized DiTs eager under dynamic VRAM) python3 "
+             "bench/quant_accuracy.py --models /tmp/models --out $OUT; python3 bench/run.py --configs pack-fp8@8,"
+             "upstream-bf16@8,pack-int8@8,pack-fp8@none,upstream-fp8@none,pack-bf16@none,pack-fp8-compiled@none "
+             "--warm 3 --timeout 200",
+    "run19": "(H200, a new machine; resident weights on the non-dynamic patcher, eager too) python3 "
+             "bench/profile_dit.py --variants bf16,fp8,int8,fp8+compile --calls 5 --top 20 (fp8+compile failed in "
+             "Dynamo, see NOTES); python3 bench/run.py --configs upstream-gpu-only@none,pack-bf16@none,pack-fp8@none,"
+             "pack-bf16-eager@none,pack-fp8@8,upstream-bf16@8,pack-int8@none --warm 3 --timeout 120",
+    "run20": "(H200, the next call on the same machine) python3 bench/run.py --configs upstream-bf16@12,pack-bf16@12,"
+             "upstream-bf16@6,pack-bf16@6,pack-fp8@6,upstream-bf16@4,pack-bf16@4,pack-fp8@4 --warm 3 --timeout 110",
+    "run21": "(H200, a new machine; int8 layers dequantised on Hopper) python3 bench/profile_dit.py --variants "
+             "bf16,int8 --calls 5 --top 12; python3 bench/run.py --configs pack-int8@8,upstream-bf16@8 --warm 3 "
+             "--timeout 45 (the call's time ran out before upstream-bf16@8)",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
@@ -122,6 +135,18 @@ def accuracy_table(acc: dict) -> list[str]:
                                                              else f"{err:.2e}")
                 lines.append(f"| {run} | {weights} | {label} | {err_s} | {v['nonfinite']} | {v['call_s']:.3f} | "
                              f"{v['fp32_recomputations']} |")
+    return lines
+
+
+def quant_table(quant: dict) -> list[str]:
+    lines = ["| run | DiT | rel. error vs fp32 | DiT call s | DiT bytes (GB) | load s |", "| --- | --- | --- | --- | --- | --- |"]
+    for run, data in quant.items():
+        for label, v in data.items():
+            if not isinstance(v, dict):
+                continue
+            err = v.get("rel_error_vs_fp32")
+            lines.append(f"| {run} | {label} | {'reference' if err is None else f'{err:.2e}'} | {v['call_s']:.3f} | "
+                         f"{v['dit_bytes'] / 1e9:.2f} | {v['load_s']:.1f} |")
     return lines
 
 
@@ -202,6 +227,15 @@ def main():
                   "`bench/profile_dit.py`: mean of 5 calls after warm-up; CUDA kernel time of one profiled call by kind.",
                   ""]
         parts += profile_table(profiles)
+    quant = _load("quant_accuracy")
+    if quant:
+        parts += ["", "## Quantized DiT accuracy (bench/quant_accuracy.py: one DiT call at 1024², CFG batch of 2, "
+                  "full-size random weights, vs fp32)", "",
+                  "`pack_*`: the loader's precisions (pipeline/quantize.py); `upstream_fp8_cast`: upstream's "
+                  "`UNETLoader weight_dtype fp8_e4m3fn` through its own loader (every weight cast to fp8 without a "
+                  "scale); `upstream_reads_pack_fp8_file`: upstream's loader reading the pack's saved fp8 file. "
+                  "Random weights show the numeric error, not image quality. Call times are in-process and eager.", ""]
+        parts += quant_table(quant)
     parts += ["", "## fp16 accuracy (one DiT call at 1024², CFG batch of 2, vs fp32)", ""]
     parts += accuracy_table(acc)
     vae = _load("vae_memory")

@@ -52,7 +52,8 @@ CONFIGS = {
     "pack-fp16": ("pack", "fp16", [], "auto"),
     "pack-bf16": ("pack", "bf16", [], "auto"),
     # quantized DiT weights (pipeline/quantize.py), quantized from the 16-bit file at load; auto keeps them eager,
-    # -compiled asks for compiled blocks (not yet measured with QuantizedTensor weights)
+    # -compiled asks for compiled blocks (ComfyUI's fp8 layers failed in Dynamo, run18; the pack's plain-op fp8
+    # layers, pipeline/quantized_ops.py, not yet measured)
     "pack-fp8": ("pack", "fp8", [], "auto"),
     "pack-int8": ("pack", "int8", [], "auto"),
     "pack-fp8-compiled": ("pack", "fp8", [], "blocks"),

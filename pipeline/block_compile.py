@@ -27,7 +27,8 @@ compiler and gains little). Where the weights cannot stay resident it stays eage
 then streams the layers beyond its room through ComfyUI's lowvram casts, and dynamic VRAM (which compiled blocks
 cannot use) streams faster. Measured on an H200 with the GPU held to a budget (bench/results/run17-results.json):
 at 8 and 12 GiB the resident compiled DiT ran 7.5 it/s against upstream's 4.9 and 5.4; at 4 GiB the streamed
-compiled DiT ran 2.4 it/s against upstream's 3.3 under dynamic VRAM.
+compiled DiT ran 2.4 it/s against upstream's 3.3 under dynamic VRAM; eager under dynamic VRAM it ran 3.8 it/s
+against upstream's 3.9 (run20).
 """
 from __future__ import annotations
 
