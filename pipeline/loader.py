@@ -254,7 +254,7 @@ def quantized_ops_for(fmt: str | None, device):
     import comfy.model_management as mm
 
     if fmt == "int8" and quantized_ops.int8_matmuls_dequantised(device):
-        return quantized_ops.dequantising_int8_ops
+        return quantized_ops.traceable_int8_ops
     if fmt == "fp8" and mm.supports_fp8_compute(device):
         return quantized_ops.traceable_fp8_ops
     return None
@@ -452,7 +452,7 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
     weight_bytes = dit_weight_bytes(parts, precision)
     room = dit_room(device, budget)
     fmt = precision if precision in quantize.FORMATS else quantize.precision_of(parts.dit)
-    traceable = quantized_ops_for(fmt, device) is quantized_ops.traceable_fp8_ops
+    traceable = quantized_ops_for(fmt, device) in quantized_ops.TRACEABLE
     compile, compile_why = block_compile.resolve(compile, device, weight_bytes, room, fmt is not None, traceable)
     # Weights that fit stay resident in ComfyUI's non-dynamic patcher, compiled or not: under dynamic VRAM every
     # Linear fetches its weight through comfy-aimdo on each call (eager bf16 sampled 4.9 it/s that way against

@@ -17,7 +17,13 @@ LoRA patches and offloading stay ComfyUI's.
   could not fuse the quantization into the norm before it. The pack's layer does the same arithmetic with plain
   tensor ops -- input clamped to e4m3's range with scale 1 (ComfyUI's default without an `input_scale`), one
   torch._scaled_mm with the weight's fp8 data and scale -- for a resident weight without weight functions; every
-  other case goes to ComfyUI's forward.
+  other case goes to ComfyUI's forward, and so does the FFN's down projection (w2, `full_precision_matrix_mult`,
+  see pipeline/quantize.py). Scaling w2's input per tensor by its own amax instead (no host sync) and multiplying
+  it in fp8 was measured and did not pay: compiled, its GEMMs took 6.6 ms less a call and the amax reduction and
+  scaling 10.7 ms more (0.101 s a call against 0.102, bench/results/run24-profile.json).
+- int8 on Hopper and newer, resident and without weight functions (`traceable_int8_ops`): the dequantisation
+  as plain tensor ops (int8 data times its per-channel scale, in fp32, to the compute dtype: what comfy_kitchen's
+  dequantize computes) and one F.linear, so compiled blocks fuse the dequantisation into one kernel per weight.
 """
 from __future__ import annotations
 
@@ -26,7 +32,22 @@ import torch
 # Hopper (sm90) and newer: int8 layers multiply dequantised (see the module docstring).
 DEQUANTISED_INT8_FROM_CAPABILITY = (9, 0)
 FP8_FORMAT = "float8_e4m3fn"
+INT8_FORMAT = "int8_tensorwise"
 _E4M3_MAX = 448.0
+
+
+def _plain(layer, input) -> bool:
+    """Whether a quantized `layer` can multiply `input` with plain tensor ops: its weight a resident
+    QuantizedTensor (not fetched per call by dynamic VRAM, not cast or patched per call) on the input's device."""
+    from comfy.quant_ops import QuantizedTensor
+
+    weight = layer.weight
+    return (isinstance(weight, QuantizedTensor) and not isinstance(input, QuantizedTensor)
+            and weight.device == input.device and not hasattr(layer, "_v")  # not dynamic VRAM's
+            and not layer.weight_function and not layer.bias_function
+            and not getattr(layer, "comfy_force_cast_weights", False)
+            and getattr(layer, "pre_quant_scale", None) is None
+            and (layer.bias is None or layer.bias.device == input.device))
 
 
 def int8_matmuls_dequantised(device) -> bool:
@@ -53,25 +74,47 @@ def dequantising_int8_ops(quant_config: dict, compute_dtype):
     return DequantisingInt8Ops
 
 
+def traceable_int8_ops(quant_config: dict, compute_dtype):
+    """`dequantising_int8_ops` whose resident layers dequantise with plain tensor ops (see the module docstring)."""
+    base = dequantising_int8_ops(quant_config, compute_dtype)
+
+    class TraceableInt8Ops(base):
+        class Linear(base.Linear):
+            def _plain_int8(self, input) -> bool:
+                return (getattr(self, "quant_format", None) == INT8_FORMAT and _plain(self, input)
+                        and not getattr(self.weight._params, "convrot", False))
+
+            def forward(self, input, *args, **kwargs):
+                if not self._plain_int8(input):
+                    return super().forward(input, *args, **kwargs)
+                return int8_linear_dequantised(input, self.weight._qdata, self.weight._params.scale, self.bias)
+
+    return TraceableInt8Ops
+
+
+def int8_linear_dequantised(x: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor,
+                            bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ (weight_int8 * weight_scale).T + bias in x's dtype; the weight dequantised in fp32 and cast to x's dtype,
+    as comfy_kitchen's dequantize does (a scale per output channel, shape (out, 1), or one per tensor)."""
+    scale = weight_scale.to(torch.float32)
+    if scale.numel() > 1:
+        scale = scale.reshape(-1, 1)
+    weight = (weight_int8.to(torch.float32) * scale).to(x.dtype)
+    return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
 def traceable_fp8_ops(quant_config: dict, compute_dtype, disabled=()):
     """ComfyUI's mixed-precision operations whose fp8 layers multiply with plain tensor ops when their weight is
     resident (see the module docstring); the same arithmetic as ComfyUI's fp8 layer without an input scale."""
     import comfy.ops
-    from comfy.quant_ops import QuantizedTensor
 
     base = comfy.ops.mixed_precision_ops(quant_config, compute_dtype, disabled=set(disabled))
 
     class TraceableFp8Ops(base):
         class Linear(base.Linear):
             def _plain_fp8(self, input) -> bool:
-                weight = self.weight
                 return (getattr(self, "quant_format", None) == FP8_FORMAT and not self._full_precision_mm
-                        and isinstance(weight, QuantizedTensor) and not isinstance(input, QuantizedTensor)
-                        and weight.device == input.device and not hasattr(self, "_v")  # not dynamic VRAM's
-                        and not self.weight_function and not self.bias_function
-                        and not getattr(self, "comfy_force_cast_weights", False)
-                        and getattr(self, "pre_quant_scale", None) is None
-                        and (self.bias is None or self.bias.device == input.device))
+                        and _plain(self, input))
 
             def forward(self, input, *args, **kwargs):
                 if not self._plain_fp8(input):
@@ -96,3 +139,7 @@ def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Te
     out = torch._scaled_mm(x8, weight_fp8.t(), scale_a=scale_a, scale_b=weight_scale.to(torch.float32),
                            bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
     return out.reshape(*x.shape[:-1], weight_fp8.shape[0])
+
+
+# The operations classes whose resident layers Dynamo traces (plain tensor ops): compiled blocks can take them.
+TRACEABLE = (traceable_fp8_ops, traceable_int8_ops)

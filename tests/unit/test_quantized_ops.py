@@ -1,8 +1,8 @@
 """The pack's operations for quantized DiTs (pipeline/quantized_ops.py), on the CPU: the plain-op fp8 layer computes
-exactly what ComfyUI's fp8 layer computes, a whole fp8 DiT built with it equals one built with ComfyUI's operations,
-and its blocks compile without graph breaks or recompiles on new prompt lengths (what ComfyUI's layers could not:
-Dynamo failed on them on an H200, run19). torch._scaled_mm runs on the CPU, so ComfyUI's fp8 path can be forced on
-here by reporting fp8 compute."""
+exactly what ComfyUI's fp8 layer computes, the plain-op int8 layer exactly what ComfyUI's dequantised int8 layer
+computes, whole DiTs built with them equal those built with ComfyUI's operations, and their blocks compile without graph breaks or recompiles on new prompt lengths (what
+ComfyUI's layers could not: Dynamo failed on them on an H200, run19). torch._scaled_mm runs on the CPU, so
+ComfyUI's fp8 path can be forced on here by reporting fp8 compute; the int8 one by reporting a Hopper GPU."""
 from __future__ import annotations
 
 import pytest
@@ -20,11 +20,22 @@ def comfy_on_cpu(comfy_import_path):
 
 
 @pytest.fixture(scope="module")
-def fp8_dit(comfy_import_path):
+def dit16(comfy_import_path):
+    return tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def fp8_dit(dit16):
     from pipeline import quantize
 
-    sd = tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.bfloat16)
-    return quantize.quantize_state_dict(sd, "fp8")
+    return quantize.quantize_state_dict(dit16, "fp8")
+
+
+@pytest.fixture(scope="module")
+def int8_dit(dit16):
+    from pipeline import quantize
+
+    return quantize.quantize_state_dict(dit16, "int8")
 
 
 @pytest.fixture
@@ -35,13 +46,21 @@ def fp8_compute(monkeypatch):
     monkeypatch.setattr(mm, "supports_fp8_compute", lambda device=None: True)
 
 
-def _build(sd, monkeypatch=None, comfy_ops=False):
+@pytest.fixture
+def hopper(monkeypatch):
+    """The loader's int8 choice for Hopper and newer (dequantised int8 layers) on the CPU."""
+    from pipeline import quantized_ops
+
+    monkeypatch.setattr(quantized_ops, "int8_matmuls_dequantised", lambda device: True)
+
+
+def _build(sd, monkeypatch=None, comfy_ops=False, precision="fp8"):
     from pipeline import loader
 
     if comfy_ops:
         monkeypatch.setattr(loader, "quantized_ops_for", lambda fmt, device: None)
-    parts = loader.NewBieParts(sd, {}, {}, {}, None, None, {"dit": "tiny-fp8"})
-    patcher, cfg, _, _ = loader.build_model(parts, "fp8", dynamic=False)
+    parts = loader.NewBieParts(sd, {}, {}, {}, None, None, {"dit": f"tiny-{precision}"})
+    patcher, cfg, _, _ = loader.build_model(parts, precision, dynamic=False)
     return patcher, cfg
 
 
@@ -83,22 +102,62 @@ def test_plain_fp8_dit_equals_comfys_fp8_dit(fp8_dit, fp8_compute, monkeypatch):
     assert stress.relative_error(out, ref) < 1e-6
 
 
-def test_a_weight_function_goes_to_comfys_forward(fp8_dit, fp8_compute):
+def test_int8_linear_dequantised_is_comfys_dequantisation(comfy_import_path):
+    from comfy.quant_ops import QuantizedTensor
+    from pipeline import quantize, quantized_ops
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 96, generator=g) * 0.05
+    bias = torch.randn(64, generator=g).to(torch.bfloat16)
+    x = torch.randn(2, 7, 96, generator=g).to(torch.bfloat16)
+    q, scale = quantize.quantize_weight(w, "int8")
+    weight = QuantizedTensor(q, "TensorWiseINT8Layout",
+                             quantize.compat.quant_layout("int8_tensorwise", "int8").Params(
+                                 scale=scale, orig_dtype=torch.bfloat16, orig_shape=tuple(w.shape), is_weight=True))
+    theirs = torch.nn.functional.linear(x, weight.dequantize().to(x.dtype), bias)
+    ours = quantized_ops.int8_linear_dequantised(x, q, scale, bias)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_plain_int8_dit_equals_the_dequantised_int8_dit(int8_dit, hopper, monkeypatch):
+    from pipeline import quantized_ops
+
+    ours, cfg = _build(int8_dit, precision="int8")
+    calls = []
+    plain = quantized_ops.int8_linear_dequantised
+    monkeypatch.setattr(quantized_ops, "int8_linear_dequantised", lambda *a: calls.append(1) or plain(*a))
+    out = dit_call(ours, cfg)
+    n_int8 = sum(1 for m in ours.model.diffusion_model.modules()
+                 if getattr(m, "quant_format", None) == "int8_tensorwise")
+    assert n_int8 and len(calls) == n_int8, "every int8 layer takes the plain path"
+    assert "TraceableInt8Ops" in type(ours.model.diffusion_model.layers[0].attention.qkv).__qualname__
+    monkeypatch.setattr(quantized_ops, "int8_linear_dequantised", plain)
+    from pipeline import loader
+
+    monkeypatch.setattr(loader, "quantized_ops_for", lambda fmt, device: quantized_ops.dequantising_int8_ops)
+    theirs, _ = _build(int8_dit, precision="int8")
+    assert "TraceableInt8Ops" not in type(theirs.model.diffusion_model.layers[0].attention.qkv).__qualname__
+    assert stress.relative_error(out, dit_call(theirs, cfg)) < 1e-6
+
+
+def test_a_weight_function_goes_to_comfys_forward(fp8_dit, int8_dit, fp8_compute, hopper):
     """LoRA patches ComfyUI applies per call (weight_function, for offloaded layers) need its cast path."""
-    patcher, _ = _build(fp8_dit)
-    layer = patcher.model.diffusion_model.layers[0].attention.qkv
-    x = torch.randn(1, 3, layer.weight.shape[1])
-    assert layer._plain_fp8(x)
-    layer.weight_function.append(lambda w: w)
-    assert not layer._plain_fp8(x)
+    for sd, precision, plain in ((fp8_dit, "fp8", "_plain_fp8"), (int8_dit, "int8", "_plain_int8")):
+        patcher, _ = _build(sd, precision=precision)
+        layer = patcher.model.diffusion_model.layers[0].attention.qkv
+        x = torch.randn(1, 3, layer.weight.shape[1])
+        assert getattr(layer, plain)(x), precision
+        layer.weight_function = [lambda w: w]  # as ComfyUI sets it (the class attribute is a shared list)
+        assert not getattr(layer, plain)(x), precision
 
 
-def test_plain_fp8_blocks_compile_once_without_graph_breaks(fp8_dit, fp8_compute):
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_plain_quantized_blocks_compile_once_without_graph_breaks(precision, fp8_dit, int8_dit, fp8_compute, hopper):
     from torch._dynamo.utils import counters
 
     from pipeline import block_compile
 
-    patcher, cfg = _build(fp8_dit)
+    patcher, cfg = _build({"fp8": fp8_dit, "int8": int8_dit}[precision], precision=precision)
     eager = {n: dit_call(patcher, cfg, dit_inputs(cfg, "cpu", (8, 8), n)) for n in (12, 20)}
     torch._dynamo.reset()
     counters.clear()
