@@ -69,6 +69,20 @@ COMMANDS = {
     "run21": "(H200, a new machine; int8 layers dequantised on Hopper) python3 bench/profile_dit.py --variants "
              "bf16,int8 --calls 5 --top 12; python3 bench/run.py --configs pack-int8@8,upstream-bf16@8 --warm 3 "
              "--timeout 45 (the call's time ran out before upstream-bf16@8)",
+    "run22": "(H200, a new machine; the pack at d46a911, plain-op fp8 layers; warm times include about 0.5 s of the "
+             "client's polling) python3 bench/profile_dit.py --variants bf16+compile,fp8,fp8+compile --calls 5 --top 20; "
+             "python3 bench/run.py --configs pack-fp8-compiled@none,pack-bf16@none,upstream-gpu-only@none --warm 3 "
+             "--timeout 150",
+    "run23": "(H200, the next call on the same machine, polled warm times as run22) python3 bench/run.py --configs "
+             "pack-fp8-compiled@8,upstream-bf16@8,pack-bf16@8,pack-int8@8 --warm 3 --timeout 150",
+    "run24": "(H200, a new machine; compile auto compiles plain-op fp8/int8; w2 in fp8 with a dynamic input scale, "
+             "reverted after this run; warm times from the websocket's end event from here on) python3 "
+             "bench/profile_dit.py --variants fp32,fp8,fp8+compile,int8+compile,bf16+compile --calls 5 --top 15; "
+             "python3 bench/run.py --configs pack-fp8@none,pack-bf16@none,upstream-gpu-only@none --warm 3 --timeout 150",
+    "run25": "(H200, the next call on the same machine) python3 bench/run.py --configs pack-fp8@8,upstream-bf16@8,"
+             "pack-int8@8,pack-fp8@6,upstream-bf16@6 --warm 3 --timeout 150",
+    "run26": "(H200, the next call on the same machine) python3 bench/run.py --configs pack-fp16@none,pack-bf16@none,"
+             "pack-fp8@4,upstream-bf16@4 --warm 3 --timeout 120",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
