@@ -65,11 +65,11 @@ def weights_fit(weight_bytes: int | None, room_bytes: int | None) -> bool | None
 
 # What compiling quantized blocks did on an H200 (torch 2.11, bench/results/run18-results.json, run19-profile.json):
 # Dynamo failed in the first sampling step on ComfyUI's quantized layers, which rebuild the activation as a
-# QuantizedTensor each call ("vr must not be None for symbol s31"), and the job failed. The pack's layers for fp8 on
-# GPUs with fp8 matmuls and for int8 on Hopper+ (pipeline/quantized_ops.py, TRACEABLE) use plain tensor ops, which
+# QuantizedTensor each call ("vr must not be None for symbol s31"), and the job failed. The pack's layers for fp8
+# and for int8 on Hopper+ (pipeline/quantized_ops.py; the loader's `quantized_ops_for`) use plain tensor ops, which
 # Dynamo traces: compiled fp8 blocks ran a call in 0.102 s against 0.140 s eager, and the server sampled 8.45 it/s
 # against the compiled bf16 DiT's 7.59 (run22). Those compile under `auto` like 16-bit weights; ComfyUI's own
-# quantized layers (other GPUs) stay eager.
+# quantized layers (int8 before Hopper, which quantizes its activations) stay eager.
 QUANTIZED_EAGER = "quantized weights run eager: Dynamo failed on ComfyUI's quantized layers (torch 2.11, H200)"
 
 

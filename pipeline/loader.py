@@ -7,6 +7,7 @@ are plain ComfyUI objects: KSampler, LoRA loaders, ModelSamplingAuraFlow and eve
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -249,14 +250,13 @@ def build_model(parts: NewBieParts, precision: str, safe_fp16: bool = True, budg
 
 
 def quantized_ops_for(fmt: str | None, device):
-    """The pack's operations class for a DiT quantized in `fmt` on `device` (pipeline/quantized_ops.py), or None
-    for ComfyUI's own mixed-precision operations."""
-    import comfy.model_management as mm
-
+    """The pack's operations class factory, (quant_config, compute_dtype) -> operations, for a DiT quantized in
+    `fmt` on `device` (pipeline/quantized_ops.py), or None for ComfyUI's own mixed-precision operations. The
+    pack's layers are plain tensor ops where the weights are resident, which compiled blocks can take."""
     if fmt == "int8" and quantized_ops.int8_matmuls_dequantised(device):
         return quantized_ops.traceable_int8_ops
-    if fmt == "fp8" and mm.supports_fp8_compute(device):
-        return quantized_ops.traceable_fp8_ops
+    if fmt == "fp8":
+        return functools.partial(quantized_ops.traceable_fp8_ops, fp8_compute=quantized_ops.fp8_matmuls(device))
     return None
 
 
@@ -452,7 +452,7 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
     weight_bytes = dit_weight_bytes(parts, precision)
     room = dit_room(device, budget)
     fmt = precision if precision in quantize.FORMATS else quantize.precision_of(parts.dit)
-    traceable = quantized_ops_for(fmt, device) in quantized_ops.TRACEABLE
+    traceable = quantized_ops_for(fmt, device) is not None
     compile, compile_why = block_compile.resolve(compile, device, weight_bytes, room, fmt is not None, traceable)
     # Weights that fit stay resident in ComfyUI's non-dynamic patcher, compiled or not: under dynamic VRAM every
     # Linear fetches its weight through comfy-aimdo on each call (eager bf16 sampled 4.9 it/s that way against

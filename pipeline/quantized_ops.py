@@ -10,17 +10,22 @@ LoRA patches and offloading stay ComfyUI's.
   its `full_precision_matrix_mult` leaves F.linear to TensorWiseINT8Layout, which quantizes the activations and
   runs int8_linear whatever the layer says. Older GPUs (Turing, Ampere, Ada, whose kernels CUTLASS's sm80 ones
   are) keep the int8 matmul: not measured here.
-- fp8 where the GPU multiplies fp8 (`traceable_fp8_ops`): ComfyUI's layer quantizes its input into a new
+- fp8 (`traceable_fp8_ops`). Where the GPU multiplies fp8, ComfyUI's layer quantizes its input into a new
   QuantizedTensor each call and dispatches through comfy_kitchen's tensor subclass. Eager that is CPU-bound (an
   H200 call: 150 ms of CPU for 141 ms of kernels, 13 ms of them the input quantization, run19), and Dynamo fails
   on it (the activation subclass is rebuilt with dynamic sizes: "vr must not be None", run19), so compiled blocks
   could not fuse the quantization into the norm before it. The pack's layer does the same arithmetic with plain
   tensor ops -- input clamped to e4m3's range with scale 1 (ComfyUI's default without an `input_scale`), one
   torch._scaled_mm with the weight's fp8 data and scale -- for a resident weight without weight functions; every
-  other case goes to ComfyUI's forward, and so does the FFN's down projection (w2, `full_precision_matrix_mult`,
-  see pipeline/quantize.py). Scaling w2's input per tensor by its own amax instead (no host sync) and multiplying
+  other case (weights streamed, cast or patched per call) goes to ComfyUI's forward. The FFN's down projection
+  (w2, `full_precision_matrix_mult`, see pipeline/quantize.py) multiplies in the compute dtype, as in ComfyUI.
+  Scaling w2's input per tensor by its own amax instead (no host sync) and multiplying
   it in fp8 was measured and did not pay: compiled, its GEMMs took 6.6 ms less a call and the amax reduction and
-  scaling 10.7 ms more (0.101 s a call against 0.102, bench/results/run24-profile.json).
+  scaling 10.7 ms more (0.101 s a call against 0.102, bench/results/run24-profile.json). Where the GPU has no
+  fp8 matmul (Ampere, Turing), and for w2, the weight is dequantised with plain ops (data times scale in the
+  compute dtype, what comfy_kitchen's dequantize computes) and multiplied with one F.linear: what ComfyUI computes
+  there, in a form compiled blocks take (ComfyUI's own dequantisation is an opaque custom op, 4.9 ms a call for
+  w2 alone on an H200, run22).
 - int8 on Hopper and newer, resident and without weight functions (`traceable_int8_ops`): the dequantisation
   as plain tensor ops (int8 data times its per-channel scale, in fp32, to the compute dtype: what comfy_kitchen's
   dequantize computes) and one F.linear, so compiled blocks fuse the dequantisation into one kernel per weight.
@@ -103,26 +108,48 @@ def int8_linear_dequantised(x: torch.Tensor, weight_int8: torch.Tensor, weight_s
     return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
-def traceable_fp8_ops(quant_config: dict, compute_dtype, disabled=()):
+def fp8_matmuls(device) -> bool:
+    """Whether `device` multiplies in fp8 (ComfyUI's own test, `supports_fp8_compute`: Ada, Hopper and newer)."""
+    import comfy.model_management as mm
+
+    return bool(mm.supports_fp8_compute(device))
+
+
+def traceable_fp8_ops(quant_config: dict, compute_dtype, fp8_compute: bool = True):
     """ComfyUI's mixed-precision operations whose fp8 layers multiply with plain tensor ops when their weight is
-    resident (see the module docstring); the same arithmetic as ComfyUI's fp8 layer without an input scale."""
+    resident (see the module docstring): with `fp8_compute` (the GPU multiplies fp8) the same arithmetic as
+    ComfyUI's fp8 layer without an input scale; without it, and for layers marked full_precision_matrix_mult, the
+    weight dequantised to the input's dtype and one F.linear, as ComfyUI's layer computes it on such a GPU."""
     import comfy.ops
 
-    base = comfy.ops.mixed_precision_ops(quant_config, compute_dtype, disabled=set(disabled))
+    # What comfy.ops.pick_operations disables on a GPU without fp8 matmuls (every fp8 layer then multiplies in the
+    # compute dtype); the pack's operations replace pick_operations' choice, so they pass it on themselves.
+    disabled = set() if fp8_compute else {FP8_FORMAT, "float8_e5m2"}
+    base = comfy.ops.mixed_precision_ops(quant_config, compute_dtype, disabled=disabled)
 
     class TraceableFp8Ops(base):
         class Linear(base.Linear):
             def _plain_fp8(self, input) -> bool:
-                return (getattr(self, "quant_format", None) == FP8_FORMAT and not self._full_precision_mm
-                        and _plain(self, input))
+                return getattr(self, "quant_format", None) == FP8_FORMAT and _plain(self, input)
 
             def forward(self, input, *args, **kwargs):
                 if not self._plain_fp8(input):
                     return super().forward(input, *args, **kwargs)
-                return fp8_linear(input, self.weight._qdata, self.weight._params.scale, self.bias,
+                weight = self.weight
+                if self._full_precision_mm:
+                    return fp8_linear_dequantised(input, weight._qdata, weight._params.scale, self.bias)
+                return fp8_linear(input, weight._qdata, weight._params.scale, self.bias,
                                   getattr(self, "input_scale", None))
 
     return TraceableFp8Ops
+
+
+def fp8_linear_dequantised(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
+                           bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ (weight_fp8 * weight_scale).T + bias in x's dtype, the weight dequantised in x's dtype as comfy_kitchen's
+    dequantize_per_tensor_fp8 does."""
+    weight = weight_fp8.to(x.dtype) * weight_scale.to(x.dtype)
+    return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
 def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -140,6 +167,3 @@ def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Te
                            bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
     return out.reshape(*x.shape[:-1], weight_fp8.shape[0])
 
-
-# The operations classes whose resident layers Dynamo traces (plain tensor ops): compiled blocks can take them.
-TRACEABLE = (traceable_fp8_ops, traceable_int8_ops)

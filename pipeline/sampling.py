@@ -51,9 +51,6 @@ Noise comes from ComfyUI's seeded noise sampler when ``extra_args`` carries a se
 KSampler put it there), so a seed gives the same images as ComfyUI's ``euler_ancestral`` on flow models, on CPU
 and on GPU alike.
 
-Noise comes from ComfyUI's seeded noise sampler when ``extra_args`` carries a seed (SamplerCustomAdvanced and
-KSampler put it there), so a seed gives the same images as ComfyUI's ``euler_ancestral`` on flow models.
-
 Nothing here imports ComfyUI at module import time, so the checks are testable without a host.
 """
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The pack's operations for quantized DiTs (pipeline/quantized_ops.py), on the CPU: the plain-op fp8 layer computes
-exactly what ComfyUI's fp8 layer computes, the plain-op int8 layer exactly what ComfyUI's dequantised int8 layer
-computes, whole DiTs built with them equal those built with ComfyUI's operations, and their blocks compile without graph breaks or recompiles on new prompt lengths (what
+exactly what ComfyUI's fp8 layer computes (with fp8 matmuls and, dequantised, without), the plain-op int8 layer
+exactly what ComfyUI's dequantised int8 layer computes, whole DiTs built with them equal those built with
+ComfyUI's operations, and their blocks compile without graph breaks or recompiles on new prompt lengths (what
 ComfyUI's layers could not: Dynamo failed on them on an H200, run19). torch._scaled_mm runs on the CPU, so
 ComfyUI's fp8 path can be forced on here by reporting fp8 compute; the int8 one by reporting a Hopper GPU."""
 from __future__ import annotations
@@ -84,22 +85,56 @@ def test_fp8_linear_is_comfys_fp8_layer_in_plain_ops(comfy_import_path, input_sc
     torch.testing.assert_close(ours.reshape(-1, 64), theirs, rtol=0, atol=0)
 
 
-def test_plain_fp8_dit_equals_comfys_fp8_dit(fp8_dit, fp8_compute, monkeypatch):
+def _count_calls(monkeypatch, module, *names) -> dict:
+    calls = {n: 0 for n in names}
+    for name in names:
+        real = getattr(module, name)
+
+        def counted(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("fp8_matmuls", [True, False], ids=["fp8-matmul-gpu", "gpu-without-fp8-matmul"])
+def test_plain_fp8_dit_equals_comfys_fp8_dit(fp8_dit, fp8_matmuls, monkeypatch):
+    """With fp8 matmuls (Ada, Hopper) every fp8 layer but w2 multiplies in fp8, w2 dequantised; without them
+    (Ampere, Turing: this CPU as it is) every layer is dequantised; either way exactly ComfyUI's arithmetic."""
+    import comfy.model_management as mm
+
     from pipeline import quantized_ops
 
+    monkeypatch.setattr(mm, "supports_fp8_compute", lambda device=None: fp8_matmuls)
     ours, cfg = _build(fp8_dit)
-    calls = []
-    fp8_linear = quantized_ops.fp8_linear
-    monkeypatch.setattr(quantized_ops, "fp8_linear", lambda *a: calls.append(1) or fp8_linear(*a))
+    calls = _count_calls(monkeypatch, quantized_ops, "fp8_linear", "fp8_linear_dequantised")
     out = dit_call(ours, cfg)
-    n_fp8 = sum(1 for m in ours.model.diffusion_model.modules()
-                if getattr(m, "quant_format", None) == "float8_e4m3fn" and not m._full_precision_mm)
-    assert n_fp8 and len(calls) == n_fp8, "every fp8 layer but w2 takes the plain path"
+    fp8_layers = [m for m in ours.model.diffusion_model.modules()
+                  if getattr(m, "quant_format", None) == "float8_e4m3fn"]
+    n_w2 = sum(1 for m in fp8_layers if m._full_precision_mm_config)
+    assert n_w2 and fp8_layers
+    expected_fp8 = len(fp8_layers) - n_w2 if fp8_matmuls else 0
+    assert calls == {"fp8_linear": expected_fp8, "fp8_linear_dequantised": len(fp8_layers) - expected_fp8}, calls
     theirs, _ = _build(fp8_dit, monkeypatch, comfy_ops=True)
     assert "TraceableFp8Ops" in type(ours.model.diffusion_model.layers[0].attention.qkv).__qualname__
     assert "TraceableFp8Ops" not in type(theirs.model.diffusion_model.layers[0].attention.qkv).__qualname__
     ref = dit_call(theirs, cfg)
     assert stress.relative_error(out, ref) < 1e-6
+
+
+def test_fp8_linear_dequantised_is_comfys_dequantisation(comfy_import_path):
+    from comfy.quant_ops import QuantizedTensor
+    from pipeline import quantize, quantized_ops
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 96, generator=g) * 0.05
+    bias = torch.randn(64, generator=g).to(torch.bfloat16)
+    x = torch.randn(2, 7, 96, generator=g).to(torch.bfloat16)
+    q, scale = quantize.quantize_weight(w, "fp8")
+    weight = QuantizedTensor.from_float(w, "TensorCoreFP8E4M3Layout", scale=scale)
+    theirs = torch.nn.functional.linear(x, weight.to(dtype=x.dtype).dequantize(), bias)
+    ours = quantized_ops.fp8_linear_dequantised(x, q, scale, bias)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
 def test_int8_linear_dequantised_is_comfys_dequantisation(comfy_import_path):
@@ -151,13 +186,16 @@ def test_a_weight_function_goes_to_comfys_forward(fp8_dit, int8_dit, fp8_compute
         assert not getattr(layer, plain)(x), precision
 
 
-@pytest.mark.parametrize("precision", ["fp8", "int8"])
-def test_plain_quantized_blocks_compile_once_without_graph_breaks(precision, fp8_dit, int8_dit, fp8_compute, hopper):
+@pytest.mark.parametrize("precision", ["fp8", "fp8-dequantised", "int8"])
+def test_plain_quantized_blocks_compile_once_without_graph_breaks(precision, fp8_dit, int8_dit, hopper, monkeypatch):
+    """fp8 with fp8 matmuls, fp8 on a GPU without them (every layer dequantised), int8 on Hopper+."""
+    import comfy.model_management as mm
     from torch._dynamo.utils import counters
 
     from pipeline import block_compile
 
-    patcher, cfg = _build({"fp8": fp8_dit, "int8": int8_dit}[precision], precision=precision)
+    monkeypatch.setattr(mm, "supports_fp8_compute", lambda device=None: precision == "fp8")
+    patcher, cfg = _build(int8_dit if precision == "int8" else fp8_dit, precision=precision.split("-")[0])
     eager = {n: dit_call(patcher, cfg, dit_inputs(cfg, "cpu", (8, 8), n)) for n in (12, 20)}
     torch._dynamo.reset()
     counters.clear()
