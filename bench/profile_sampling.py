@@ -1,0 +1,164 @@
+"""Where a whole sampling run spends its time: ComfyUI's own sampler (comfy.sample.sample, euler_ancestral, CFG),
+in-process, on the pack's DiT, with one warm run profiled. The server samples slower than back-to-back DiT calls
+(run24: 0.136 s a step for bf16 against 0.119 s a call; fp16 0.164 s against 0.130 s), and this says why: how busy
+the GPU is over the run, the gaps between kernels, the host synchronisations per step (who reads a GPU value on
+the CPU) and the CPU ops that fill the gaps.
+
+    python3 bench/profile_sampling.py --out $OUT --variants bf16+compile,fp16+compile,fp8+compile   # GPU
+    python3 bench/profile_sampling.py --tiny --steps 3 --out /tmp/ps                                   # CPU smoke
+
+A variant is PRECISION[+compile]: the loader's precision (bf16, fp16, fp32, fp8, int8) and, with +compile, the
+blocks compiled (pipeline/block_compile.py, as `compile: auto` does where the weights stay resident). Conditioning
+is random with the caption length of the bench's XML prompt (--tokens, 259 as Gemma tokenizes it with the system
+prompt). Writes OUT/profile_sampling.json.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SYNC_CALLS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+HOST_READS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero")
+GAP_US = 50.0  # gaps between kernels shorter than this are launch jitter, not starvation
+
+
+def busy_and_gaps(intervals: list[tuple[float, float]]) -> dict:
+    """The union of kernel [start, end] intervals (us): busy time, span, and the idle gaps longer than GAP_US."""
+    if not intervals:
+        return {"span_ms": 0.0, "busy_ms": 0.0, "busy_fraction": None, "gaps_over_50us": 0, "gap_ms": 0.0}
+    intervals = sorted(intervals)
+    busy, gaps, (cur_s, cur_e) = 0.0, [], intervals[0]
+    for s, e in intervals[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            if s - cur_e > GAP_US:
+                gaps.append(s - cur_e)
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    span = max(e for _, e in intervals) - intervals[0][0]
+    return {"span_ms": round(span / 1e3, 2), "busy_ms": round(busy / 1e3, 2),
+            "busy_fraction": round(busy / span, 3) if span else None, "gaps_over_50us": len(gaps),
+            "gap_ms": round(sum(gaps) / 1e3, 2), "largest_gaps_ms": [round(g / 1e3, 2) for g in sorted(gaps)[-5:]]}
+
+
+def read_sites(events, frames: int = 4) -> dict:
+    """Where the host reads GPU values: the innermost Python frames outside torch of each host-read event (the
+    profile records stacks), with how often each site read."""
+    sites: dict[str, int] = {}
+    for e in events:
+        if e.name in HOST_READS[1:] and e.stack:  # the op called from Python carries the stack
+            own = [f for f in e.stack if not f.startswith("torch/") and "/torch/" not in f
+                   and "built-in" not in f][:frames]
+            key = " <- ".join(own) or "(torch internals)"
+            sites[key] = sites.get(key, 0) + 1
+    return dict(sorted(sites.items(), key=lambda kv: -kv[1]))
+
+
+def summarise(prof, steps: int, wall_s: float) -> dict:
+    """Per-step figures of one profiled sampling run."""
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+    gpu = busy_and_gaps(kernels)
+    cpu_names = [e.name for e in events if e.device_type == DeviceType.CPU]
+    syncs = {n: sum(1 for c in cpu_names if c.startswith(n)) for n in SYNC_CALLS}
+    reads = {n: cpu_names.count(n) for n in HOST_READS}
+    return {"steps": steps, "wall_s": round(wall_s, 3), "step_ms": round(wall_s * 1e3 / steps, 2),
+            "gpu": gpu, "gpu_busy_ms_per_step": round(gpu["busy_ms"] / steps, 2),
+            "gpu_idle_ms_per_step": round(gpu["gap_ms"] / steps, 2),
+            "host_syncs_per_step": {k: round(v / steps, 2) for k, v in syncs.items() if v},
+            "host_reads_per_step": {k: round(v / steps, 2) for k, v in reads.items() if v},
+            "host_read_sites": read_sites(events)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--tokens", type=int, default=259)
+    ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--variants", default="bf16+compile,fp16+compile")
+    args = ap.parse_args()
+    sys.path[:0] = [os.environ.get("COMFYUI_PATH", str(Path.home() / "comfy" / "ComfyUI")), str(REPO)]
+    import torch
+
+    from devkit import tiny_models
+
+    tiny_models._comfy_cpu_safe()
+    import comfy.model_management as mm
+    import comfy.sample
+
+    from pipeline import block_compile, loader
+
+    spec = tiny_models.TINY if args.tiny else tiny_models.FULL
+    dev = mm.get_torch_device()
+    cuda = dev.type == "cuda"
+    shapes = tiny_models._meta_state_shapes(spec)["dit"]
+    base_sd = tiny_models.random_state_dict(shapes, spec.seed, torch.bfloat16, "cuda" if cuda else "cpu")
+    hw = (8, 8) if args.tiny else (128, 128)
+    tokens = min(args.tokens, 12) if args.tiny else args.tokens
+    results = {}
+    for variant in args.variants.split(","):
+        prec, _, extra = variant.partition("+")
+        parts = loader.NewBieParts(dict(base_sd), {}, {}, {}, None, None, {"dit": "random"})
+        patcher, cfg, _, _ = loader.build_model(parts, prec, dynamic=False)
+        if extra == "compile":
+            block_compile.apply(patcher)
+        g = torch.Generator().manual_seed(5)
+        cond, uncond = ([[torch.randn(1, tokens, cfg["cap_feat_dim"], generator=g),
+                          {"pooled_output": torch.randn(1, cfg["clip_text_dim"], generator=g)}]] for _ in range(2))
+        latent = torch.zeros(1, 16, *hw)
+
+        def sample(seed: int):
+            noise = comfy.sample.prepare_noise(latent, seed)
+            return comfy.sample.sample(patcher, noise, args.steps, 5.0, "euler_ancestral", "simple", cond, uncond,
+                                       latent, seed=seed, disable_pbar=True)
+
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        t = time.perf_counter()
+        sample(1)  # loads the model, compiles the blocks
+        sync()
+        r = {"first_run_s": round(time.perf_counter() - t, 2)}
+        t = time.perf_counter()
+        sample(2)
+        sync()
+        r["warm_run_s"] = round(time.perf_counter() - t, 3)
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        stacks = torch._C._profiler._ExperimentalConfig(verbose=True)  # Python stacks on the ops (torch 2.9+)
+        with torch.profiler.profile(activities=acts, with_stack=True, experimental_config=stacks) as prof:
+            t = time.perf_counter()
+            sample(3)
+            sync()
+            wall = time.perf_counter() - t
+        r.update(summarise(prof, args.steps, wall))
+        averages = prof.key_averages()
+        r["top_cpu"] = averages.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=60)
+        if cuda:
+            r["top_cuda"] = averages.table(sort_by="self_cuda_time_total", row_limit=args.top,
+                                           max_name_column_width=60)
+        brief = {k: v for k, v in r.items() if not k.startswith("top_")}
+        print(f"[sampling] {variant}: {json.dumps(brief)}\n{r['top_cpu']}", flush=True)
+        results[variant] = r
+        mm.unload_all_models()
+        del patcher
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        if extra == "compile":
+            torch._dynamo.reset()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile_sampling.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
