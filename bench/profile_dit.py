@@ -10,7 +10,8 @@ Writes OUT/profile_dit.json.
     python3 bench/profile_dit.py --variants fp32,fp16_pack,fp16_plain,bf16,bf16+compile
 
 A variant is PATH[+compile[:MODE]]: PATH one of fp16_pack, fp16_plain, bf16, fp32, fp8, int8 (the loader's
-quantized DiT, pipeline/quantize.py); MODE a torch.compile mode
+quantized DiT, pipeline/quantize.py), fp8_dequant (the fp8 DiT as a GPU without fp8 matmuls runs it: every layer
+dequantised, pipeline/quantized_ops.py); MODE a torch.compile mode
 (e.g. reduce-overhead for CUDA graphs). The first variant is the accuracy
 reference. Compiled variants also report Dynamo's graph-break reasons and graph count.
 """
@@ -61,7 +62,7 @@ def main():
     tiny_models._comfy_cpu_safe()  # lets --tiny run on a machine without CUDA
     import comfy.model_management as mm
     from devkit import stress
-    from pipeline import block_compile, loader, precision
+    from pipeline import block_compile, loader, precision, quantized_ops
 
     spec = tiny_models.TINY if args.tiny else tiny_models.FULL
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,9 +76,16 @@ def main():
         variant_base, _, extra = variant.partition("+")
         name = variant_base
         prec, safe = {"fp16_pack": ("fp16", True), "fp16_plain": ("fp16", False), "bf16": ("bf16", True),
-                      "fp32": ("fp32", True), "fp8": ("fp8", True), "int8": ("int8", True)}[name]
+                      "fp32": ("fp32", True), "fp8": ("fp8", True), "int8": ("int8", True),
+                      "fp8_dequant": ("fp8", True)}[name]
         parts = loader.NewBieParts(dict(base_sd), {}, {}, {}, None, None, {"dit": "random"})
-        patcher, cfg, _, _ = loader.build_model(parts, prec, safe_fp16=safe)
+        fp8_matmuls = quantized_ops.fp8_matmuls
+        if name == "fp8_dequant":  # what an RTX 30 gets; the pack's own switch, restored after the build
+            quantized_ops.fp8_matmuls = lambda device: False
+        try:
+            patcher, cfg, _, _ = loader.build_model(parts, prec, safe_fp16=safe)
+        finally:
+            quantized_ops.fp8_matmuls = fp8_matmuls
         mm.load_models_gpu([patcher])
         dm = patcher.model.diffusion_model
         if extra.startswith("compile"):  # the loader's `compile: blocks` (pipeline/block_compile.py); quantized
