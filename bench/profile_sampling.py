@@ -7,10 +7,15 @@ the CPU) and the CPU ops that fill the gaps.
     python3 bench/profile_sampling.py --out $OUT --variants bf16+compile,fp16+compile,fp8+compile   # GPU
     python3 bench/profile_sampling.py --tiny --steps 3 --out /tmp/ps                                   # CPU smoke
 
-A variant is PRECISION[+compile]: the loader's precision (bf16, fp16, fp32, fp8, int8) and, with +compile, the
-blocks compiled (pipeline/block_compile.py, as `compile: auto` does where the weights stay resident). Conditioning
-is random with the caption length of the bench's XML prompt (--tokens, 259 as Gemma tokenizes it with the system
-prompt). Writes OUT/profile_sampling.json.
+A variant is PRECISION[+compile][+separate]: the loader's precision (bf16, fp16, fp32, fp8, int8); +compile: the
+blocks compiled (pipeline/block_compile.py, as `compile: auto` does where the weights stay resident); +separate:
+the pack's batching of prompts of different lengths (pipeline/cfg_batch.py) switched off, as before it existed. Conditioning
+is random with the caption lengths of the bench's graph: --tokens for the XML positive (259 with the system
+prompt), --neg-tokens for the tag negative (about 50). The lengths matter: ComfyUI batches the positive and the
+negative into one DiT call only when their captions have the same length (Lumina-2's `c_crossattn` is a
+CONDRegular and `num_tokens` a CONDConstant, neither concatenates across lengths), so a real prompt pair costs two
+batch-1 calls a step, where bench/profile_dit.py times one batch-2 call; the pack pads them into one
+(pipeline/cfg_batch.py) unless +separate. Writes OUT/profile_sampling.json.
 """
 from __future__ import annotations
 
@@ -86,6 +91,7 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--tokens", type=int, default=259)
+    ap.add_argument("--neg-tokens", type=int, default=50)
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--variants", default="bf16+compile,fp16+compile")
     args = ap.parse_args()
@@ -96,9 +102,10 @@ def main():
 
     tiny_models._comfy_cpu_safe()
     import comfy.model_management as mm
+    import comfy.patcher_extension
     import comfy.sample
 
-    from pipeline import block_compile, loader
+    from pipeline import block_compile, cfg_batch, loader
 
     spec = tiny_models.TINY if args.tiny else tiny_models.FULL
     dev = mm.get_torch_device()
@@ -106,17 +113,19 @@ def main():
     shapes = tiny_models._meta_state_shapes(spec)["dit"]
     base_sd = tiny_models.random_state_dict(shapes, spec.seed, torch.bfloat16, "cuda" if cuda else "cpu")
     hw = (8, 8) if args.tiny else (128, 128)
-    tokens = min(args.tokens, 12) if args.tiny else args.tokens
+    tokens = (min(args.tokens, 12), min(args.neg_tokens, 5)) if args.tiny else (args.tokens, args.neg_tokens)
     results = {}
     for variant in args.variants.split(","):
-        prec, _, extra = variant.partition("+")
+        prec, *extras = variant.split("+")
         parts = loader.NewBieParts(dict(base_sd), {}, {}, {}, None, None, {"dit": "random"})
         patcher, cfg, _, _ = loader.build_model(parts, prec, dynamic=False)
-        if extra == "compile":
+        if "compile" in extras:
             block_compile.apply(patcher)
+        if "separate" in extras:
+            patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, cfg_batch.WRAPPER_KEY)
         g = torch.Generator().manual_seed(5)
-        cond, uncond = ([[torch.randn(1, tokens, cfg["cap_feat_dim"], generator=g),
-                          {"pooled_output": torch.randn(1, cfg["clip_text_dim"], generator=g)}]] for _ in range(2))
+        cond, uncond = ([[torch.randn(1, n, cfg["cap_feat_dim"], generator=g),
+                          {"pooled_output": torch.randn(1, cfg["clip_text_dim"], generator=g)}]] for n in tokens)
         latent = torch.zeros(1, 16, *hw)
 
         def sample(seed: int):
@@ -124,6 +133,13 @@ def main():
             return comfy.sample.sample(patcher, noise, args.steps, 5.0, "euler_ancestral", "simple", cond, uncond,
                                        latent, seed=seed, disable_pbar=True)
 
+        calls = []
+
+        def count_calls(executor, *a, **k):  # DIFFUSION_MODEL wrapper: one entry per DiT call, its batch size
+            calls.append(int(a[0].shape[0]))
+            return executor(*a, **k)
+
+        patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "bench_count", count_calls)
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         t = time.perf_counter()
         sample(1)  # loads the model, compiles the blocks
@@ -141,6 +157,8 @@ def main():
             sync()
             wall = time.perf_counter() - t
         r.update(summarise(prof, args.steps, wall))
+        r["dit_calls_per_step"] = round(len(calls) / (3 * args.steps), 2)
+        r["dit_call_batch_sizes"] = sorted(set(calls))
         averages = prof.key_averages()
         r["top_cpu"] = averages.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=60)
         if cuda:
@@ -154,7 +172,7 @@ def main():
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-        if extra == "compile":
+        if "compile" in extras:
             torch._dynamo.reset()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile_sampling.json").write_text(json.dumps(results, indent=1))

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from . import (block_compile, checkpoint, compat, detect, precision as precision_mod, prompt_limits, quantize,
-               quantized_ops, te_quantize, vae_memory, vram_budget)
+from . import (block_compile, cfg_batch, checkpoint, compat, detect, precision as precision_mod, prompt_limits,
+               quantize, quantized_ops, te_quantize, vae_memory, vram_budget)
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -280,6 +280,7 @@ def _finish_model(model_config, dit: dict, load_device, budget, dynamic: bool, f
     if unexpected:
         log.info("NewBie DiT: %d tensors not used by the model: %s", len(unexpected), sorted(unexpected)[:5])
     precision_mod.attach(patcher, fp16_state)
+    cfg_batch.attach(patcher)
     return patcher
 
 

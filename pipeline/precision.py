@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import cfg_batch
+
 log = logging.getLogger(__name__)
 
 FP16_MAX = 65504.0
@@ -162,7 +164,8 @@ def check_weights(diffusion_model: torch.nn.Module) -> list[str]:
 
 
 def _sdpa_call(args, kwargs, attention):
-    """Unpack ComfyUI's attention call, run `attention(q, k, v, mask)` on [B, H, N, D], pack the result.
+    """Unpack ComfyUI's attention call, run `attention(q, k, v, mask)` on [B, H, N, D], pack the result. A batch
+    whose captions were padded to one length (pipeline/cfg_batch.py) runs it per sample without the padding keys.
 
     ComfyUI calls func(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
     skip_output_reshape=False, ...) (comfy/ldm/modules/attention.py); Next-DiT passes skip_reshape=True.
@@ -177,7 +180,10 @@ def _sdpa_call(args, kwargs, attention):
             mask = mask.unsqueeze(0)
         if mask.ndim == 3:
             mask = mask.unsqueeze(1)
-    out = attention(q, k, v, mask)
+    out = None if mask is not None else cfg_batch.split_by_padding(q, k, v, kwargs.get("transformer_options"),
+                                                                   attention)
+    if out is None:
+        out = attention(q, k, v, mask)
     if kwargs.get("skip_output_reshape", False):
         return out
     b, h, n, d = out.shape
@@ -204,6 +210,7 @@ def attention_override(state: FP16State):
     """transformer_options['optimized_attention_override'] for one fp16 model: SDPA by `state.mode`."""
     def override(func, *args, **kwargs):
         return _sdpa_call(args, kwargs, _SDPA_BY_MODE[state.mode])
+    setattr(override, cfg_batch.PADDING_AWARE, True)
     return override
 
 
@@ -214,6 +221,9 @@ def sdpa_override(func, *args, **kwargs):
             m = m.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
     return _sdpa_call(args, kwargs, attention)
+
+
+setattr(sdpa_override, cfg_batch.PADDING_AWARE, True)
 
 
 def nonfinite_guard(state: FP16State):

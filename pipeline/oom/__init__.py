@@ -16,9 +16,10 @@ The ladder, one rung per retry (ComfyUI's own memory functions do the work):
    loader and dynamic VRAM implement): the same arithmetic, slower;
 4. split the batch (cond/uncond, then latent rows) into halves and concatenate the results: the same
    model on fewer rows, equal up to float rounding. It stays split for the rest of that sampling run.
-   NewBie's positive and negative prompts usually differ in token count, and ComfyUI batches cond with
-   uncond only when their shapes match, so for one image each step is two one-row calls and this rung
-   applies only to latent batches (or prompts of equal length).
+   NewBie's positive and negative prompts usually differ in token count; the pack pads them to one length so
+   that ComfyUI batches them (pipeline/cfg_batch.py), and the caption paddings (`calls.PerRow`) are cut with
+   the rows. A model without the pack's batching runs such prompts as two one-row calls, which this rung
+   cannot split.
 On the CPU rungs 1-3 have nothing to free; they still count as attempts so the ladder is the same everywhere.
 Rungs 1-3 are written against both hosts' APIs but were exercised on the CPU only (bench/oom_recovery.py is
 the GPU check). There is no "degrade" mode (smaller image, fewer steps): every recovery keeps the job as asked.

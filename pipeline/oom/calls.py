@@ -12,6 +12,11 @@ class SplitImpossible(Exception):
     """This call's inputs cannot be cut along the batch (the reason is the message)."""
 
 
+class PerRow(tuple):
+    """A call argument that is not a tensor but holds one value per batch row (the caption paddings of
+    pipeline/cfg_batch.py): cut with the batch like a tensor's rows."""
+
+
 @dataclass
 class ModelCall:
     """The arguments of one `BaseModel.apply_model` call. Rows of the batch are independent samples (cond and
@@ -68,6 +73,8 @@ class ModelCall:
         def cut(value):
             if torch.is_tensor(value):
                 return value[start:stop] if value.ndim and value.shape[0] == b else value
+            if isinstance(value, PerRow):
+                return PerRow(value[start:stop]) if len(value) == b else value
             if isinstance(value, list):
                 return [cut(v) for v in value]
             if isinstance(value, tuple):

@@ -168,8 +168,9 @@ def test_unrecoverable_fault_fails_only_that_prompt(fault_server, reference):
     assert "KSampler" in message and "Out of memory at step 1/4" in message, message
     assert "needs about" in message and "is free on cpu" in message, message
     assert "Try a smaller resolution" in message, message
-    # The whole ladder ran first; a one-row call (cond and uncond apart, as NewBie's prompts are) has no split.
-    assert "after 3 retry(ies)" in message and "no batch split possible: the batch has a single row" in message
+    # The whole ladder ran first, the batch split included: the pack batches NewBie's positive and negative
+    # prompts into one call though their lengths differ (pipeline/cfg_batch.py).
+    assert "after 4 retry(ies)" in message and "split the batch of 2 into 2 pieces of 1" in message, message
     # The server goes on serving: the next prompt (no fault node) gives the reference image.
     assert fault_server.alive()
     after = run_case(fault_server, "after-unrecoverable", 15, None)

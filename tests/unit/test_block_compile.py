@@ -104,9 +104,9 @@ def test_auto_stays_eager_where_the_weights_cannot_stay_resident(monkeypatch):
 
 
 def test_new_prompt_lengths_and_image_sizes_do_not_recompile_after_the_first_run(comfy_import_path):
-    """NewBie's caption length is the prompt's token count (no padding), and a CFG step calls the DiT with the
-    positive and the negative prompt's lengths: the first run compiles once more for the second length (Dynamo
-    then marks the dimension dynamic) and later prompts and image sizes compile nothing."""
+    """NewBie's caption length is the prompt's token count: the first two lengths compile (Dynamo then marks the
+    dimension dynamic) and later prompts and image sizes compile nothing. (A sampling step pads the positive and
+    the negative prompt to one length, pipeline/cfg_batch.py; tests/unit/test_cfg_batch.py compiles through it.)"""
     from devkit.dit_calls import dit_inputs
     from pipeline import block_compile, loader
 

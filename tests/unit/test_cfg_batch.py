@@ -1,0 +1,188 @@
+"""A positive and a negative prompt of different lengths run as one DiT call (pipeline/cfg_batch.py), and the result
+is the one of two separate calls: through ComfyUI's own sampler on the tiny model, eager and with compiled blocks.
+Without the per-sample attention the padding changes the result (the control that shows the test can fail)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from devkit import stress, tiny_models
+
+pytestmark = pytest.mark.host
+
+STEPS = 3
+
+
+@pytest.fixture(autouse=True)
+def comfy_on_cpu(comfy_import_path):
+    tiny_models._comfy_cpu_safe()
+
+
+@pytest.fixture(scope="module")
+def dit(comfy_import_path):
+    return tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.float32)
+
+
+def _model(dit, precision="fp32"):
+    from pipeline import loader
+
+    parts = loader.NewBieParts(dict(dit), {}, {}, {}, None, None, {"dit": "tiny"})
+    patcher, cfg, _, _ = loader.build_model(parts, precision, dynamic=False)
+    return patcher, cfg
+
+
+def _prompts(cfg, positive: int, negative: int, seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    return tuple([[torch.randn(1, n, cfg["cap_feat_dim"], generator=g),
+                   {"pooled_output": torch.randn(1, cfg["clip_text_dim"], generator=g)}]] for n in (positive, negative))
+
+
+def _sample(patcher, cond, uncond):
+    """ComfyUI's sampler (euler_ancestral, CFG 5); returns (latent, batch size of each DiT call)."""
+    import comfy.patcher_extension as pe
+    import comfy.sample
+
+    batches = []
+
+    def count(executor, *args, **kwargs):
+        batches.append(int(args[0].shape[0]))
+        return executor(*args, **kwargs)
+
+    patcher.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "test_count", count)
+    try:
+        latent = torch.zeros(1, 16, 8, 8)
+        out = comfy.sample.sample(patcher, comfy.sample.prepare_noise(latent, 1), STEPS, 5.0, "euler_ancestral",
+                                  "simple", cond, uncond, latent, seed=1, disable_pbar=True)
+    finally:
+        patcher.remove_wrappers_with_key(pe.WrappersMP.DIFFUSION_MODEL, "test_count")
+    return out, batches
+
+
+def _unbatched(patcher):
+    import comfy.patcher_extension as pe
+
+    from pipeline import cfg_batch
+
+    patcher = patcher.clone()
+    patcher.remove_wrappers_with_key(pe.WrappersMP.CALC_COND_BATCH, cfg_batch.WRAPPER_KEY)
+    return patcher
+
+
+def test_pad_captions_pads_in_front_to_the_longest(comfy_import_path):
+    import comfy.conds
+
+    from pipeline import cfg_batch
+
+    def entry(n, fill):
+        return {"uuid": n, "model_conds": {"c_crossattn": comfy.conds.CONDRegular(torch.full((1, n, 4), fill)),
+                                           "num_tokens": comfy.conds.CONDConstant(n)}}
+
+    conds = [[entry(6, 1.0)], [entry(2, 2.0), entry(4, 3.0)]]
+    out = cfg_batch.pad_captions(conds, n_image_tokens=64)
+    assert [[c["model_conds"]["c_crossattn"].cond.shape[1] for c in g] for g in out] == [[6], [6, 6]]
+    short = out[1][0]["model_conds"]
+    assert torch.equal(short["c_crossattn"].cond[0, :4], torch.zeros(4, 4)), "zeros in front"
+    assert torch.equal(short["c_crossattn"].cond[0, 4:], torch.full((2, 4), 2.0)), "the caption at the end"
+    assert short["num_tokens"].cond == 6 and short[cfg_batch.PAD_KEY].cond == (4,)
+    assert conds[1][0]["model_conds"]["c_crossattn"].cond.shape[1] == 2, "the originals are left as they were"
+    pads = [c["model_conds"][cfg_batch.PAD_KEY].process_cond(batch_size=2) for g in out for c in g]
+    assert pads[0].can_concat(pads[1]) and pads[0].concat(pads[1:]) == (0, 0, 4, 4, 2, 2)
+    # nothing to do, or not safe to do
+    assert cfg_batch.pad_captions([[entry(3, 1.0)], [entry(3, 2.0)]], 64) is None
+    assert cfg_batch.pad_captions(conds, n_image_tokens=6) is None, "a padded caption as long as the image"
+    assert cfg_batch.pad_captions([[entry(6, 1.0)], [{**entry(2, 2.0), "default": True}]], 64) is None
+    masked = entry(2, 2.0)
+    masked["model_conds"]["attention_mask"] = comfy.conds.CONDRegular(torch.ones(1, 2))
+    assert cfg_batch.pad_captions([[entry(6, 1.0)], [masked]], 64) is None
+
+
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-5), ("fp16", 1e-2)])
+def test_a_prompt_pair_of_different_lengths_runs_as_one_call_with_the_same_result(dit, precision, tolerance):
+    patcher, cfg = _model(dit, precision)
+    cond, uncond = _prompts(cfg, 12, 5)
+    batched, batches = _sample(patcher, cond, uncond)
+    separate, separate_batches = _sample(_unbatched(patcher), cond, uncond)
+    assert batches == [2] * STEPS and separate_batches == [1] * (2 * STEPS)
+    assert stress.relative_error(batched, separate) < tolerance
+
+
+def test_the_padding_keys_must_be_dropped(dit, monkeypatch):
+    """The control: attending to the padding (the per-sample attention switched off) changes the result."""
+    from pipeline import cfg_batch
+
+    patcher, cfg = _model(dit)
+    cond, uncond = _prompts(cfg, 12, 5)
+    separate, _ = _sample(_unbatched(patcher), cond, uncond)
+    monkeypatch.setattr(cfg_batch, "split_by_padding", lambda *args: None)
+    attended, batches = _sample(patcher, cond, uncond)
+    assert batches == [2] * STEPS
+    assert stress.relative_error(attended, separate) > 1e-2
+
+
+def test_compiled_blocks_take_new_prompt_pairs_without_compiling_again(dit):
+    """The paddings reach the compiled blocks as dynamic sizes: after the first two prompt pairs (the second makes
+    the caption length dynamic) new pairs compile nothing, and the result is the eager one."""
+    from torch._dynamo.utils import counters
+
+    from pipeline import block_compile
+
+    patcher, cfg = _model(dit)
+    pairs = [(12, 5), (20, 7), (9, 30), (25, 3)]
+    prompts = [_prompts(cfg, *pair, seed=i) for i, pair in enumerate(pairs)]
+    eager = [_sample(patcher, *p)[0] for p in prompts]
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        block_compile.apply(patcher)
+        compiled = [_sample(patcher, *p)[0] for p in prompts[:2]]
+        before = block_compile.compiled_graph_count()
+        compiled += [_sample(patcher, *p)[0] for p in prompts[2:]]
+        assert block_compile.compiled_graph_count() == before, "a new prompt pair compiled the blocks again"
+        assert not dict(counters["graph_break"]), dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    for pair, c, e in zip(pairs, compiled, eager):
+        assert stress.relative_error(c, e) < 1e-5, pair
+
+
+def test_a_batch_split_by_the_oom_guard_keeps_each_rows_padding(dit):
+    """The OOM Guard's last rung cuts a call into rows (pipeline/oom/calls.py); the caption paddings go with their
+    rows, so each one-row piece still drops its own padding keys."""
+    import comfy.patcher_extension as pe
+
+    from pipeline.oom.calls import ModelCall
+
+    def one_row_at_a_time(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                          **kwargs):
+        call = ModelCall(x, t, c_concat, c_crossattn, control, transformer_options or {}, kwargs)
+        return call.run(lambda piece: executor(piece.x, piece.t, piece.c_concat, piece.c_crossattn, piece.control,
+                                               piece.transformer_options, **piece.kwargs), rows_per_piece=1)
+
+    patcher, cfg = _model(dit)
+    cond, uncond = _prompts(cfg, 12, 5)
+    separate, _ = _sample(_unbatched(patcher), cond, uncond)
+    patcher.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test_split", one_row_at_a_time)
+    split, batches = _sample(patcher, cond, uncond)
+    assert batches == [1] * (2 * STEPS), "every call cut into rows"
+    assert stress.relative_error(split, separate) < 1e-5
+
+
+def test_another_nodes_attention_override_keeps_the_prompts_apart(dit):
+    """An attention override from another node (a SageAttention patch, say) would attend to the padding: the
+    prompts then run as ComfyUI runs them, two calls, and the result is unchanged."""
+    import torch.nn.functional as F
+
+    patcher, cfg = _model(dit)
+    cond, uncond = _prompts(cfg, 12, 5)
+    reference, _ = _sample(_unbatched(patcher), cond, uncond)
+
+    def foreign(func, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **kwargs):
+        b, _, n, d = q.shape
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out if skip_output_reshape else out.transpose(1, 2).reshape(b, n, heads * d)
+
+    patched = patcher.clone()
+    patched.model_options["transformer_options"]["optimized_attention_override"] = foreign
+    out, batches = _sample(patched, cond, uncond)
+    assert batches == [1] * (2 * STEPS)
+    assert stress.relative_error(out, reference) < 1e-5
