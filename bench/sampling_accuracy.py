@@ -55,9 +55,11 @@ def main():
         if extra == "compile":
             block_compile.apply(patcher)
         g = torch.Generator().manual_seed(5)
+        # a positive and a negative caption of different lengths, as real prompts are (batched into one call by
+        # pipeline/cfg_batch.py)
         cond = [[torch.randn(1, tokens, cfg["cap_feat_dim"], generator=g),
                  {"pooled_output": torch.randn(1, cfg["clip_text_dim"], generator=g)}]]
-        uncond = [[torch.randn(1, tokens, cfg["cap_feat_dim"], generator=g),
+        uncond = [[torch.randn(1, max(tokens // 3, 4), cfg["cap_feat_dim"], generator=g),
                    {"pooled_output": torch.randn(1, cfg["clip_text_dim"], generator=g)}]]
         latent = torch.zeros(1, 16, *hw)
         noise = comfy.sample.prepare_noise(latent, 42)
