@@ -1,6 +1,6 @@
 """Where a whole sampling run spends its time: ComfyUI's own sampler (comfy.sample.sample, euler_ancestral, CFG),
 in-process, on the pack's DiT, with one warm run profiled. The server samples slower than back-to-back DiT calls
-(run24: 0.136 s a step for bf16 against 0.119 s a call; fp16 0.164 s against 0.130 s), and this says why: how busy
+(run24: 0.136 s a step for bf16 against 0.119 s a call), and this says why: how busy
 the GPU is over the run, the gaps between kernels, the host synchronisations per step (who reads a GPU value on
 the CPU) and the CPU ops that fill the gaps.
 

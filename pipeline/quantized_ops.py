@@ -1,4 +1,4 @@
-"""Operations classes for the quantized DiT (pipeline/quantize.py): ComfyUI's mixed-precision operations with two
+"""Operations classes for the quantized DiT (pipeline/quantize.py): ComfyUI's mixed-precision operations with
 changes where ComfyUI's own path was measured slow. Each is a subclass of what `comfy.ops.pick_operations` gives a
 quantized model (`mixed_precision_ops`), set as the model config's `custom_operations`; loading, the saved format,
 LoRA patches and offloading stay ComfyUI's.

@@ -122,7 +122,10 @@ def test_plain_fp8_dit_equals_comfys_fp8_dit(fp8_dit, fp8_matmuls, monkeypatch):
     assert stress.relative_error(out, ref) < 1e-6
 
 
-def test_fp8_linear_dequantised_is_comfys_dequantisation(comfy_import_path):
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_linear_dequantised_is_comfys_dequantisation(comfy_import_path, precision):
+    """The plain-op dequantisation against ComfyUI's: fp8 as its cast path does it (cast to the compute dtype,
+    then dequantise), int8 as the pack's dequantising layer does (dequantise, then cast)."""
     from comfy.quant_ops import QuantizedTensor
     from pipeline import quantize, quantized_ops
 
@@ -130,28 +133,16 @@ def test_fp8_linear_dequantised_is_comfys_dequantisation(comfy_import_path):
     w = torch.randn(64, 96, generator=g) * 0.05
     bias = torch.randn(64, generator=g).to(torch.bfloat16)
     x = torch.randn(2, 7, 96, generator=g).to(torch.bfloat16)
-    q, scale = quantize.quantize_weight(w, "fp8")
-    weight = QuantizedTensor.from_float(w, "TensorCoreFP8E4M3Layout", scale=scale)
-    theirs = torch.nn.functional.linear(x, weight.to(dtype=x.dtype).dequantize(), bias)
-    ours = quantized_ops.fp8_linear_dequantised(x, q, scale, bias)
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-
-
-def test_int8_linear_dequantised_is_comfys_dequantisation(comfy_import_path):
-    from comfy.quant_ops import QuantizedTensor
-    from pipeline import quantize, quantized_ops
-
-    g = torch.Generator().manual_seed(2)
-    w = torch.randn(64, 96, generator=g) * 0.05
-    bias = torch.randn(64, generator=g).to(torch.bfloat16)
-    x = torch.randn(2, 7, 96, generator=g).to(torch.bfloat16)
-    q, scale = quantize.quantize_weight(w, "int8")
-    weight = QuantizedTensor(q, "TensorWiseINT8Layout",
-                             quantize.compat.quant_layout("int8_tensorwise", "int8").Params(
-                                 scale=scale, orig_dtype=torch.bfloat16, orig_shape=tuple(w.shape), is_weight=True))
-    theirs = torch.nn.functional.linear(x, weight.dequantize().to(x.dtype), bias)
-    ours = quantized_ops.int8_linear_dequantised(x, q, scale, bias)
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    q, scale = quantize.quantize_weight(w, precision)
+    if precision == "fp8":
+        weight = QuantizedTensor.from_float(w, "TensorCoreFP8E4M3Layout", scale=scale).to(dtype=x.dtype).dequantize()
+        ours = quantized_ops.fp8_linear_dequantised(x, q, scale, bias)
+    else:
+        params = quantize.compat.quant_layout("int8_tensorwise", "int8").Params(
+            scale=scale, orig_dtype=torch.bfloat16, orig_shape=tuple(w.shape), is_weight=True)
+        weight = QuantizedTensor(q, "TensorWiseINT8Layout", params).dequantize().to(x.dtype)
+        ours = quantized_ops.int8_linear_dequantised(x, q, scale, bias)
+    torch.testing.assert_close(ours, torch.nn.functional.linear(x, weight, bias), rtol=0, atol=0)
 
 
 def test_plain_int8_dit_equals_the_dequantised_int8_dit(int8_dit, hopper, monkeypatch):
