@@ -66,7 +66,13 @@ CONFIGS = {
     "pack-bf16-legacy": ("pack", "bf16", ["--disable-dynamic-vram"], "off"),
     # A fresh server that first runs a NewBieVRAMWarmup graph (timed separately), then the real job.
     "pack-fp16-warmup": ("pack", "fp16", [], "auto"),
+    # the block prefetch of a DiT streamed under dynamic VRAM (pipeline/block_prefetch.py) switched off
+    "pack-bf16-noprefetch": ("pack", "bf16", [], "auto"),
+    "pack-fp8-noprefetch": ("pack", "fp8", [], "auto"),
 }
+# Environment of a configuration's server, beyond this process's own.
+CONFIG_ENV = {"pack-bf16-noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"},
+              "pack-fp8-noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}}
 
 
 def graph(kind: str, precision: str | None, names: dict, seed: int, width: int, height: int, steps: int,
@@ -168,7 +174,7 @@ def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -
                                stdout=subprocess.PIPE, text=True)
         result["budget_note"] = hog.stdout.readline().strip()
     server = harness.ComfyServer(Path(os.environ["COMFYUI_PATH"]), work / f"{name}-{budget}", models,
-                                 extra_args=flags, cpu=False)
+                                 extra_args=flags, cpu=False, env=CONFIG_ENV.get(name))
     try:
         t = time.perf_counter()
         server.start()

@@ -59,15 +59,18 @@ class PromptFailed(Exception):
 
 class ComfyServer:
     """Start with `start()`, stop with `stop()`; everything it writes goes under `workdir`. `extra_nodes`:
-    folders of custom nodes loaded beside the pack (e.g. FAULT_NODES), for this server only."""
+    folders of custom nodes loaded beside the pack (e.g. FAULT_NODES), for this server only. `env`: environment
+    variables set for the server process only."""
 
-    def __init__(self, comfy_dir: Path, workdir: Path, models_root: Path, extra_args=(), cpu=True, extra_nodes=()):
+    def __init__(self, comfy_dir: Path, workdir: Path, models_root: Path, extra_args=(), cpu=True, extra_nodes=(),
+                 env=None):
         self.comfy_dir = Path(comfy_dir)
         self.extra_nodes = [Path(p) for p in extra_nodes]
         self.workdir = Path(workdir)
         self.models_root = Path(models_root)
         self.extra_args = list(extra_args)
         self.cpu = cpu
+        self.env = dict(env or {})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
@@ -107,7 +110,7 @@ class ComfyServer:
         if not any(a.startswith("--front-end-root") for a in self.extra_args) and "--real-front-end" not in self.extra_args:
             cmd += ["--front-end-root", str(self.workdir / "frontend")]
         cmd += [a for a in self.extra_args if a != "--real-front-end"]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)

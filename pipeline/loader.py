@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from . import (block_compile, cfg_batch, checkpoint, compat, detect, precision as precision_mod, prompt_limits,
-               quantize, quantized_ops, te_quantize, vae_memory, vram_budget)
+from . import (block_compile, block_prefetch, cfg_batch, checkpoint, compat, detect, precision as precision_mod,
+               prompt_limits, quantize, quantized_ops, te_quantize, vae_memory, vram_budget)
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -281,7 +281,17 @@ def _finish_model(model_config, dit: dict, load_device, budget, dynamic: bool, f
         log.info("NewBie DiT: %d tensors not used by the model: %s", len(unexpected), sorted(unexpected)[:5])
     precision_mod.attach(patcher, fp16_state)
     cfg_batch.attach(patcher)
+    block_prefetch.attach(patcher)
     return patcher
+
+
+def _streaming(patcher) -> str:
+    """How a DiT that does not fit is streamed, for the report."""
+    if not (hasattr(patcher, "is_dynamic") and patcher.is_dynamic()):
+        return "ComfyUI decides what stays on the GPU"
+    ahead = "; each block's weights fetched while the block before it runs" \
+        if block_prefetch.available() and block_prefetch.enabled() else ""
+    return f"ComfyUI's dynamic VRAM streams the weights that do not fit{ahead}"
 
 
 def quantized_dit(parts: NewBieParts, precision: str) -> dict:
@@ -483,7 +493,7 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
          "per step (legacy loader for this model)" if budget else
          f"VRAM budget: none; the DiT's {weight_bytes / vram_budget.GIB:.2f} GiB of weights stay resident "
          f"(non-dynamic patcher: they fit in {room / vram_budget.GIB:.1f} GiB free)" if resident else
-         "VRAM budget: none (ComfyUI decides what stays on the GPU)"),
+         f"VRAM budget: none ({_streaming(model)})"),
         (f"compile: {compiled} transformer blocks compiled on their own at the first sampling run (one graph per "
          f"block kind; ComfyUI's non-dynamic model patcher; {compile_why})" if compiled
          else f"compile: off (eager; {compile_why})"),
