@@ -7,9 +7,12 @@ the CPU) and the CPU ops that fill the gaps.
     python3 bench/profile_sampling.py --out $OUT --variants bf16+compile,fp16+compile,fp8+compile   # GPU
     python3 bench/profile_sampling.py --tiny --steps 3 --out /tmp/ps                                   # CPU smoke
 
-A variant is PRECISION[+compile][+separate]: the loader's precision (bf16, fp16, fp32, fp8, int8); +compile: the
-blocks compiled (pipeline/block_compile.py, as `compile: auto` does where the weights stay resident); +separate:
-the pack's batching of prompts of different lengths (pipeline/cfg_batch.py) switched off, as before it existed. Conditioning
+A variant is PRECISION[+compile][+batched|+separate]: the loader's precision (bf16, fp16, fp32, fp8, int8);
++compile: the blocks compiled (pipeline/block_compile.py, as `compile: auto` does where the weights stay resident);
++batched: the pack's batching of prompts of different lengths (pipeline/cfg_batch.py) forced on (by default it
+batches only a streamed DiT, and these models are resident); +separate: its wrapper removed.
+The warm run is timed unprofiled over --steps; the profile covers a run of --profile-steps (default 3), with
+Python stacks only under --stacks (over 25 full-size steps they took more than 9 minutes on an H200, run27). Conditioning
 is random with the caption lengths of the bench's graph: --tokens for the XML positive (259 with the system
 prompt), --neg-tokens for the tag negative (about 50). The lengths matter: ComfyUI batches the positive and the
 negative into one DiT call only when their captions have the same length (Lumina-2's `c_crossattn` is a
@@ -94,6 +97,8 @@ def main():
     ap.add_argument("--neg-tokens", type=int, default=50)
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--variants", default="bf16+compile,fp16+compile")
+    ap.add_argument("--profile-steps", type=int, default=3, help="steps of the profiled run")
+    ap.add_argument("--stacks", action="store_true", help="record Python stacks (host_read_sites; slow)")
     args = ap.parse_args()
     sys.path[:0] = [os.environ.get("COMFYUI_PATH", str(Path.home() / "comfy" / "ComfyUI")), str(REPO)]
     import torch
@@ -121,6 +126,9 @@ def main():
         patcher, cfg, _, _ = loader.build_model(parts, prec, dynamic=False)
         if "compile" in extras:
             block_compile.apply(patcher)
+        # the pack's batching of the prompt pair: by default (auto) only where the weights stream, and these
+        # models are resident; +batched forces it, +separate removes it
+        os.environ["NEWBIE_CFG_BATCH"] = "always" if "batched" in extras else "auto"
         if "separate" in extras:
             patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, cfg_batch.WRAPPER_KEY)
         g = torch.Generator().manual_seed(5)
@@ -128,9 +136,9 @@ def main():
                           {"pooled_output": torch.randn(1, cfg["clip_text_dim"], generator=g)}]] for n in tokens)
         latent = torch.zeros(1, 16, *hw)
 
-        def sample(seed: int):
+        def sample(seed: int, steps: int = args.steps):
             noise = comfy.sample.prepare_noise(latent, seed)
-            return comfy.sample.sample(patcher, noise, args.steps, 5.0, "euler_ancestral", "simple", cond, uncond,
+            return comfy.sample.sample(patcher, noise, steps, 5.0, "euler_ancestral", "simple", cond, uncond,
                                        latent, seed=seed, disable_pbar=True)
 
         calls = []
@@ -149,15 +157,20 @@ def main():
         sample(2)
         sync()
         r["warm_run_s"] = round(time.perf_counter() - t, 3)
+        r["warm_step_ms"] = round(r["warm_run_s"] * 1e3 / args.steps, 2)
+        print(f"[sampling] {variant}: warm run {r['warm_run_s']} s", flush=True)
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-        stacks = torch._C._profiler._ExperimentalConfig(verbose=True)  # Python stacks on the ops (torch 2.9+)
-        with torch.profiler.profile(activities=acts, with_stack=True, experimental_config=stacks) as prof:
+        # Python stacks on the ops (torch 2.9+) are costly: over a whole 25-step run on the full model the profile
+        # did not finish in 9 minutes (run27), hence --stacks and a short profiled run (--profile-steps).
+        stacks = dict(with_stack=True, experimental_config=torch._C._profiler._ExperimentalConfig(verbose=True)) \
+            if args.stacks else {}
+        with torch.profiler.profile(activities=acts, **stacks) as prof:
             t = time.perf_counter()
-            sample(3)
+            sample(3, args.profile_steps)
             sync()
             wall = time.perf_counter() - t
-        r.update(summarise(prof, args.steps, wall))
-        r["dit_calls_per_step"] = round(len(calls) / (3 * args.steps), 2)
+        r.update(summarise(prof, args.profile_steps, wall))
+        r["dit_calls_per_step"] = round(len(calls) / (2 * args.steps + args.profile_steps), 2)
         r["dit_call_batch_sizes"] = sorted(set(calls))
         averages = prof.key_averages()
         r["top_cpu"] = averages.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=60)

@@ -4,6 +4,9 @@ own sampler on a tiny model. tests/unit/test_cfg_batch.py bounds these figures; 
 prints them."""
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
 from . import stress
@@ -27,8 +30,24 @@ def prompts(cfg, positive: int, negative: int, seed: int = 5):
                    {"pooled_output": torch.randn(1, cfg["clip_text_dim"], generator=g)}]] for n in (positive, negative))
 
 
-def sample(patcher, cond, uncond, steps: int = STEPS):
-    """ComfyUI's sampler (euler_ancestral, CFG 5); returns (latent, batch size of each DiT call)."""
+@contextlib.contextmanager
+def batching(mode: str):
+    """The pack's batching mode (pipeline/cfg_batch.py `mode`: auto, always, off) for the duration."""
+    old = os.environ.get("NEWBIE_CFG_BATCH")
+    os.environ["NEWBIE_CFG_BATCH"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("NEWBIE_CFG_BATCH", None)
+        else:
+            os.environ["NEWBIE_CFG_BATCH"] = old
+
+
+def sample(patcher, cond, uncond, steps: int = STEPS, mode: str = "always"):
+    """ComfyUI's sampler (euler_ancestral, CFG 5) with the pack's batching in `mode` (by default always: on a CPU
+    the weights are resident, where `auto` keeps the prompts apart); returns (latent, batch size of each DiT
+    call)."""
     import comfy.patcher_extension as pe
     import comfy.sample
 
@@ -41,8 +60,9 @@ def sample(patcher, cond, uncond, steps: int = STEPS):
     patcher.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "devkit_count", count)
     try:
         latent = torch.zeros(1, 16, 8, 8)
-        out = comfy.sample.sample(patcher, comfy.sample.prepare_noise(latent, 1), steps, 5.0, "euler_ancestral",
-                                  "simple", cond, uncond, latent, seed=1, disable_pbar=True)
+        with batching(mode):
+            out = comfy.sample.sample(patcher, comfy.sample.prepare_noise(latent, 1), steps, 5.0, "euler_ancestral",
+                                      "simple", cond, uncond, latent, seed=1, disable_pbar=True)
     finally:
         patcher.remove_wrappers_with_key(pe.WrappersMP.DIFFUSION_MODEL, "devkit_count")
     return out, batches

@@ -30,8 +30,10 @@ def fault_server(request, models_root, tmp_path_factory):
     host = HOSTS.get(lane)
     if host is None:
         pytest.skip("no ComfyUI host found; looked in " + harness.where_looked())
+    # NEWBIE_CFG_BATCH=always: the positive and the negative prompt as one call on this resident CPU model too,
+    # so that the Guard's batch split (and its cutting of the caption paddings) is what these tests exercise.
     srv = harness.ComfyServer(host, tmp_path_factory.mktemp(f"oom-{lane}"), models_root,
-                              extra_nodes=[harness.FAULT_NODES])
+                              extra_nodes=[harness.FAULT_NODES], env={"NEWBIE_CFG_BATCH": "always"})
     srv.lane = lane
     srv.start()
     yield srv

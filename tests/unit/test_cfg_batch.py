@@ -59,6 +59,37 @@ def test_a_prompt_pair_of_different_lengths_runs_as_one_call_with_the_same_resul
     assert r["rel_error"] < tolerance
 
 
+def test_by_default_only_a_streamed_dit_batches_the_prompts(dit):
+    """`auto`: a resident DiT keeps ComfyUI's two calls a step (one call of batch 2 was slower on an H200,
+    run28); one whose weights stream (dynamic VRAM, or ComfyUI's lowvram partial load) batches them, fetching
+    each weight once a step instead of twice."""
+    from types import SimpleNamespace
+
+    from pipeline import cfg_batch
+
+    patcher, cfg = cfg_batch_errors.model(dit)
+    cond, uncond = cfg_batch_errors.prompts(cfg, 12, 5)
+    resident, calls = cfg_batch_errors.sample(patcher, cond, uncond, mode="auto")
+    assert calls == [1] * (2 * STEPS), "the resident CPU model keeps the prompts apart"
+    always, calls = cfg_batch_errors.sample(patcher, cond, uncond, mode="always")
+    assert calls == [2] * STEPS and stress.relative_error(always, resident) < 1e-5
+    _, calls = cfg_batch_errors.sample(patcher, cond, uncond, mode="off")
+    assert calls == [1] * (2 * STEPS)
+
+    def model(dynamic=None, lowvram=False):
+        patcher_ = None if dynamic is None else SimpleNamespace(is_dynamic=lambda: dynamic)
+        return SimpleNamespace(current_patcher=patcher_, model_lowvram=lowvram)
+
+    assert cfg_batch.weights_stream(model(dynamic=True))
+    assert cfg_batch.weights_stream(model(dynamic=False, lowvram=True))
+    assert cfg_batch.weights_stream(model(lowvram=True)), "a host without dynamic VRAM (v0.8.0)"
+    assert not cfg_batch.weights_stream(model(dynamic=False)) and not cfg_batch.weights_stream(model())
+    with cfg_batch_errors.batching("auto"):
+        assert cfg_batch.wanted(model(dynamic=True)) and not cfg_batch.wanted(model(dynamic=False))
+    with cfg_batch_errors.batching("off"):
+        assert not cfg_batch.wanted(model(dynamic=True))
+
+
 def test_the_padding_keys_must_be_dropped(dit):
     """The control: attending to the padding (the per-sample attention switched off) changes the result
     (measured 0.14, bench/cfg_batch_cpu_errors.py)."""
