@@ -83,6 +83,14 @@ COMMANDS = {
              "pack-int8@8,pack-fp8@6,upstream-bf16@6 --warm 3 --timeout 150",
     "run26": "(H200, the next call on the same machine) python3 bench/run.py --configs pack-fp16@none,pack-bf16@none,"
              "pack-fp8@4,upstream-bf16@4 --warm 3 --timeout 120",
+    "run27": "(H200, a new machine, the pack at 7a81337: prompt pairs batched always, block prefetch; the first call, "
+             "profile_sampling with stacks over 25 steps, timed out at 570 s with nothing written) python3 bench/run.py "
+             "--configs upstream-gpu-only@none,pack-bf16@none,pack-fp16@none --warm 3 --timeout 120",
+    "run28": "(H200, the next call on the same machine; -separate: NEWBIE_CFG_BATCH off, -noprefetch: "
+             "NEWBIE_BLOCK_PREFETCH=0) python3 bench/run.py --configs pack-bf16-separate@none,pack-bf16@none,"
+             "pack-bf16@4,pack-bf16-noprefetch@4 --warm 3 --timeout 120",
+    "run29": "(H200, the next call on the same machine) python3 bench/run.py --configs upstream-bf16@4,pack-bf16@4,"
+             "upstream-bf16@8,pack-bf16@8 --warm 3 --timeout 100",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }

@@ -72,6 +72,7 @@ CONFIGS = {
     # the batching of a prompt pair of different lengths (pipeline/cfg_batch.py; by default only where the DiT
     # streams) switched off, or on whatever the residency
     "pack-bf16-separate": ("pack", "bf16", [], "auto"),
+    "pack-fp16-separate": ("pack", "fp16", [], "auto"),
     "pack-bf16-batched": ("pack", "bf16", [], "auto"),
     "pack-fp16-batched": ("pack", "fp16", [], "auto"),
     "pack-fp8-batched": ("pack", "fp8", [], "auto"),
@@ -79,7 +80,8 @@ CONFIGS = {
 # Environment of a configuration's server, beyond this process's own.
 CONFIG_ENV = {"pack-bf16-noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"},
               "pack-fp8-noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"},
-              "pack-bf16-separate": {"NEWBIE_CFG_BATCH": "off"}, "pack-bf16-batched": {"NEWBIE_CFG_BATCH": "always"},
+              "pack-bf16-separate": {"NEWBIE_CFG_BATCH": "off"},
+              "pack-fp16-separate": {"NEWBIE_CFG_BATCH": "off"}, "pack-bf16-batched": {"NEWBIE_CFG_BATCH": "always"},
               "pack-fp16-batched": {"NEWBIE_CFG_BATCH": "always"}, "pack-fp8-batched": {"NEWBIE_CFG_BATCH": "always"}}
 
 

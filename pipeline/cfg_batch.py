@@ -30,9 +30,12 @@ fetches per step, since each call fetches every weight again. At a 4 GiB budget 
 5.1-5.6 it/s with one call a step, against 3.7-4.1 it/s with two in earlier runs, and took 0.59x upstream's time.
 With the weights *resident* one call of batch 2 was slower than two of batch 1 (6.85 it/s against 7.36 in the
 same run: the per-sample attention and the padding's extra rows cost more than the larger GEMMs save, which are
-already large enough to fill the GPU). So by default (`auto`) a step's prompts are batched only when the DiT's
-weights stream: a dynamic-VRAM patcher, or ComfyUI's lowvram partial load. NEWBIE_CFG_BATCH=always or =off in the
-server's environment overrides that, for comparisons.
+already large enough to fill the GPU). The pack's fp16 path reads an overflow flag on the host after every call
+(pipeline/precision.py), which drains the GPU: there one call a step measured 1.06x the batched bf16 time (run27)
+where two calls had measured 1.22x the two-call bf16 time (run26); across those calls, about 1.09x against 1.22x
+of the same bf16 (not yet compared in one call). So by default (`auto`) a step's prompts are batched when the
+DiT's weights stream (a dynamic-VRAM patcher, or ComfyUI's lowvram partial load) or on the fp16 path.
+NEWBIE_CFG_BATCH=always or =off in the server's environment overrides that, for comparisons.
 """
 from __future__ import annotations
 
@@ -125,9 +128,15 @@ def weights_stream(model) -> bool:
     return bool(getattr(model, "model_lowvram", False))
 
 
+def host_read_per_call(model) -> bool:
+    """Whether each DiT call ends with a host read: the pack's fp16 path checks every call's output for overflow
+    (pipeline/precision.py), and a read drains the GPU, so two calls a step drain it twice."""
+    return getattr(model, "newbie_fp16", None) is not None
+
+
 def wanted(model) -> bool:
     m = mode()
-    return m == "always" or (m == "auto" and weights_stream(model))
+    return m == "always" or (m == "auto" and (weights_stream(model) or host_read_per_call(model)))
 
 
 def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):

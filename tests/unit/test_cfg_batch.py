@@ -62,7 +62,7 @@ def test_a_prompt_pair_of_different_lengths_runs_as_one_call_with_the_same_resul
 def test_by_default_only_a_streamed_dit_batches_the_prompts(dit):
     """`auto`: a resident DiT keeps ComfyUI's two calls a step (one call of batch 2 was slower on an H200,
     run28); one whose weights stream (dynamic VRAM, or ComfyUI's lowvram partial load) batches them, fetching
-    each weight once a step instead of twice."""
+    each weight once a step instead of twice, and so does the fp16 path (one host read a call)."""
     from types import SimpleNamespace
 
     from pipeline import cfg_batch
@@ -75,10 +75,13 @@ def test_by_default_only_a_streamed_dit_batches_the_prompts(dit):
     assert calls == [2] * STEPS and stress.relative_error(always, resident) < 1e-5
     _, calls = cfg_batch_errors.sample(patcher, cond, uncond, mode="off")
     assert calls == [1] * (2 * STEPS)
+    fp16, fp16_cfg = cfg_batch_errors.model(dit, "fp16")
+    _, calls = cfg_batch_errors.sample(fp16, *cfg_batch_errors.prompts(fp16_cfg, 12, 5), mode="auto")
+    assert calls == [2] * STEPS, "the resident fp16 model batches them"
 
-    def model(dynamic=None, lowvram=False):
+    def model(dynamic=None, lowvram=False, fp16=None):
         patcher_ = None if dynamic is None else SimpleNamespace(is_dynamic=lambda: dynamic)
-        return SimpleNamespace(current_patcher=patcher_, model_lowvram=lowvram)
+        return SimpleNamespace(current_patcher=patcher_, model_lowvram=lowvram, newbie_fp16=fp16)
 
     assert cfg_batch.weights_stream(model(dynamic=True))
     assert cfg_batch.weights_stream(model(dynamic=False, lowvram=True))
@@ -86,6 +89,7 @@ def test_by_default_only_a_streamed_dit_batches_the_prompts(dit):
     assert not cfg_batch.weights_stream(model(dynamic=False)) and not cfg_batch.weights_stream(model())
     with cfg_batch_errors.batching("auto"):
         assert cfg_batch.wanted(model(dynamic=True)) and not cfg_batch.wanted(model(dynamic=False))
+        assert cfg_batch.wanted(model(dynamic=False, fp16=object())), "the fp16 path reads the host once a call"
     with cfg_batch_errors.batching("off"):
         assert not cfg_batch.wanted(model(dynamic=True))
 
