@@ -91,7 +91,8 @@ def resolve(mode: str, device, weight_bytes: int | None = None, room_bytes: int 
         return "off", "auto: Triton is not installed"
     if weights_fit(weight_bytes, room_bytes) is False:
         return "off", (f"auto: the DiT's {weight_bytes / 2**30:.1f} GiB of weights cannot stay on the GPU (room for "
-                       f"{room_bytes / 2**30:.1f} GiB), and streamed weights run faster eager under dynamic VRAM")
+                       f"{room_bytes / 2**30:.1f} GiB beside a 1024² VAE decode), and streamed weights run faster "
+                       "eager under dynamic VRAM")
     return "blocks", "auto: CUDA with Triton, weights resident" + (", quantized layers as plain ops" if quantized
                                                                   else "")
 

@@ -308,9 +308,13 @@ def quantized_dit(parts: NewBieParts, precision: str) -> dict:
 
 
 def dit_room(device, budget: int | None) -> int | None:
-    """Bytes the DiT could hold on `device` now (vram_budget.room_for_weights), or None where that is not asked:
-    a CPU, or a user's budget (which holds the DiT in its own non-dynamic patcher either way)."""
-    return vram_budget.room_for_weights(device) if getattr(device, "type", None) == "cuda" and not budget else None
+    """Bytes a resident DiT could plan on `device` now: what it could hold (vram_budget.room_for_weights) beside a
+    1024x1024 VAE decode (vram_budget.room_beside_decode); None where that is not asked: a CPU, or a user's budget
+    (which holds the DiT in its own non-dynamic patcher either way)."""
+    if getattr(device, "type", None) != "cuda" or budget:
+        return None
+    return vram_budget.room_beside_decode(vram_budget.room_for_weights(device),
+                                          vae_memory.default_decode_bytes(device))
 
 
 def dit_weight_bytes(parts: NewBieParts, precision: str) -> int:
@@ -492,7 +496,8 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
         (f"VRAM budget: at most {budget / vram_budget.GIB:.2f} GiB of DiT weights on the GPU, the rest streamed "
          "per step (legacy loader for this model)" if budget else
          f"VRAM budget: none; the DiT's {weight_bytes / vram_budget.GIB:.2f} GiB of weights stay resident "
-         f"(non-dynamic patcher: they fit in {room / vram_budget.GIB:.1f} GiB free)" if resident else
+         f"(non-dynamic patcher: with a call's activations they fit in the {room / vram_budget.GIB:.1f} GiB free "
+         "beside a 1024² VAE decode)" if resident else
          f"VRAM budget: none ({_streaming(model)})"),
         (f"compile: {compiled} transformer blocks compiled on their own at the first sampling run (one graph per "
          f"block kind; ComfyUI's non-dynamic model patcher; {compile_why})" if compiled

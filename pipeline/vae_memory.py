@@ -25,6 +25,18 @@ def decode_bytes(shape, dtype) -> int:
     return BYTES_PER_LATENT_PIXEL * int(shape[-2]) * int(shape[-1]) * mm.dtype_size(dtype)
 
 
+DEFAULT_LATENT = (1, 16, 128, 128)  # a 1024x1024 image, NewBie's native size
+
+
+def default_decode_bytes(device) -> int:
+    """What decoding one 1024x1024 image needs on `device` beyond the VAE's weights, in the dtype ComfyUI picks
+    for the FLUX VAE there (bf16, or fp32 on GPUs without it)."""
+    import comfy.model_management as mm
+    import torch
+
+    return decode_bytes(DEFAULT_LATENT, mm.vae_dtype(device, [torch.bfloat16, torch.float32]))
+
+
 def fit(vae) -> None:
     """Give ComfyUI's VAE object (the FLUX VAE) the measured decode estimate. ComfyUI sets `memory_used_decode` per
     instance for each VAE kind; the pack sets its own VAE's, nothing else. Encoding keeps ComfyUI's estimate."""

@@ -85,3 +85,28 @@ def test_weights_that_fit_stay_resident_in_the_non_dynamic_patcher(tiny_parts, m
     loaded = loader.load_newbie(tiny_parts, "fp32", compile="off")
     assert built[0]["dynamic"] is (not resident)
     assert ("stay resident (non-dynamic patcher" in loaded.report) is resident, loaded.report
+
+
+def test_a_resident_dit_leaves_room_for_the_vae_decode_it_would_otherwise_lose_each_image(comfy_import_path,
+                                                                                         monkeypatch):
+    """The H200 cases the rule comes from (vram_budget.TOLERATED_EVICTION): at 8 GiB the bf16 DiT stayed resident
+    and every 1024² decode evicted 2 GB of it (slower than streaming it, run29); at 6 GiB the fp8 DiT lost about
+    0.6 GB a decode and still ran 0.55x upstream resident (run25); at 12 GiB the bf16 DiT fits beside the decode
+    (run20). The rooms are the free memory those budgets left (the budget + 0.6 GiB)."""
+    from pipeline import block_compile, loader, vae_memory
+
+    decode = vae_memory.decode_bytes(vae_memory.DEFAULT_LATENT, torch.bfloat16)
+    gib = vram_budget.GIB
+    bf16, fp8 = 6_973_000_000, 3_900_000_000
+
+    def resident(weights, budget_gib):
+        return block_compile.weights_fit(weights, vram_budget.room_beside_decode(int((budget_gib + 0.6) * gib),
+                                                                                 decode))
+    assert not resident(bf16, 8) and resident(fp8, 6) and resident(bf16, 12)
+    assert block_compile.weights_fit(bf16, int(8.6 * gib)), "without the decode it would have stayed"
+    assert vram_budget.room_beside_decode(10 * gib, gib // 2) == 10 * gib, "a small decode takes nothing"
+
+    monkeypatch.setattr(vram_budget, "room_for_weights", lambda device: 9 * gib)
+    monkeypatch.setattr(vae_memory, "default_decode_bytes", lambda device: 3 * gib)
+    assert loader.dit_room(torch.device("cuda"), None) == 7 * gib
+    assert loader.dit_room(torch.device("cpu"), None) is None and loader.dit_room(torch.device("cuda"), gib) is None
