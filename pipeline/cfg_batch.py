@@ -112,7 +112,8 @@ def pad_captions(conds: list, n_image_tokens: int) -> list | None:
 
 
 def mode() -> str:
-    """'auto' (batch when the weights stream), 'always' or 'off', from NEWBIE_CFG_BATCH (default auto)."""
+    """'auto' (batch where the weights stream or on the fp16 path: `wanted`), 'always' or 'off', from
+    NEWBIE_CFG_BATCH (default auto)."""
     value = os.environ.get("NEWBIE_CFG_BATCH", "auto").strip().lower()
     if value in ("0", "off", "false", "no"):
         return "off"
