@@ -66,23 +66,14 @@ CONFIGS = {
     "pack-bf16-legacy": ("pack", "bf16", ["--disable-dynamic-vram"], "off"),
     # A fresh server that first runs a NewBieVRAMWarmup graph (timed separately), then the real job.
     "pack-fp16-warmup": ("pack", "fp16", [], "auto"),
-    # the block prefetch of a DiT streamed under dynamic VRAM (pipeline/block_prefetch.py) switched off
-    "pack-bf16-noprefetch": ("pack", "bf16", [], "auto"),
-    "pack-fp8-noprefetch": ("pack", "fp8", [], "auto"),
-    # the batching of a prompt pair of different lengths (pipeline/cfg_batch.py; by default only where the DiT
-    # streams) switched off, or on whatever the residency
-    "pack-bf16-separate": ("pack", "bf16", [], "auto"),
-    "pack-fp16-separate": ("pack", "fp16", [], "auto"),
-    "pack-bf16-batched": ("pack", "bf16", [], "auto"),
-    "pack-fp16-batched": ("pack", "fp16", [], "auto"),
-    "pack-fp8-batched": ("pack", "fp8", [], "auto"),
 }
-# Environment of a configuration's server, beyond this process's own.
-CONFIG_ENV = {"pack-bf16-noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"},
-              "pack-fp8-noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"},
-              "pack-bf16-separate": {"NEWBIE_CFG_BATCH": "off"},
-              "pack-fp16-separate": {"NEWBIE_CFG_BATCH": "off"}, "pack-bf16-batched": {"NEWBIE_CFG_BATCH": "always"},
-              "pack-fp16-batched": {"NEWBIE_CFG_BATCH": "always"}, "pack-fp8-batched": {"NEWBIE_CFG_BATCH": "always"}}
+# pack-PRECISION-SWITCH: the pack's defaults with one switch set in its server's environment: the block prefetch of a
+# streamed DiT (pipeline/block_prefetch.py) off, or the batching of a prompt pair of different lengths
+# (pipeline/cfg_batch.py; by default where the DiT streams and on the fp16 path) off or always on.
+SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_CFG_BATCH": "off"},
+            "batched": {"NEWBIE_CFG_BATCH": "always"}}
+CONFIG_ENV = {f"pack-{p}-{switch}": env for p in ("fp16", "bf16", "fp8", "int8") for switch, env in SWITCHES.items()}
+CONFIGS.update({name: ("pack", name.split("-")[1], [], "auto") for name in CONFIG_ENV})
 
 
 def graph(kind: str, precision: str | None, names: dict, seed: int, width: int, height: int, steps: int,

@@ -48,8 +48,9 @@ def patcher_class():
 # Measured on an H200 (bench/results/run29, run25, run20): at 8 GiB the bf16 DiT stayed resident and compiled,
 # and each 1024² decode unloaded 1993 MB of it that the next image loaded again (decode 0.9 s against 0.15 s,
 # the reload in the next sampling): 5.78 s an image, against 5.04 s for the DiT streamed under dynamic VRAM at
-# 4 GiB in the same call. At 6 GiB the fp8 DiT (3.9 GB), resident and compiled, lost about 0.6 GB at each decode
-# and still took 0.55x upstream's time (run25): compiled fp8 beats streamed eager fp8 by more than that costs.
+# 4 GiB in the same call. At 6 GiB the fp8 DiT (3.9 GB), resident and compiled, was partly unloaded at every decode
+# too (run20's log; about 0.6 GB by this estimate) and still took 0.55x upstream's time (run25): a compiled fp8 call
+# took 0.102 s against 0.140 s eager (run22), which pays for that.
 TOLERATED_EVICTION = 1024 ** 3
 
 

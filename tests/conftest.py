@@ -48,6 +48,24 @@ def comfy_import_path():
     return host
 
 
+@pytest.fixture
+def comfy_on_cpu(comfy_import_path):
+    """ComfyUI's model management imported safely on a machine without CUDA (use with usefixtures)."""
+    from devkit import tiny_models
+
+    tiny_models._comfy_cpu_safe()
+
+
+@pytest.fixture(scope="module")
+def tiny_dit(comfy_import_path):
+    """The tiny DiT's random fp32 state dict (seed 0), in memory."""
+    import torch
+
+    from devkit import tiny_models
+
+    return tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.float32)
+
+
 @pytest.fixture(scope="module")
 def tiny_parts(comfy_import_path):
     """The tiny model's four parts in memory (no files), as the loader hands them to build_model."""

@@ -7,19 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from devkit import cfg_batch_errors, dit_calls, tiny_models
+from devkit import cfg_batch_errors, dit_calls
 
-pytestmark = pytest.mark.host
-
-
-@pytest.fixture(autouse=True)
-def comfy_on_cpu(comfy_import_path):
-    tiny_models._comfy_cpu_safe()
-
-
-@pytest.fixture(scope="module")
-def dit(comfy_import_path):
-    return tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.float32)
+pytestmark = [pytest.mark.host, pytest.mark.usefixtures("comfy_on_cpu")]
 
 
 def _wrapped(patcher) -> bool:
@@ -31,12 +21,12 @@ def _wrapped(patcher) -> bool:
                for key in patcher.wrappers.get(pe.WrappersMP.DIFFUSION_MODEL, {}))
 
 
-def test_each_block_is_fetched_as_it_starts_in_the_order_the_blocks_run(dit, monkeypatch):
+def test_each_block_is_fetched_as_it_starts_in_the_order_the_blocks_run(tiny_dit, monkeypatch):
     from pipeline import block_prefetch
 
     mp = block_prefetch._prefetch_module()
     assert mp is not None, "the v0.33 host has comfy.model_prefetch"
-    patcher, cfg = cfg_batch_errors.model(dit)
+    patcher, cfg = cfg_batch_errors.model(tiny_dit)
     assert _wrapped(patcher), "the loader attaches the prefetch"
     dm = patcher.model.diffusion_model
     blocks = block_prefetch.blocks_in_order(dm)
@@ -71,13 +61,13 @@ def test_each_block_is_fetched_as_it_starts_in_the_order_the_blocks_run(dit, mon
     assert all(not b._forward_pre_hooks for b in blocks), "the hooks leave with the call"
 
 
-def test_without_a_queue_the_call_runs_as_before(dit):
+def test_without_a_queue_the_call_runs_as_before(tiny_dit):
     """On a CPU (or a resident DiT) ComfyUI's make_prefetch_queue declines: no hooks, the same output."""
     import comfy.patcher_extension as pe
 
     from pipeline import block_prefetch
 
-    patcher, cfg = cfg_batch_errors.model(dit)
+    patcher, cfg = cfg_batch_errors.model(tiny_dit)
     out = dit_calls.dit_call(patcher, cfg)
     patcher.remove_wrappers_with_key(pe.WrappersMP.DIFFUSION_MODEL, block_prefetch.WRAPPER_KEY)
     assert not _wrapped(patcher)
@@ -85,11 +75,11 @@ def test_without_a_queue_the_call_runs_as_before(dit):
     assert all(not b._forward_pre_hooks for b in block_prefetch.blocks_in_order(patcher.model.diffusion_model))
 
 
-def test_switched_off_by_the_environment_or_absent_on_the_host(dit, monkeypatch):
+def test_switched_off_by_the_environment_or_absent_on_the_host(tiny_dit, monkeypatch):
     from pipeline import block_prefetch
 
     monkeypatch.setenv("NEWBIE_BLOCK_PREFETCH", "0")
-    patcher, _ = cfg_batch_errors.model(dit)
+    patcher, _ = cfg_batch_errors.model(tiny_dit)
     assert not _wrapped(patcher) and not block_prefetch.attach(patcher)
     monkeypatch.delenv("NEWBIE_BLOCK_PREFETCH")
     monkeypatch.setattr(block_prefetch, "_prefetch_module", lambda: None)  # a host without the queue (v0.8.0)

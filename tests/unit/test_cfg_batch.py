@@ -6,21 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from devkit import cfg_batch_errors, stress, tiny_models
+from devkit import cfg_batch_errors, stress
 
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.usefixtures("comfy_on_cpu")]
 
 STEPS = cfg_batch_errors.STEPS
-
-
-@pytest.fixture(autouse=True)
-def comfy_on_cpu(comfy_import_path):
-    tiny_models._comfy_cpu_safe()
-
-
-@pytest.fixture(scope="module")
-def dit(comfy_import_path):
-    return tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.float32)
 
 
 def test_pad_captions_pads_in_front_to_the_longest(comfy_import_path):
@@ -52,14 +42,14 @@ def test_pad_captions_pads_in_front_to_the_longest(comfy_import_path):
 
 
 @pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-5), ("fp16", 1e-2)])
-def test_a_prompt_pair_of_different_lengths_runs_as_one_call_with_the_same_result(dit, precision, tolerance):
+def test_a_prompt_pair_of_different_lengths_runs_as_one_call_with_the_same_result(tiny_dit, precision, tolerance):
     # Measured (bench/cfg_batch_cpu_errors.py): fp32 9.9e-7, fp16 1.7e-3.
-    r = cfg_batch_errors.batched_vs_separate(dit, precision)
+    r = cfg_batch_errors.batched_vs_separate(tiny_dit, precision)
     assert r["batched_calls"] == [2] * STEPS and r["separate_calls"] == [1] * (2 * STEPS)
     assert r["rel_error"] < tolerance
 
 
-def test_by_default_only_a_streamed_dit_batches_the_prompts(dit):
+def test_by_default_only_a_streamed_dit_batches_the_prompts(tiny_dit):
     """`auto`: a resident DiT keeps ComfyUI's two calls a step (one call of batch 2 was slower on an H200,
     run28); one whose weights stream (dynamic VRAM, or ComfyUI's lowvram partial load) batches them, fetching
     each weight once a step instead of twice, and so does the fp16 path (one host read a call)."""
@@ -67,7 +57,7 @@ def test_by_default_only_a_streamed_dit_batches_the_prompts(dit):
 
     from pipeline import cfg_batch
 
-    patcher, cfg = cfg_batch_errors.model(dit)
+    patcher, cfg = cfg_batch_errors.model(tiny_dit)
     cond, uncond = cfg_batch_errors.prompts(cfg, 12, 5)
     resident, calls = cfg_batch_errors.sample(patcher, cond, uncond, mode="auto")
     assert calls == [1] * (2 * STEPS), "the resident CPU model keeps the prompts apart"
@@ -75,7 +65,7 @@ def test_by_default_only_a_streamed_dit_batches_the_prompts(dit):
     assert calls == [2] * STEPS and stress.relative_error(always, resident) < 1e-5
     _, calls = cfg_batch_errors.sample(patcher, cond, uncond, mode="off")
     assert calls == [1] * (2 * STEPS)
-    fp16, fp16_cfg = cfg_batch_errors.model(dit, "fp16")
+    fp16, fp16_cfg = cfg_batch_errors.model(tiny_dit, "fp16")
     _, calls = cfg_batch_errors.sample(fp16, *cfg_batch_errors.prompts(fp16_cfg, 12, 5), mode="auto")
     assert calls == [2] * STEPS, "the resident fp16 model batches them"
 
@@ -94,20 +84,20 @@ def test_by_default_only_a_streamed_dit_batches_the_prompts(dit):
         assert not cfg_batch.wanted(model(dynamic=True))
 
 
-def test_the_padding_keys_must_be_dropped(dit):
+def test_the_padding_keys_must_be_dropped(tiny_dit):
     """The control: attending to the padding (the per-sample attention switched off) changes the result
     (measured 0.14, bench/cfg_batch_cpu_errors.py)."""
-    assert cfg_batch_errors.padding_attended_error(dit) > 1e-2
+    assert cfg_batch_errors.padding_attended_error(tiny_dit) > 1e-2
 
 
-def test_compiled_blocks_take_new_prompt_pairs_without_compiling_again(dit):
+def test_compiled_blocks_take_new_prompt_pairs_without_compiling_again(tiny_dit):
     """The paddings reach the compiled blocks as dynamic sizes: after the first two prompt pairs (the second makes
     the caption length dynamic) new pairs compile nothing, and the result is the eager one."""
     from torch._dynamo.utils import counters
 
     from pipeline import block_compile
 
-    patcher, cfg = cfg_batch_errors.model(dit)
+    patcher, cfg = cfg_batch_errors.model(tiny_dit)
     pairs = [(12, 5), (20, 7), (9, 30), (25, 3)]
     prompts = [cfg_batch_errors.prompts(cfg, *pair, seed=i) for i, pair in enumerate(pairs)]
     eager = [cfg_batch_errors.sample(patcher, *p)[0] for p in prompts]
@@ -126,7 +116,7 @@ def test_compiled_blocks_take_new_prompt_pairs_without_compiling_again(dit):
         assert stress.relative_error(c, e) < 1e-5, pair
 
 
-def test_a_batch_split_by_the_oom_guard_keeps_each_rows_padding(dit):
+def test_a_batch_split_by_the_oom_guard_keeps_each_rows_padding(tiny_dit):
     """The OOM Guard's last rung cuts a call into rows (pipeline/oom/calls.py); the caption paddings go with their
     rows, so each one-row piece still drops its own padding keys."""
     import comfy.patcher_extension as pe
@@ -139,7 +129,7 @@ def test_a_batch_split_by_the_oom_guard_keeps_each_rows_padding(dit):
         return call.run(lambda piece: executor(piece.x, piece.t, piece.c_concat, piece.c_crossattn, piece.control,
                                                piece.transformer_options, **piece.kwargs), rows_per_piece=1)
 
-    patcher, cfg = cfg_batch_errors.model(dit)
+    patcher, cfg = cfg_batch_errors.model(tiny_dit)
     cond, uncond = cfg_batch_errors.prompts(cfg, 12, 5)
     separate, _ = cfg_batch_errors.sample(cfg_batch_errors.unbatched(patcher), cond, uncond)
     patcher.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test_split", one_row_at_a_time)
@@ -148,12 +138,12 @@ def test_a_batch_split_by_the_oom_guard_keeps_each_rows_padding(dit):
     assert stress.relative_error(split, separate) < 1e-5
 
 
-def test_another_nodes_attention_override_keeps_the_prompts_apart(dit):
+def test_another_nodes_attention_override_keeps_the_prompts_apart(tiny_dit):
     """An attention override from another node (a SageAttention patch, say) would attend to the padding: the
     prompts then run as ComfyUI runs them, two calls, and the result is unchanged."""
     import torch.nn.functional as F
 
-    patcher, cfg = cfg_batch_errors.model(dit)
+    patcher, cfg = cfg_batch_errors.model(tiny_dit)
     cond, uncond = cfg_batch_errors.prompts(cfg, 12, 5)
     reference, _ = cfg_batch_errors.sample(cfg_batch_errors.unbatched(patcher), cond, uncond)
 

@@ -90,8 +90,8 @@ def test_weights_that_fit_stay_resident_in_the_non_dynamic_patcher(tiny_parts, m
 def test_a_resident_dit_leaves_room_for_the_vae_decode_it_would_otherwise_lose_each_image(comfy_import_path,
                                                                                          monkeypatch):
     """The H200 cases the rule comes from (vram_budget.TOLERATED_EVICTION): at 8 GiB the bf16 DiT stayed resident
-    and every 1024² decode evicted 2 GB of it (slower than streaming it, run29); at 6 GiB the fp8 DiT lost about
-    0.6 GB a decode and still ran 0.55x upstream resident (run25); at 12 GiB the bf16 DiT fits beside the decode
+    and every 1024² decode evicted 2 GB of it (slower than streaming it, run29); at 6 GiB the fp8 DiT, partly
+    unloaded at every decode (about 0.6 GB by the estimate), still ran 0.55x upstream resident (run25); at 12 GiB the bf16 DiT fits beside the decode
     (run20). The rooms are the free memory those budgets left (the budget + 0.6 GiB)."""
     from pipeline import block_compile, loader, vae_memory
 
