@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cfg_batch
+from .sdpa import sdpa
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,8 @@ def scaled_fp16_sdpa(q, k, v, attn_mask=None):
     r = torch.sqrt(sk / sq)
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(torch.float16)
-    out = F.scaled_dot_product_attention((q * r).to(torch.float16), (k / r).to(torch.float16),
-                                         (v / sv).to(torch.float16), attn_mask=attn_mask)
+    out = sdpa((q * r).to(torch.float16), (k / r).to(torch.float16), (v / sv).to(torch.float16),
+               attn_mask=attn_mask)
     return (out.float() * sv).to(out_dtype)
 
 
@@ -199,7 +200,7 @@ def _fast_fp16_sdpa(q, k, v, m):
     q, k, v = (t.to(torch.float16) for t in (q, k, v))  # an inf here turns the output NaN: the call check sees it
     if m is not None and m.dtype != torch.bool:
         m = m.to(torch.float16)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    return sdpa(q, k, v, attn_mask=m)
 
 
 _SDPA_BY_MODE = {"fast": _fast_fp16_sdpa, "scaled": lambda q, k, v, m: scaled_fp16_sdpa(q, k, v, attn_mask=m),
@@ -215,11 +216,12 @@ def attention_override(state: FP16State):
 
 
 def sdpa_override(func, *args, **kwargs):
-    """For bf16/fp32: PyTorch SDPA whatever attention ComfyUI was started with (never flash-attn or sage)."""
+    """For bf16/fp32: PyTorch SDPA in the pack's backend order (pipeline/sdpa.py) whatever attention ComfyUI was
+    started with (never flash-attn or sage)."""
     def attention(q, k, v, m):
         if m is not None and m.dtype != torch.bool:
             m = m.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        return sdpa(q, k, v, attn_mask=m)
     return _sdpa_call(args, kwargs, attention)
 
 

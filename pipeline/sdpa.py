@@ -1,0 +1,70 @@
+"""The scaled-dot-product attention NewBie's DiT runs: PyTorch SDPA with cuDNN's attention tried first.
+
+PyTorch's default order (and upstream ComfyUI's, comfy/ops.py) puts FlashAttention-2 first. On Hopper cuDNN's
+fused attention is faster at NewBie's shapes (24 heads of 96 over ~4.3k tokens; bench/attention_backends.py
+measures each backend and its error against fp32), and attention is about a third of a step's GPU time. The
+order is a priority list, not a restriction: where cuDNN declines an input (a mask it cannot take, an old GPU, a
+CPU tensor) PyTorch takes the next backend, so the result is the same attention up to rounding.
+
+`NEWBIE_SDPA` chooses the order, read at each call (a compiled block bakes the order in when it is traced):
+`auto` (cuDNN first on CUDA GPUs of compute capability 9.0 or newer), `cudnn`, `flash`, or `torch` (PyTorch's
+own order, untouched).
+"""
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("auto", "cudnn", "flash", "torch")
+
+
+def mode() -> str:
+    value = os.environ.get("NEWBIE_SDPA", "auto").strip().lower()
+    return value if value in MODES else "auto"
+
+
+def _priority_supported() -> bool:
+    try:
+        from torch.nn.attention import sdpa_kernel
+    except ImportError:
+        return False
+    return "set_priority" in inspect.signature(sdpa_kernel).parameters
+
+
+_HAS_PRIORITY = _priority_supported()
+
+
+@torch.compiler.assume_constant_result  # traced inside compiled blocks: a constant, not a graph break
+def _capability(index) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _order(first: str):
+    from torch.nn.attention import SDPBackend as B
+
+    head = [B.CUDNN_ATTENTION, B.FLASH_ATTENTION] if first == "cudnn" else [B.FLASH_ATTENTION, B.CUDNN_ATTENTION]
+    return head + [B.EFFICIENT_ATTENTION, B.MATH]
+
+
+def first_backend(device: torch.device) -> str | None:
+    """The backend put first for tensors on `device` ("cudnn" or "flash"), None for PyTorch's own order."""
+    m = mode()
+    if m == "torch" or device.type != "cuda" or not _HAS_PRIORITY:
+        return None
+    if m == "auto":
+        return "cudnn" if _capability(device.index) >= (9, 0) else None
+    return m
+
+
+def sdpa(q, k, v, attn_mask=None):
+    """F.scaled_dot_product_attention(q, k, v, attn_mask) ([B, H, N, D]) in the backend order `first_backend`."""
+    first = first_backend(q.device)
+    if first is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(_order(first), set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

@@ -1,0 +1,100 @@
+"""The pack's attention (pipeline/sdpa.py): the backend order it asks PyTorch for, that a CPU or an older GPU keeps
+PyTorch's own order, that the order is a priority (the result is SDPA's), and that the choice compiles without a
+graph break inside a block, as the pack's compiled blocks trace it."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+
+from pipeline import sdpa
+
+
+@pytest.fixture
+def qkv():
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(2, 3, 17, 8, generator=g) for _ in range(3))
+
+
+@pytest.mark.parametrize("value, expected", [(None, "auto"), ("CUDNN", "cudnn"), ("flash", "flash"),
+                                             ("torch", "torch"), ("bogus", "auto")])
+def test_mode_from_the_environment(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv("NEWBIE_SDPA", raising=False)
+    else:
+        monkeypatch.setenv("NEWBIE_SDPA", value)
+    assert sdpa.mode() == expected
+
+
+@pytest.mark.parametrize("value", ["auto", "cudnn", "flash", "torch"])
+def test_cpu_tensors_keep_pytorchs_order(monkeypatch, value):
+    monkeypatch.setenv("NEWBIE_SDPA", value)
+    assert sdpa.first_backend(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("capability, value, expected", [
+    ((9, 0), "auto", "cudnn"), ((10, 0), "auto", "cudnn"), ((8, 9), "auto", None), ((7, 5), "auto", None),
+    ((8, 9), "cudnn", "cudnn"), ((9, 0), "flash", "flash"), ((9, 0), "torch", None)])
+def test_cuda_order_by_capability_and_switch(monkeypatch, capability, value, expected):
+    monkeypatch.setenv("NEWBIE_SDPA", value)
+    monkeypatch.setattr(sdpa, "_capability", lambda index: capability)
+    assert sdpa.first_backend(torch.device("cuda", 0)) == expected
+
+
+def test_order_lists_every_backend_with_the_chosen_one_first():
+    assert sdpa._order("cudnn")[:2] == [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+    assert sdpa._order("flash")[:2] == [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    for first in ("cudnn", "flash"):
+        assert set(sdpa._order(first)) >= {SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH}
+
+
+@pytest.mark.parametrize("first", [None, "cudnn", "flash"])
+def test_a_priority_not_a_restriction(monkeypatch, qkv, first):
+    """On a CPU neither cuDNN nor flash-on-GPU can run: with either first, PyTorch falls through to a CPU
+    backend and the result is plain SDPA's, bit for bit."""
+    monkeypatch.setattr(sdpa, "first_backend", lambda device: first)
+    q, k, v = qkv
+    mask = torch.rand(2, 1, 17, 17) > 0.2
+    assert torch.equal(sdpa.sdpa(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    assert torch.equal(sdpa.sdpa(q, k, v, attn_mask=mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def test_the_order_is_set_only_around_the_call(monkeypatch, qkv):
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch._C._get_sdp_priority_order()[:2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sdpa, "first_backend", lambda device: "cudnn")
+    monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention", spy)
+    before = torch._C._get_sdp_priority_order()
+    sdpa.sdpa(*qkv)
+    assert seen == [[int(SDPBackend.CUDNN_ATTENTION), int(SDPBackend.FLASH_ATTENTION)]]
+    assert torch._C._get_sdp_priority_order() == before
+
+
+@pytest.mark.parametrize("first", ["cudnn", None])
+def test_compiles_without_a_graph_break(monkeypatch, qkv, first):
+    monkeypatch.setattr(sdpa, "first_backend", lambda device: first)
+
+    def block(q, k, v):
+        return sdpa.sdpa(q * 2, k, v) + 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    assert torch.allclose(compiled(*qkv), block(*qkv))
+
+
+def test_the_pack_attention_goes_through_it(monkeypatch, qkv, comfy_import_path):
+    """precision.sdpa_override (bf16, fp32, fp8, int8) and the fp16 path's attention both ask pipeline.sdpa."""
+    from pipeline import precision
+
+    asked = []
+    monkeypatch.setattr(sdpa, "first_backend", lambda device: asked.append(device.type) or None)
+    q, k, v = qkv
+    precision.sdpa_override(None, q, k, v, 3, skip_reshape=True)
+    precision.attention_override(precision.FP16State())(None, q, k, v, 3, skip_reshape=True)
+    assert asked == ["cpu", "cpu"]
