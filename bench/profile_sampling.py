@@ -58,15 +58,23 @@ def busy_and_gaps(intervals: list[tuple[float, float]]) -> dict:
 
 
 def read_sites(events, frames: int = 4) -> dict:
-    """Where the host reads GPU values: the innermost Python frames outside torch of each host-read event (the
-    profile records stacks), with how often each site read."""
+    """Where the host waits for the GPU: for each host read (item, is_nonzero) and each synchronising CUDA call
+    (a stream sync, a blocking memcpy), the innermost Python frames outside torch of the nearest op with a stack
+    (the profile records stacks on ops; a CUDA call is attributed to the op that made it), with how often each
+    site waited."""
     sites: dict[str, int] = {}
     for e in events:
-        if e.name in HOST_READS[1:] and e.stack:  # the op called from Python carries the stack
-            own = [f for f in e.stack if not f.startswith("torch/") and "/torch/" not in f
-                   and "built-in" not in f][:frames]
-            key = " <- ".join(own) or "(torch internals)"
-            sites[key] = sites.get(key, 0) + 1
+        if e.name not in HOST_READS[1:] and not e.name.startswith(SYNC_CALLS):
+            continue
+        op = e
+        while op is not None and not op.stack:
+            op = op.cpu_parent
+        if op is None:
+            continue
+        own = [f for f in op.stack if not f.startswith("torch/") and "/torch/" not in f
+               and "built-in" not in f][:frames]
+        key = f"{e.name} in {op.name}: " + (" <- ".join(own) or "(torch internals)")
+        sites[key] = sites.get(key, 0) + 1
     return dict(sorted(sites.items(), key=lambda kv: -kv[1]))
 
 

@@ -38,8 +38,8 @@ _HAS_PRIORITY = _priority_supported()
 
 
 @torch.compiler.assume_constant_result  # traced inside compiled blocks: a constant, not a graph break
-def _capability(index) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def _hopper_or_newer(index) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 def _order(first: str):
@@ -55,7 +55,7 @@ def first_backend(device: torch.device) -> str | None:
     if m == "torch" or device.type != "cuda" or not _HAS_PRIORITY:
         return None
     if m == "auto":
-        return "cudnn" if _capability(device.index) >= (9, 0) else None
+        return "cudnn" if _hopper_or_newer(device.index) else None
     return m
 
 

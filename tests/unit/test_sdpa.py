@@ -38,7 +38,7 @@ def test_cpu_tensors_keep_pytorchs_order(monkeypatch, value):
     ((8, 9), "cudnn", "cudnn"), ((9, 0), "flash", "flash"), ((9, 0), "torch", None)])
 def test_cuda_order_by_capability_and_switch(monkeypatch, capability, value, expected):
     monkeypatch.setenv("NEWBIE_SDPA", value)
-    monkeypatch.setattr(sdpa, "_capability", lambda index: capability)
+    monkeypatch.setattr(sdpa.torch.cuda, "get_device_capability", lambda index: capability)
     assert sdpa.first_backend(torch.device("cuda", 0)) == expected
 
 
@@ -86,6 +86,19 @@ def test_compiles_without_a_graph_break(monkeypatch, qkv, first):
     torch._dynamo.reset()
     compiled = torch.compile(block, fullgraph=True, backend="eager")
     assert torch.allclose(compiled(*qkv), block(*qkv))
+
+
+def test_the_capability_check_traces_as_a_constant(monkeypatch):
+    """first_backend's own decision, traced as a compiled block on a GPU traces it: the capability read is a
+    constant to Dynamo (a tuple comparison on its result broke the trace on the H200)."""
+    monkeypatch.setenv("NEWBIE_SDPA", "auto")
+    monkeypatch.setattr(sdpa.torch.cuda, "get_device_capability", lambda index: (9, 0))
+
+    def decide(x):
+        return x + 1 if sdpa._hopper_or_newer(0) else x - 1
+
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(decide, fullgraph=True, backend="eager")(torch.zeros(2)), torch.ones(2))
 
 
 def test_the_pack_attention_goes_through_it(monkeypatch, qkv, comfy_import_path):
