@@ -91,6 +91,19 @@ COMMANDS = {
              "pack-bf16@4,pack-bf16-noprefetch@4 --warm 3 --timeout 120",
     "run29": "(H200, the next call on the same machine) python3 bench/run.py --configs upstream-bf16@4,pack-bf16@4,"
              "upstream-bf16@8,pack-bf16@8 --warm 3 --timeout 100",
+    "run30": "(H200, a new machine, the pack at fda6e31; the same call's profile_sampling failed: the first form of "
+             "pipeline/sdpa.py broke the compiled trace) python3 bench/attention_backends.py",
+    "run31": "(H200, the next call on the same machine) python3 bench/profile_sampling.py --variants "
+             "bf16+compile,fp16+compile+batched,bf16+compile+batched,fp16+compile",
+    "run32": "(H200, a new machine) python3 bench/profile_sampling.py --variants bf16+compile --steps 6 "
+             "--profile-steps 2 --stacks --top 8 && python3 bench/run.py --configs upstream-bf16@8,pack-bf16@8,"
+             "pack-fp8@8 --warm 3 --timeout 120",
+    "run33": "(H200, a new machine; the pack at b7392ad: a streaming DiT always batched) python3 bench/run.py "
+             "--configs upstream-gpu-only@none,pack-bf16@none,pack-fp16@none,upstream-bf16@8,pack-bf16-separate@8,"
+             "pack-bf16@8,pack-fp16-separate@none --warm 3 --timeout 120",
+    "run34": "(H200, a new machine, noisy: it/s swung 3.6-5.5 within single runs; the pack batching a streamed DiT "
+             "only from a quarter of its weights streamed) python3 bench/run.py --configs pack-bf16@8,"
+             "upstream-bf16@8,pack-bf16@4 --warm 3 --timeout 100",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }

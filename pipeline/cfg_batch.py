@@ -112,7 +112,7 @@ def pad_captions(conds: list, n_image_tokens: int) -> list | None:
 
 
 def mode() -> str:
-    """'auto' (batch where the weights stream or on the fp16 path: `wanted`), 'always' or 'off', from
+    """'auto' (batch where a good share of the weights stream, or on the fp16 path: `wanted`), 'always' or 'off', from
     NEWBIE_CFG_BATCH (default auto)."""
     value = os.environ.get("NEWBIE_CFG_BATCH", "auto").strip().lower()
     if value in ("0", "off", "false", "no"):
@@ -135,9 +135,27 @@ def host_read_per_call(model) -> bool:
     return getattr(model, "newbie_fp16", None) is not None
 
 
+# The share of the DiT's weights a streamed model fetches per call from which one batched call beats two (H200,
+# bench/results/NOTES.md). Where the weights barely exceed the room (8 GiB, bf16: about a tenth streams) two calls
+# ran 5.66 it/s against batched 5.44 in one call (run33), as for a resident DiT, where batching costs its padding
+# and the per-sample attention: a small margin, calibrated on one comparison. Where about 60 % streams (4 GiB)
+# batching fetches each weight once a step instead of twice and took the pack from 1.06x upstream's time to 0.59x
+# (run20, run29).
+BATCH_FROM_STREAMED_SHARE = 0.25
+SHARE_ATTR = "newbie_streamed_share"
+
+
+def streams_enough(model) -> bool:
+    """Whether enough of a streaming DiT's weights stream for batching to pay: the loader's estimate of the share
+    that does not fit (`SHARE_ATTR` on the BaseModel); unknown counts as enough."""
+    share = getattr(model, SHARE_ATTR, None)
+    return share is None or share >= BATCH_FROM_STREAMED_SHARE
+
+
 def wanted(model) -> bool:
     m = mode()
-    return m == "always" or (m == "auto" and (weights_stream(model) or host_read_per_call(model)))
+    return m == "always" or (m == "auto" and ((weights_stream(model) and streams_enough(model))
+                                              or host_read_per_call(model)))
 
 
 def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):

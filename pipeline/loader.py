@@ -317,6 +317,16 @@ def dit_room(device, budget: int | None) -> int | None:
                                           vae_memory.default_decode_bytes(device))
 
 
+def streamed_share(weight_bytes: int, room: int | None,
+                   activations: int = block_compile.ACTIVATION_ROOM) -> float | None:
+    """The share of the DiT's weights that will not stay on the GPU beside `activations` (0 where they fit), from
+    the room at load time (dit_room, or a user's budget for the weights alone with activations=0); None where the
+    room is unknown (a CPU)."""
+    if room is None or weight_bytes <= 0:
+        return None
+    return min(1.0, max(0.0, (weight_bytes + activations - room) / weight_bytes))
+
+
 def dit_weight_bytes(parts: NewBieParts, precision: str) -> int:
     """Bytes of the DiT's weights once loaded in `precision` (quantized layers at 1 byte per value)."""
     if precision in quantize.FORMATS or quantize.precision_of(parts.dit):
@@ -478,6 +488,8 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
     model.cached_patcher_init = (reload_dit_patcher, (dict(parts.paths), precision, budget,
                                                       precision_mod.state_of(model)))
     compiled = block_compile.apply(model) if compile == "blocks" else 0
+    setattr(model.model, cfg_batch.SHARE_ATTR, streamed_share(weight_bytes, budget, activations=0) if budget
+            else streamed_share(weight_bytes, room))
     step(1)
     clip, gemma_cfg, jina_cfg, te_dtype = build_clip(parts, te_precision)
     clip.patcher.cached_patcher_init = (reload_clip_patcher, (dict(parts.paths), te_precision))

@@ -110,3 +110,37 @@ def test_a_resident_dit_leaves_room_for_the_vae_decode_it_would_otherwise_lose_e
     monkeypatch.setattr(vae_memory, "default_decode_bytes", lambda device: 3 * gib)
     assert loader.dit_room(torch.device("cuda"), None) == 7 * gib
     assert loader.dit_room(torch.device("cpu"), None) is None and loader.dit_room(torch.device("cuda"), gib) is None
+
+
+def test_the_streamed_share_the_loader_estimates(comfy_import_path):
+    """What share of the DiT's weights will not stay on the GPU (pipeline/cfg_batch.py batches from a quarter):
+    the bf16 DiT beside a 1024² decode at the bench's 8 GiB (room 6.5 GiB) barely streams, at 4 GiB most of it
+    does; a user's budget caps the weights alone; no room known, no estimate."""
+    from pipeline import block_compile, cfg_batch, loader
+
+    gib = vram_budget.GIB
+    bf16 = 6_973_000_000
+    assert loader.streamed_share(bf16, int(6.5 * gib)) < cfg_batch.BATCH_FROM_STREAMED_SHARE
+    assert loader.streamed_share(bf16, int(2.5 * gib)) > 0.6
+    assert loader.streamed_share(bf16, 80 * gib) == 0.0 and loader.streamed_share(bf16, 0) == 1.0
+    assert loader.streamed_share(bf16, bf16 // 2, activations=0) == 0.5
+    assert loader.streamed_share(bf16, bf16 + block_compile.ACTIVATION_ROOM) == 0.0
+    assert loader.streamed_share(bf16, None) is None
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("room_gib, budget", [(80, False), (None, False), (80, True)])
+def test_the_loader_puts_its_estimate_on_the_model(tiny_parts, monkeypatch, room_gib, budget):
+    from pipeline import cfg_batch, loader
+
+    monkeypatch.setattr(loader, "dit_room",
+                        lambda device, budget: None if room_gib is None else room_gib * vram_budget.GIB)
+    weights = loader.dit_weight_bytes(tiny_parts, "fp32")
+    budget_gb = weights / 3 / vram_budget.GIB if budget else 0
+    loaded = loader.load_newbie(tiny_parts, "fp32", compile="off", vram_budget_gb=budget_gb)
+    share = getattr(loaded.model.model, cfg_batch.SHARE_ATTR)
+    cap = vram_budget.budget_bytes(budget_gb)
+    if budget:
+        assert share == pytest.approx(max(0.0, 1 - cap / weights), abs=1e-6) and share > 0
+    else:
+        assert share == (None if room_gib is None else 0.0)
