@@ -129,6 +129,31 @@ def profile_table(profiles: dict) -> list[str]:
     return lines
 
 
+def sampling_table(runs: dict) -> list[str]:
+    out = ["| run | variant | DiT calls a step (batch) | warm step ms | GPU busy ms a step | GPU idle ms a step | "
+           "stream syncs a step |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for run, variants in runs.items():
+        for name, r in variants.items():
+            out.append(f"| {run} | {name} | {r['dit_calls_per_step']} ({r['dit_call_batch_sizes']}) | "
+                       f"{r['warm_step_ms']} | {r['gpu_busy_ms_per_step']} | {r['gpu_idle_ms_per_step']} | "
+                       f"{r['host_syncs_per_step'].get('cudaStreamSynchronize', 0)} |")
+    return out
+
+
+def attention_table(runs: dict) -> list[str]:
+    out = ["| run | dtype | backend | joint, batch 1 ms | joint, batch 2 ms | attention ms a CFG step | "
+           "largest error vs fp32 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for run, d in runs.items():
+        rows = [r for r in d["results"] if "backend" in r and "ms" in r]
+        steps = {r["dtype"]: r["step_ms"] for r in d["results"] if "step_ms" in r}
+        for (dtype, backend) in dict.fromkeys((r["dtype"], r["backend"]) for r in rows):
+            ms = {r["batch"]: r["ms"] for r in rows if (r["dtype"], r["backend"], r["shape"]) == (dtype, backend, "joint")}
+            err = max(r["max_err"] for r in rows if (r["dtype"], r["backend"]) == (dtype, backend))
+            out.append(f"| {run} | {dtype} | {backend} | {ms.get(1)} | {ms.get(2)} | "
+                       f"{steps.get(dtype, {}).get(backend, 0):.1f} | {err:.1e} |")
+    return out
+
+
 def _load(kind: str) -> dict[str, object]:
     return {p.name.rsplit("-", 1)[0]: json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"*-{kind}.json"))}
 
@@ -262,6 +287,19 @@ def main():
                   "`bench/profile_dit.py`: mean of 5 calls after warm-up; CUDA kernel time of one profiled call by kind.",
                   ""]
         parts += profile_table(profiles)
+    sampling = _load("profile_sampling")
+    if sampling:
+        parts += ["", "## A whole sampling run, in-process (ComfyUI's sampler, euler_ancestral, CFG 5, resident DiT)",
+                  "", "`bench/profile_sampling.py`: the warm run timed unprofiled; GPU busy and idle (gaps over 50 µs) "
+                  "and host synchronisations per step from a profiled run of 2-3 steps (the profiler adds to them).",
+                  ""]
+        parts += sampling_table(sampling)
+    attention = _load("attention_backends")
+    if attention:
+        parts += ["", "## Attention backends at NewBie's shapes (bench/attention_backends.py)", "",
+                  "24 heads of 96; joint = 4096 image + 259 caption tokens (36 layers), image = 4096 tokens (the 2 "
+                  "noise refiners); median of 30 calls; a CFG step = two batch-1 DiT calls.", ""]
+        parts += attention_table(attention)
     quant = _load("quant_accuracy")
     if quant:
         parts += ["", "## Quantized DiT accuracy (bench/quant_accuracy.py: one DiT call at 1024², CFG batch of 2, "
