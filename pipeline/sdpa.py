@@ -37,7 +37,6 @@ def _priority_supported() -> bool:
 _HAS_PRIORITY = _priority_supported()
 
 
-@torch.compiler.assume_constant_result  # traced inside compiled blocks: a constant, not a graph break
 def _hopper_or_newer(index) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
@@ -59,9 +58,16 @@ def first_backend(device: torch.device) -> str | None:
     return m
 
 
+@torch.compiler.assume_constant_result
+def _first_backend_constant(device: torch.device) -> str | None:
+    """first_backend as a compiled block traces it: evaluated once and baked in, so Dynamo neither guards on the
+    environment nor traces the capability check (a tuple comparison there broke the trace on an H200)."""
+    return first_backend(device)
+
+
 def sdpa(q, k, v, attn_mask=None):
     """F.scaled_dot_product_attention(q, k, v, attn_mask) ([B, H, N, D]) in the backend order `first_backend`."""
-    first = first_backend(q.device)
+    first = _first_backend_constant(q.device)
     if first is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     from torch.nn.attention import sdpa_kernel

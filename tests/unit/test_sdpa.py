@@ -88,17 +88,30 @@ def test_compiles_without_a_graph_break(monkeypatch, qkv, first):
     assert torch.allclose(compiled(*qkv), block(*qkv))
 
 
-def test_the_capability_check_traces_as_a_constant(monkeypatch):
-    """first_backend's own decision, traced as a compiled block on a GPU traces it: the capability read is a
-    constant to Dynamo (a tuple comparison on its result broke the trace on the H200)."""
+def test_the_choice_is_a_constant_inside_a_compiled_block(monkeypatch, qkv):
+    """As a compiled block traces it, the choice is evaluated once: the capability check does not break the trace
+    (a tuple comparison on it did, on the H200), and no guard watches the environment (a guard on os.environ
+    would re-check it at every block call)."""
     monkeypatch.setenv("NEWBIE_SDPA", "auto")
     monkeypatch.setattr(sdpa.torch.cuda, "get_device_capability", lambda index: (9, 0))
 
     def decide(x):
-        return x + 1 if sdpa._hopper_or_newer(0) else x - 1
+        return x + 1 if sdpa._first_backend_constant(torch.device("cuda", 0)) == "cudnn" else x - 1
 
     torch._dynamo.reset()
     assert torch.equal(torch.compile(decide, fullgraph=True, backend="eager")(torch.zeros(2)), torch.ones(2))
+
+    guards = []
+
+    def keep_all(entries):
+        guards.extend(e.name for e in entries)
+        return [True] * len(entries)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: sdpa.sdpa(q, k, v) * 2, fullgraph=True, backend="eager",
+                             options={"guard_filter_fn": keep_all})
+    assert torch.allclose(compiled(*qkv), F.scaled_dot_product_attention(*qkv) * 2)
+    assert guards and not [g for g in guards if "environ" in g], guards
 
 
 def test_the_pack_attention_goes_through_it(monkeypatch, qkv, comfy_import_path):
