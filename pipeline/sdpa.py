@@ -1,10 +1,11 @@
 """The scaled-dot-product attention NewBie's DiT runs: PyTorch SDPA with cuDNN's attention tried first.
 
-PyTorch's default order (and upstream ComfyUI's, comfy/ops.py) puts FlashAttention-2 first. On Hopper cuDNN's
-fused attention is faster at NewBie's shapes (24 heads of 96 over ~4.3k tokens; bench/attention_backends.py
-measures each backend and its error against fp32), and attention is about a third of a step's GPU time. The
-order is a priority list, not a restriction: where cuDNN declines an input (a mask it cannot take, an old GPU, a
-CPU tensor) PyTorch takes the next backend, so the result is the same attention up to rounding.
+Upstream ComfyUI (comfy/ops.py) puts FlashAttention-2 first, and PyTorch's own order differs between versions
+(2.11 picked cuDNN on an H200). On Hopper cuDNN's fused attention is faster at NewBie's shapes (24 heads of 96 over
+~4.3k tokens): 35 against 47 ms of attention a CFG step, the same error against fp32 (bench/attention_backends.py,
+run30), where attention is about a third of a step's GPU time. The order is a priority list, not a restriction:
+where cuDNN declines an input (a mask it cannot take, an old GPU, a CPU tensor) PyTorch takes the next backend,
+so the result is the same attention up to rounding.
 
 `NEWBIE_SDPA` chooses the order, read at each call (a compiled block bakes the order in when it is traced):
 `auto` (cuDNN first on CUDA GPUs of compute capability 9.0 or newer), `cudnn`, `flash`, or `torch` (PyTorch's
