@@ -78,6 +78,26 @@ def read_sites(events, frames: int = 4) -> dict:
     return dict(sorted(sites.items(), key=lambda kv: -kv[1]))
 
 
+def call_timeline(marks: list, steps: int) -> dict:
+    """The unprofiled warm run's DiT calls: how long the CPU takes to issue a call (Python to the last kernel
+    launch) against how long the GPU takes to run it (CUDA events around the call), and the GPU time between the
+    calls (the sampler's own work, and idle). A CPU that issues a call about as fast as the GPU runs it keeps
+    the GPU waiting inside the call; GPU time between calls that exceeds the sampler's few small kernels is idle
+    after a host sync. Each entry: [cpu start, cpu end] or, on CUDA, [cpu start, cpu end, event start, event end]."""
+    import statistics
+
+    if not marks:
+        return {}
+    out = {"cpu_issue_ms_per_call": round(statistics.median((m[1] - m[0]) * 1e3 for m in marks), 2)}
+    if len(marks[0]) == 4:
+        gpu = [m[2].elapsed_time(m[3]) for m in marks]
+        between = [a[3].elapsed_time(b[2]) for a, b in zip(marks, marks[1:])]
+        out.update(gpu_ms_per_call=round(statistics.median(gpu), 2),
+                   gpu_in_calls_ms_per_step=round(sum(gpu) / steps, 2),
+                   gpu_between_calls_ms_per_step=round(sum(between) / steps, 2))
+    return out
+
+
 def summarise(prof, steps: int, wall_s: float) -> dict:
     """Per-step figures of one profiled sampling run."""
     from torch.autograd import DeviceType
@@ -149,11 +169,22 @@ def main():
             return comfy.sample.sample(patcher, noise, steps, 5.0, "euler_ancestral", "simple", cond, uncond,
                                        latent, seed=seed, disable_pbar=True)
 
-        calls = []
+        calls, timeline = [], None
 
         def count_calls(executor, *a, **k):  # DIFFUSION_MODEL wrapper: one entry per DiT call, its batch size
             calls.append(int(a[0].shape[0]))
-            return executor(*a, **k)
+            if timeline is None:
+                return executor(*a, **k)
+            marks = [time.perf_counter()] + ([torch.cuda.Event(enable_timing=True)] if cuda else [])
+            if cuda:
+                marks[1].record()
+            out = executor(*a, **k)
+            marks.insert(1, time.perf_counter())
+            if cuda:
+                marks.append(torch.cuda.Event(enable_timing=True))
+                marks[-1].record()
+            timeline.append(marks)
+            return out
 
         patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "bench_count", count_calls)
         sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -161,11 +192,14 @@ def main():
         sample(1)  # loads the model, compiles the blocks
         sync()
         r = {"first_run_s": round(time.perf_counter() - t, 2)}
+        timeline = []
         t = time.perf_counter()
         sample(2)
         sync()
         r["warm_run_s"] = round(time.perf_counter() - t, 3)
         r["warm_step_ms"] = round(r["warm_run_s"] * 1e3 / args.steps, 2)
+        r.update(call_timeline(timeline, args.steps))
+        timeline = None
         print(f"[sampling] {variant}: warm run {r['warm_run_s']} s", flush=True)
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         # Python stacks on the ops (torch 2.9+) are costly: over a whole 25-step run on the full model the profile

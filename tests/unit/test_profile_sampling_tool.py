@@ -1,0 +1,46 @@
+"""The arithmetic of bench/profile_sampling.py, whose figures decide what the next GPU session tries: busy time
+and idle gaps from kernel intervals, and the unprofiled call timeline (CPU issue time against GPU time)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location(
+    "profile_sampling", Path(__file__).resolve().parents[2] / "bench" / "profile_sampling.py")
+ps = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(ps)
+
+
+class Event:
+    """A CUDA event's stand-in: a time on the GPU's clock, in ms."""
+
+    def __init__(self, t_ms):
+        self.t = t_ms
+
+    def elapsed_time(self, later):
+        return later.t - self.t
+
+
+def test_busy_time_merges_overlaps_and_counts_only_long_gaps():
+    r = ps.busy_and_gaps([(0, 100), (50, 150), (160, 200), (1000, 1100)])  # us
+    assert r["busy_ms"] == pytest.approx(0.29) and r["span_ms"] == pytest.approx(1.1)
+    assert r["gaps_over_50us"] == 1 and r["gap_ms"] == pytest.approx(0.8), "the 10 us gap is launch jitter"
+
+
+def test_call_timeline_splits_gpu_time_into_calls_and_between():
+    # two steps of two calls: each call issued in 3 ms of CPU, run in 5 ms of GPU, 1 ms apart within a step
+    # and 4 ms apart across the step boundary
+    starts = [0.0, 6.0, 15.0, 21.0]
+    marks = [[10.0 * i, 10.0 * i + 0.003, Event(s), Event(s + 5.0)] for i, s in enumerate(starts)]
+    r = ps.call_timeline(marks, steps=2)
+    assert r["cpu_issue_ms_per_call"] == pytest.approx(3.0)
+    assert r["gpu_ms_per_call"] == pytest.approx(5.0)
+    assert r["gpu_in_calls_ms_per_step"] == pytest.approx(10.0)
+    assert r["gpu_between_calls_ms_per_step"] == pytest.approx((1 + 4 + 1) / 2)
+
+
+def test_call_timeline_on_a_cpu_has_only_the_issue_time():
+    assert ps.call_timeline([[0.0, 0.002], [1.0, 1.004]], steps=1) == {"cpu_issue_ms_per_call": 3.0}
+    assert ps.call_timeline([], steps=1) == {}
