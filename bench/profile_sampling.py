@@ -9,6 +9,7 @@ the CPU) and the CPU ops that fill the gaps.
 
 A variant is PRECISION[+compile][+batched|+separate]: the loader's precision (bf16, fp16, fp32, fp8, int8);
 +compile: the blocks compiled (pipeline/block_compile.py, as `compile: auto` does where the weights stay resident);
++cppwrapper: the blocks' launchers in C++ (NEWBIE_CPP_WRAPPER);
 +batched: the pack's batching of prompts of different lengths (pipeline/cfg_batch.py) forced on (by default it
 batches only a streamed DiT, and these models are resident); +separate: its wrapper removed.
 The warm run is timed unprofiled over --steps; the profile covers a run of --profile-steps (default 3), with
@@ -152,7 +153,8 @@ def main():
         prec, *extras = variant.split("+")
         parts = loader.NewBieParts(dict(base_sd), {}, {}, {}, None, None, {"dit": "random"})
         patcher, cfg, _, _ = loader.build_model(parts, prec, dynamic=False)
-        if "compile" in extras:
+        if "compile" in extras:  # +cppwrapper: Inductor's C++ launchers (block_compile.inductor_options)
+            os.environ["NEWBIE_CPP_WRAPPER"] = "1" if "cppwrapper" in extras else "0"
             block_compile.apply(patcher)
         # the pack's batching of the prompt pair: by default (auto) only where the weights stream, and these
         # models are resident; +batched forces it, +separate removes it

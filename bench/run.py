@@ -71,7 +71,8 @@ CONFIGS = {
 # streamed DiT (pipeline/block_prefetch.py) off, or the batching of a prompt pair of different lengths
 # (pipeline/cfg_batch.py; by default where the DiT streams and on the fp16 path) off or always on.
 SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_CFG_BATCH": "off"},
-            "batched": {"NEWBIE_CFG_BATCH": "always"}, "flash": {"NEWBIE_SDPA": "flash"}}
+            "batched": {"NEWBIE_CFG_BATCH": "always"}, "flash": {"NEWBIE_SDPA": "flash"},
+            "cppwrapper": {"NEWBIE_CPP_WRAPPER": "1"}}
 CONFIG_ENV = {f"pack-{p}-{switch}": env for p in ("fp16", "bf16", "fp8", "int8") for switch, env in SWITCHES.items()}
 CONFIGS.update({name: ("pack", name.split("-")[1], [], "auto") for name in CONFIG_ENV})
 

@@ -121,6 +121,19 @@ def _log_compiles(executor, *args, **kwargs):
                  new, "" if new == 1 else "s", before + new)
 
 
+def inductor_options(backend: str) -> dict | None:
+    """Inductor options from the environment, for comparisons on a GPU: NEWBIE_CPP_WRAPPER=1 generates each
+    compiled block's launcher in C++ instead of Python (Inductor's `cpp_wrapper`). A resident step issues its
+    kernels from Python at about the pace the GPU runs them (run31/32, bench/results/NOTES.md), so a cheaper
+    launcher may close the GPU's gaps; it costs a C++ compiler and compile time at the first image. Off by
+    default until measured."""
+    import os
+
+    if backend == "inductor" and os.environ.get("NEWBIE_CPP_WRAPPER", "").strip().lower() in ("1", "on", "true"):
+        return {"cpp_wrapper": True}
+    return None
+
+
 def apply(patcher, backend: str = "inductor", mode: str | None = None) -> int:
     """Compile each transformer block of the patcher's DiT (on first use); returns how many blocks.
     Applying it again replaces the earlier compile wrapper (ComfyUI's helper removes it by key)."""
@@ -133,7 +146,7 @@ def apply(patcher, backend: str = "inductor", mode: str | None = None) -> int:
     if not keys:
         raise ValueError("block compile: this model has no transformer blocks where NewBie's Next-DiT has them")
     rope_fusion.enable()
-    set_torch_compile_wrapper(patcher, backend=backend, mode=mode, keys=keys)
+    set_torch_compile_wrapper(patcher, backend=backend, mode=mode, keys=keys, options=inductor_options(backend))
     patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _log_compiles)
     return len(keys)

@@ -156,3 +156,25 @@ def test_lora_strengths_change_the_output_without_a_recompile(comfy_import_path)
         ref = patched_call(eager, cfg, delta, strength)
         assert float((out - ref).norm() / ref.norm()) < 1e-5, strength
     assert not torch.allclose(outs[0], outs[1], atol=1e-4) and not torch.allclose(outs[1], outs[2], atol=1e-4)
+
+
+def test_the_cpp_wrapper_switch_compiles_blocks_that_match_eager(comfy_import_path, monkeypatch):
+    """NEWBIE_CPP_WRAPPER=1 (a comparison switch, off by default) hands Inductor `cpp_wrapper`: the blocks still
+    compile to one graph per kind, their launchers in C++, and the output is the eager one."""
+    from pipeline import block_compile
+
+    assert block_compile.inductor_options("inductor") is None, "off by default"
+    monkeypatch.setenv("NEWBIE_CPP_WRAPPER", "1")
+    assert block_compile.inductor_options("inductor") == {"cpp_wrapper": True}
+    assert block_compile.inductor_options("eager") is None, "an Inductor option only"
+    seen = []
+    import comfy_api.torch_helpers as helpers
+
+    real = helpers.set_torch_compile_wrapper
+    monkeypatch.setattr(helpers, "set_torch_compile_wrapper", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    try:
+        blocks, graphs, err = _compiled_run(2)
+    finally:
+        torch._dynamo.reset()
+    assert seen and seen[0]["options"] == {"cpp_wrapper": True}
+    assert blocks == 4 and 0 < graphs < blocks and err < 1e-5, (graphs, err)
