@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,6 @@ def inductor_options(backend: str) -> dict | None:
     kernels from Python at about the pace the GPU runs them (run31/32, bench/results/NOTES.md), so a cheaper
     launcher may close the GPU's gaps; it costs a C++ compiler and compile time at the first image. Off by
     default until measured."""
-    import os
-
     if backend == "inductor" and os.environ.get("NEWBIE_CPP_WRAPPER", "").strip().lower() in ("1", "on", "true"):
         return {"cpp_wrapper": True}
     return None

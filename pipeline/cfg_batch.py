@@ -33,9 +33,11 @@ same run: the per-sample attention and the padding's extra rows cost more than t
 already large enough to fill the GPU). The pack's fp16 path reads an overflow flag on the host after every call
 (pipeline/precision.py), which drains the GPU: there one call a step measured 1.06x the batched bf16 time (run27)
 where two calls had measured 1.22x the two-call bf16 time (run26); across those calls, about 1.09x against 1.22x
-of the same bf16 (not yet compared in one call). So by default (`auto`) a step's prompts are batched when the
-DiT's weights stream (a dynamic-VRAM patcher, or ComfyUI's lowvram partial load) or on the fp16 path.
-NEWBIE_CFG_BATCH=always or =off in the server's environment overrides that, for comparisons.
+of the same bf16 (run33 then measured fp16 batched and on two calls alike). So by default (`auto`) a step's
+prompts are batched on the fp16 path, and where the DiT's weights stream (a dynamic-VRAM patcher, or ComfyUI's
+lowvram partial load) and a quarter or more of them do (`streams_enough`: at 8 GiB, where about 15 % of the bf16 DiT
+streams, two calls were faster, run33). NEWBIE_CFG_BATCH=always or =off in the server's environment overrides
+that, for comparisons.
 """
 from __future__ import annotations
 
@@ -136,11 +138,11 @@ def host_read_per_call(model) -> bool:
 
 
 # The share of the DiT's weights a streamed model fetches per call from which one batched call beats two (H200,
-# bench/results/NOTES.md). Where the weights barely exceed the room (8 GiB, bf16: about a tenth streams) two calls
-# ran 5.66 it/s against batched 5.44 in one call (run33), as for a resident DiT, where batching costs its padding
-# and the per-sample attention: a small margin, calibrated on one comparison. Where about 60 % streams (4 GiB)
-# batching fetches each weight once a step instead of twice and took the pack from 1.06x upstream's time to 0.59x
-# (run20, run29).
+# bench/results/NOTES.md). Where the weights barely exceed the room (8 GiB, bf16: about 15 % streams by the
+# loader's estimate) two calls ran 5.66 it/s against batched 5.44 in one call (run33), as for a resident DiT,
+# where batching costs its padding and the per-sample attention: a small margin, calibrated on one comparison.
+# Where most of it streams (4 GiB) batching fetches each weight once a step instead of twice and took the pack
+# from 1.06x upstream's time to 0.59x (run20, run29).
 BATCH_FROM_STREAMED_SHARE = 0.25
 SHARE_ATTR = "newbie_streamed_share"
 
