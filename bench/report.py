@@ -104,6 +104,20 @@ COMMANDS = {
     "run34": "(H200, a new machine, noisy: it/s swung 3.6-5.5 within single runs; the pack batching a streamed DiT "
              "only from a quarter of its weights streamed) python3 bench/run.py --configs pack-bf16@8,"
              "upstream-bf16@8,pack-bf16@4 --warm 3 --timeout 100",
+    "run35": "(H200, a new machine; the pack at 0a6fbc6 + CUDA graphs on by default) python3 bench/sampling_accuracy.py "
+             "--variants bf16+compile,bf16+compile+graphs --steps 25; python3 bench/run.py --configs "
+             "upstream-gpu-only@none,pack-bf16@none,pack-bf16-nographs@none,pack-fp16@none --warm 3 --timeout 150 "
+             "(pack-bf16 and pack-fp16: the recording failed under ComfyUI's cudaMallocAsync allocator and the server "
+             "aborted)",
+    "run36": "(H200, a new machine; graphs only with PyTorch's native allocator) python3 bench/run.py --configs "
+             "upstream-gpu-only@none,upstream-gpu-only-native@none,pack-bf16@none,pack-bf16-native@none,"
+             "pack-bf16-native-nographs@none,pack-fp16-native@none --warm 3 --timeout 150",
+    "run37": "(H200, same machine as run36) python3 bench/run.py --configs pack-fp8@none,pack-fp8-native@none,"
+             "upstream-bf16@8,pack-bf16@8,pack-fp8@8,pack-bf16-eager@none,pack-bf16-eager-native@none --warm 3 "
+             "--timeout 150 (pack-fp8-native: every recording failed, Dynamo compiling inside it)",
+    "run38": "(H200, a new machine; graphs opt-in, Dynamo kept from compiling while recording) python3 bench/run.py "
+             "--configs pack-fp8-native-graphs@none,pack-fp8-native@none,upstream-bf16@8,pack-fp8-native-graphs@8 "
+             "--warm 3 --timeout 110",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
@@ -181,6 +195,23 @@ def results_table(runs: dict) -> list[str]:
                 f"{' '.join(r['flags']) or 'default'} | {_fmt(cold.get('wall_s'))} | {_fmt(warm.get('wall_s'))} | "
                 f"{_fmt(warm.get('it_per_s'))} | {_fmt(cold.get('text_encode'))} | {_fmt(warm.get('sampling'))} | "
                 f"{_fmt(warm.get('decode'))} | {_fmt(cold.get('peak_gib'))} / {_fmt(warm.get('peak_gib'))} |")
+    return lines
+
+
+def sampling_accuracy_table(runs: dict) -> list[str]:
+    lines = ["| run | variant | sampling s | latent rel. error vs first | call rel. error vs first | "
+             "latent bit-equal without graphs | graphs |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for run, variants in runs.items():
+        for name, v in variants.items():
+            lat = next((x for k, x in v.items() if k.startswith("latent_rel_error_vs_") and "eager" not in k
+                        and "without" not in k), None)
+            call = next((x for k, x in v.items() if k.startswith("call_rel_error_vs_") and "eager" not in k), None)
+            equal = v.get("latent_bit_equal_without_graphs")
+            def err(x):
+                return "—" if x is None else f"{x:.1e}"
+
+            lines.append(f"| {run} | {name} | {v['sampling_s']:.2f} | {err(lat)} | {err(call)} | "
+                         f"{'' if equal is None else ('yes' if equal else 'no')} | {v.get('graphs') or ''} |")
     return lines
 
 
@@ -300,6 +331,14 @@ def main():
                   "24 heads of 96; joint = 4096 image + 259 caption tokens (36 layers), image = 4096 tokens (the 2 "
                   "noise refiners); median of 30 calls; a CFG step = two batch-1 DiT calls.", ""]
         parts += attention_table(attention)
+    sampling_acc = _load("sampling_accuracy")
+    if sampling_acc:
+        parts += ["", "## Accelerated sampling against eager (bench/sampling_accuracy.py: ComfyUI's sampler in-process, "
+                  "full-size random weights, 1024², 25 steps, fixed seed)", "",
+                  "The final latent and one DiT call of each variant against the first variant of the run; a "
+                  "`+graphs` variant also against the same variant without CUDA graphs. `sampling s` includes the "
+                  "compilation of the first compiled variant.", ""]
+        parts += sampling_accuracy_table(sampling_acc)
     quant = _load("quant_accuracy")
     if quant:
         parts += ["", "## Quantized DiT accuracy (bench/quant_accuracy.py: one DiT call at 1024², CFG batch of 2, "

@@ -64,6 +64,18 @@ CONFIGS = {
     "pack-bf16-gpu-only": ("pack", "bf16", ["--gpu-only"], "auto"),
     "pack-fp16-legacy": ("pack", "fp16", ["--disable-dynamic-vram"], "off"),
     "pack-bf16-legacy": ("pack", "bf16", ["--disable-dynamic-vram"], "off"),
+    # PyTorch's own CUDA allocator instead of ComfyUI's default cudaMallocAsync (--disable-cuda-malloc): the pack's
+    # CUDA graphs (pipeline/cuda_graphs.py) need it; upstream with it too, for a fair ratio
+    "upstream-gpu-only-native": ("upstream", None, ["--gpu-only", "--disable-cuda-malloc"], None),
+    "upstream-bf16-native": ("upstream", None, ["--disable-cuda-malloc"], None),
+    "pack-bf16-native": ("pack", "bf16", ["--disable-cuda-malloc"], "auto"),
+    "pack-fp16-native": ("pack", "fp16", ["--disable-cuda-malloc"], "auto"),
+    "pack-fp8-native": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
+    "pack-bf16-native-nographs": ("pack", "bf16", ["--disable-cuda-malloc"], "auto"),
+    "pack-bf16-eager-native": ("pack", "bf16", ["--disable-cuda-malloc"], "off"),
+    "pack-fp8-native-graphs": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
+    "pack-bf16-native-graphs": ("pack", "bf16", ["--disable-cuda-malloc"], "auto"),
+    "pack-fp16-native-graphs": ("pack", "fp16", ["--disable-cuda-malloc"], "auto"),
     # A fresh server that first runs a NewBieVRAMWarmup graph (timed separately), then the real job.
     "pack-fp16-warmup": ("pack", "fp16", [], "auto"),
 }
@@ -72,9 +84,13 @@ CONFIGS = {
 # (pipeline/cfg_batch.py; by default where the DiT streams and on the fp16 path) off or always on.
 SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_CFG_BATCH": "off"},
             "batched": {"NEWBIE_CFG_BATCH": "always"}, "flash": {"NEWBIE_SDPA": "flash"},
-            "cppwrapper": {"NEWBIE_CPP_WRAPPER": "1"}}
+            "cppwrapper": {"NEWBIE_CPP_WRAPPER": "1"}, "nographs": {"NEWBIE_CUDA_GRAPHS": "0"}}
 CONFIG_ENV = {f"pack-{p}-{switch}": env for p in ("fp16", "bf16", "fp8", "int8") for switch, env in SWITCHES.items()}
 CONFIGS.update({name: ("pack", name.split("-")[1], [], "auto") for name in CONFIG_ENV})
+CONFIG_ENV["pack-bf16-native-nographs"] = SWITCHES["nographs"]
+# CUDA graphs on (opt-in), with Dynamo's recompile reasons in the server log
+CONFIG_ENV.update({f"pack-{p}-native-graphs": {"NEWBIE_CUDA_GRAPHS": "1", "TORCH_LOGS": "recompiles"}
+                   for p in ("fp8", "bf16", "fp16")})
 
 
 def graph(kind: str, precision: str | None, names: dict, seed: int, width: int, height: int, steps: int,
@@ -247,6 +263,8 @@ LOG_EVENTS = {  # what the server log says about memory, compile and the fp16 pa
     "recompile": "Recompiling",
     "graph_break": "Graph break",
     "oom": "out of memory",
+    "graph_runs": "NewBie CUDA graphs: ",  # one line per sampling run that could record
+    "graph_failed": "recording a DiT call failed",
 }
 
 
