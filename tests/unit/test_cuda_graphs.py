@@ -5,7 +5,8 @@ function bound to the recording's own input tensors, and "replays" it by running
 the result into the recorded outputs, which is what a graph does to memory. The plumbing under test is real:
 ComfyUI's sampler and wrappers, the signatures, the copies into the recorded inputs, the clones of the outputs,
 the invalidation on moved weights and the refusals. A wrong copy or a stale recording shows as a wrong number.
-On a GPU, tests/unit/test_cuda_graphs_gpu.py runs the CUDA backend itself."""
+The CUDA backend itself ran on an H200 through bench/sampling_accuracy.py (`+graphs` variants): a 25-step latent
+bit-identical to the one without graphs (bench/results/run35-sampling_accuracy.json)."""
 from __future__ import annotations
 
 import logging
@@ -65,6 +66,17 @@ def _end(patcher):
     delattr(patcher.model.diffusion_model, cuda_graphs.RUN_ATTR)
 
 
+def _eager_then_graphed(patcher, cfg, calls: list, backend):
+    """(eager results, results through a run's graphs, the run) of the same DiT calls."""
+    expected = [dit_calls.dit_call(patcher, cfg, c) for c in calls]
+    run = _run(patcher, backend)
+    try:
+        got = [dit_calls.dit_call(patcher, cfg, c) for c in calls]
+    finally:
+        _end(patcher)
+    return expected, got, run
+
+
 def _inputs(cfg, seed: int, batch: int = 2, tokens: int = 12):
     g = torch.Generator().manual_seed(seed)
     return {"x": torch.randn(batch, 16, 8, 8, generator=g),
@@ -120,14 +132,8 @@ def test_replayed_calls_give_each_calls_own_result(tiny_dit):
     """Five calls of one kind with new values each: the first eager, the second warmed up and recorded, the rest
     replayed; every result is the eager one for its own inputs, bit for bit."""
     patcher, cfg = cfg_batch_errors.model(tiny_dit)
-    inputs = [_inputs(cfg, seed) for seed in range(5)]
-    expected = [dit_calls.dit_call(patcher, cfg, i) for i in inputs]
     backend = Replaying()
-    run = _run(patcher, backend)
-    try:
-        got = [dit_calls.dit_call(patcher, cfg, i) for i in inputs]
-    finally:
-        _end(patcher)
+    expected, got, run = _eager_then_graphed(patcher, cfg, [_inputs(cfg, seed) for seed in range(5)], backend)
     assert (backend.warmups, backend.records, backend.replays) == (1, 1, 3)
     assert run.replays == 3 and run.why_eager is None
     for n, (g, e) in enumerate(zip(got, expected)):
@@ -153,13 +159,8 @@ def test_each_kind_of_call_has_its_own_recording(tiny_dit):
     patcher, cfg = cfg_batch_errors.model(tiny_dit)
     kinds = [dict(batch=2, tokens=12), dict(batch=1, tokens=12), dict(batch=1, tokens=5)]
     calls = [_inputs(cfg, seed, **kinds[seed % 3]) for seed in range(12)]
-    expected = [dit_calls.dit_call(patcher, cfg, c) for c in calls]
     backend = Replaying()
-    run = _run(patcher, backend)
-    try:
-        got = [dit_calls.dit_call(patcher, cfg, c) for c in calls]
-    finally:
-        _end(patcher)
+    expected, got, run = _eager_then_graphed(patcher, cfg, calls, backend)
     assert len(run.recordings) == 3 and backend.records == 3 and backend.replays == 6
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
 
@@ -234,15 +235,9 @@ def test_calls_a_graph_could_not_replay_faithfully_run_eagerly(tiny_dit):
 
 def test_a_failed_recording_leaves_the_run_eager_and_correct(tiny_dit, caplog):
     patcher, cfg = cfg_batch_errors.model(tiny_dit)
-    inputs = [_inputs(cfg, seed) for seed in range(4)]
-    expected = [dit_calls.dit_call(patcher, cfg, i) for i in inputs]
     backend = Replaying(fail_with=RuntimeError("operation not permitted when stream is capturing"))
-    run = _run(patcher, backend)
-    try:
-        with caplog.at_level(logging.WARNING):
-            got = [dit_calls.dit_call(patcher, cfg, i) for i in inputs]
-    finally:
-        _end(patcher)
+    with caplog.at_level(logging.WARNING):
+        expected, got, run = _eager_then_graphed(patcher, cfg, [_inputs(cfg, seed) for seed in range(4)], backend)
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
     assert backend.records == 1 and backend.replays == 0 and "not permitted" in run.failed
     assert "recording a DiT call failed" in caplog.text
