@@ -129,8 +129,8 @@ def _is_median_run(results: list) -> bool:
 
 
 def profile_table(profiles: dict) -> list[str]:
-    lines = ["| run | variant | DiT call s (mean of 5) | first call s | GEMM ms | attention ms | fused Triton ms | "
-             "other ms | rel. error vs first variant |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = _head("run", "variant", "DiT call s (mean of 5)", "first call s", "GEMM ms", "attention ms",
+                  "fused Triton ms", "other ms", "rel. error vs first variant")
     for run, variants in profiles.items():
         for name, v in variants.items():
             if "error" in v:
@@ -144,8 +144,8 @@ def profile_table(profiles: dict) -> list[str]:
 
 
 def sampling_table(runs: dict) -> list[str]:
-    out = ["| run | variant | DiT calls a step (batch) | warm step ms | GPU busy ms a step | GPU idle ms a step | "
-           "stream syncs a step |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    out = _head("run", "variant", "DiT calls a step (batch)", "warm step ms", "GPU busy ms a step",
+                "GPU idle ms a step", "stream syncs a step")
     for run, variants in runs.items():
         for name, r in variants.items():
             out.append(f"| {run} | {name} | {r['dit_calls_per_step']} ({r['dit_call_batch_sizes']}) | "
@@ -155,8 +155,8 @@ def sampling_table(runs: dict) -> list[str]:
 
 
 def attention_table(runs: dict) -> list[str]:
-    out = ["| run | dtype | backend | joint, batch 1 ms | joint, batch 2 ms | attention ms a CFG step | "
-           "largest error vs fp32 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    out = _head("run", "dtype", "backend", "joint, batch 1 ms", "joint, batch 2 ms", "attention ms a CFG step",
+                "largest error vs fp32")
     for run, d in runs.items():
         rows = [r for r in d["results"] if "backend" in r and "ms" in r]
         steps = {r["dtype"]: r["step_ms"] for r in d["results"] if "step_ms" in r}
@@ -168,8 +168,17 @@ def attention_table(runs: dict) -> list[str]:
     return out
 
 
+def _head(*columns: str) -> list[str]:
+    """A markdown table's header row and separator."""
+    return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+
+
 def _load(kind: str) -> dict[str, object]:
     return {p.name.rsplit("-", 1)[0]: json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"*-{kind}.json"))}
+
+
+def _sci(v) -> str:
+    return "—" if v is None else f"{v:.1e}"
 
 
 def _fmt(v, unit=""):
@@ -177,9 +186,9 @@ def _fmt(v, unit=""):
 
 
 def results_table(runs: dict) -> list[str]:
-    lines = ["| run | configuration | size | sampler, steps | budget GiB | flags | cold s | warm s | warm it/s | text encode s (cold) | "
-             "sampling s (warm) | decode s (warm) | peak GiB (cold/warm) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = _head("run", "configuration", "size", "sampler, steps", "budget GiB", "flags", "cold s", "warm s",
+                  "warm it/s", "text encode s (cold)", "sampling s (warm)", "decode s (warm)",
+                  "peak GiB (cold/warm)")
     for run, results in runs.items():
         for r in results:
             cold, warm = r.get("cold", {}), r.get("warm", {})
@@ -199,25 +208,22 @@ def results_table(runs: dict) -> list[str]:
 
 
 def sampling_accuracy_table(runs: dict) -> list[str]:
-    lines = ["| run | variant | sampling s | latent rel. error vs first | call rel. error vs first | "
-             "latent bit-equal without graphs | graphs |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = _head("run", "variant", "sampling s", "latent rel. error vs first", "call rel. error vs first",
+                  "latent bit-equal without graphs", "graphs")
     for run, variants in runs.items():
         for name, v in variants.items():
             lat = next((x for k, x in v.items() if k.startswith("latent_rel_error_vs_") and "eager" not in k
                         and "without" not in k), None)
             call = next((x for k, x in v.items() if k.startswith("call_rel_error_vs_") and "eager" not in k), None)
             equal = v.get("latent_bit_equal_without_graphs")
-            def err(x):
-                return "—" if x is None else f"{x:.1e}"
-
-            lines.append(f"| {run} | {name} | {v['sampling_s']:.2f} | {err(lat)} | {err(call)} | "
+            lines.append(f"| {run} | {name} | {v['sampling_s']:.2f} | {_sci(lat)} | {_sci(call)} | "
                          f"{'' if equal is None else ('yes' if equal else 'no')} | {v.get('graphs') or ''} |")
     return lines
 
 
 def accuracy_table(acc: dict) -> list[str]:
-    lines = ["| run | weights | precision | rel. error vs fp32 | non-finite values | DiT call s | recomputations |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = _head("run", "weights", "precision", "rel. error vs fp32", "non-finite values", "DiT call s",
+                  "recomputations")
     for run, data in acc.items():
         for weights, per in data.items():
             for label, v in per.items():
@@ -230,7 +236,7 @@ def accuracy_table(acc: dict) -> list[str]:
 
 
 def quant_table(quant: dict) -> list[str]:
-    lines = ["| run | DiT | rel. error vs fp32 | DiT call s | DiT bytes (GB) | load s |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = _head("run", "DiT", "rel. error vs fp32", "DiT call s", "DiT bytes (GB)", "load s")
     for run, data in quant.items():
         for label, v in data.items():
             if not isinstance(v, dict):

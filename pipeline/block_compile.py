@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
+
+from . import env_switch
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def inductor_options(backend: str) -> dict | None:
     kernels from Python at about the pace the GPU runs them (run31/32, bench/results/NOTES.md), so a cheaper
     launcher may close the GPU's gaps; it costs a C++ compiler and compile time at the first image. Off by
     default until measured."""
-    if backend == "inductor" and os.environ.get("NEWBIE_CPP_WRAPPER", "").strip().lower() in ("1", "on", "true"):
+    if backend == "inductor" and env_switch.switch("NEWBIE_CPP_WRAPPER", False):
         return {"cpp_wrapper": True}
     return None
 

@@ -21,7 +21,8 @@ the server's environment turns it off (each Linear then fetches its own weight, 
 from __future__ import annotations
 
 import functools
-import os
+
+from . import env_switch
 
 WRAPPER_KEY = "newbie_block_prefetch"
 BLOCK_ORDER = ("context_refiner", "noise_refiner", "layers")  # the order Next-DiT runs its blocks in
@@ -43,7 +44,7 @@ def available() -> bool:
 
 def enabled() -> bool:
     """Not switched off by NEWBIE_BLOCK_PREFETCH=0 (for comparisons, or a host where it misbehaves)."""
-    return os.environ.get("NEWBIE_BLOCK_PREFETCH", "1").strip() not in ("0", "off", "false", "no")
+    return env_switch.switch("NEWBIE_BLOCK_PREFETCH", True)
 
 
 def blocks_in_order(diffusion_model) -> list:

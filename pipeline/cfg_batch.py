@@ -42,10 +42,10 @@ that, for comparisons.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from . import env_switch
 from .oom.calls import PerRow
 
 WRAPPER_KEY = "newbie_cfg_batch"
@@ -116,10 +116,10 @@ def pad_captions(conds: list, n_image_tokens: int) -> list | None:
 def mode() -> str:
     """'auto' (batch where a good share of the weights stream, or on the fp16 path: `wanted`), 'always' or 'off', from
     NEWBIE_CFG_BATCH (default auto)."""
-    value = os.environ.get("NEWBIE_CFG_BATCH", "auto").strip().lower()
-    if value in ("0", "off", "false", "no"):
+    value = env_switch.value("NEWBIE_CFG_BATCH", "auto")
+    if value in env_switch.OFF:
         return "off"
-    return "always" if value in ("1", "always", "on", "true", "yes") else "auto"
+    return "always" if value in env_switch.ON or value == "always" else "auto"
 
 
 def weights_stream(model) -> bool:

@@ -37,9 +37,10 @@ How a call becomes a graph (a DIFFUSION_MODEL wrapper; `CallGraphs` holds one ru
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
+
+from . import env_switch
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ _SAFE_INNER = frozenset({"newbie_block_prefetch"})
 
 def enabled() -> bool:
     """Switched on by NEWBIE_CUDA_GRAPHS=1 (off by default: see the module docstring for what it measured)."""
-    return os.environ.get("NEWBIE_CUDA_GRAPHS", "0").strip().lower() in ("1", "on", "true", "yes")
+    return env_switch.switch("NEWBIE_CUDA_GRAPHS", False)
 
 
 class Unsupported(Exception):

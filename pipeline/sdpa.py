@@ -14,16 +14,17 @@ own order, untouched).
 from __future__ import annotations
 
 import inspect
-import os
 
 import torch
 import torch.nn.functional as F
+
+from . import env_switch
 
 MODES = ("auto", "cudnn", "flash", "torch")
 
 
 def mode() -> str:
-    value = os.environ.get("NEWBIE_SDPA", "auto").strip().lower()
+    value = env_switch.value("NEWBIE_SDPA", "auto")
     return value if value in MODES else "auto"
 
 
