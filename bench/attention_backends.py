@@ -2,9 +2,11 @@
 
 NewBie's joint attention at 1024x1024: 24 heads of 96 over 4096 image tokens plus the caption (36 layers), the
 noise refiner over the 4096 image tokens alone (2 layers); K/V repeated from 8 heads to 24 as ComfyUI's Next-DiT
-does. For each backend PyTorch offers (flash, cuDNN, memory-efficient) and dtype: the median time of one call
-(CUDA events, 30 calls after 5 warm-up calls), the time a step spends in attention (38 calls a DiT call, two DiT
-calls a CFG step) and the largest difference from fp32 math attention. Writes OUT/attention_backends.json.
+does. For each backend PyTorch offers (flash, cuDNN, memory-efficient), FlashAttention-4 through the pack's own
+route (pipeline/flash_attn4.py) where flash-attn-4 imports, and each dtype: the median time of one call (CUDA
+events, 30 calls after 5 warm-up calls), the time a step spends in attention (38 calls a DiT call, two DiT calls a
+CFG step), the largest difference from fp32 math attention and, for FlashAttention-4, the seconds its first call
+took (the kernel's compilation). Writes OUT/attention_backends.json.
 
     python3 bench/attention_backends.py --out $OUT
 """
@@ -14,14 +16,37 @@ import argparse
 import json
 import os
 import statistics
+import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+REPO = Path(__file__).resolve().parents[1]
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def sdpa_backend(backend):
+    def run(q, k, v):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v)
+    return run
+
+
+def runners() -> dict:
+    found = {name: sdpa_backend(b) for name, b in BACKENDS.items()}
+    sys.path.insert(0, str(REPO))
+    from pipeline import flash_attn4
+
+    if flash_attn4.installed():
+        found["fa4"] = flash_attn4.attention
+        print("flash-attn-4", flash_attn4.version(), flush=True)
+    else:
+        print("flash-attn-4 does not import here", flush=True)
+    return found
 
 
 def time_call(fn, calls: int = 30, warm: int = 5) -> float:
@@ -41,29 +66,38 @@ def time_call(fn, calls: int = 30, warm: int = 5) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
+    ap.add_argument("--backends", default="", help="comma-separated subset of flash,cudnn,efficient,fa4 (default all)")
     args = ap.parse_args()
     torch.manual_seed(0)
     results = []
+    backends = runners()
+    if args.backends:
+        backends = {k: v for k, v in backends.items() if k in args.backends.split(",")}
     shapes = {"joint": 4096 + 259, "image": 4096}
     per_step = {"joint": 36 * 2, "image": 2 * 2}
     for dtype in (torch.bfloat16, torch.float16):
         step_ms = {}
         for shape, n in shapes.items():
             for batch in (1, 2):
-                q, k, v = (torch.randn(batch, 24, n, 96, device="cuda", dtype=dtype) for _ in range(3))
+                # [B, H, N, D] views of [B, N, H, D] memory, as ComfyUI's Next-DiT hands them to attention
+                q, k, v = (torch.randn(batch, n, 24, 96, device="cuda", dtype=dtype).transpose(1, 2)
+                           for _ in range(3))
                 ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-                for name, backend in BACKENDS.items():
+                for name, run in backends.items():
                     row = {"dtype": str(dtype).split(".")[-1], "shape": shape, "batch": batch, "backend": name}
                     try:
-                        with sdpa_kernel([backend]):
-                            out = F.scaled_dot_product_attention(q, k, v)
-                            ms = time_call(lambda: F.scaled_dot_product_attention(q, k, v))
-                        row.update(ms=round(ms, 4), max_err=float((out.float() - ref).abs().max()))
+                        t0 = time.perf_counter()
+                        out = run(q, k, v)
+                        torch.cuda.synchronize()
+                        first_s = time.perf_counter() - t0
+                        ms = time_call(lambda: run(q, k, v))
+                        row.update(ms=round(ms, 4), max_err=float((out.float() - ref).abs().max()),
+                                   first_call_s=round(first_s, 2))
                         if batch == 1:
                             step_ms.setdefault(name, 0.0)
                             step_ms[name] += ms * per_step[shape]
-                    except RuntimeError as e:
-                        row["error"] = str(e).splitlines()[0][:200]
+                    except Exception as e:  # noqa: BLE001 - a backend that cannot run this input is a result
+                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                     print(row, flush=True)
                     results.append(row)
         print(str(dtype), "attention ms per CFG step (two batch-1 calls):",

@@ -118,6 +118,23 @@ COMMANDS = {
     "run38": "(H200, a new machine; graphs opt-in, Dynamo kept from compiling while recording) python3 bench/run.py "
              "--configs pack-fp8-native-graphs@none,pack-fp8-native@none,upstream-bf16@8,pack-fp8-native-graphs@8 "
              "--warm 3 --timeout 110",
+    "run39": "(H200, a new machine) python3 bench/run.py --configs upstream-gpu-only-native@none,pack-bf16@none,"
+             "pack-fp16@none,pack-fp16-native-graphs@none,pack-bf16-native-graphs@none --warm 3 --timeout 150",
+    "run40": "(H200, the next call on the same machine after one that stashed .fa4a; flash-attn-4 failed to import, "
+             "its DSL's path from a .pth file missing, so every pack configuration used cuDNN) an inline form "
+             "of bench/fa4_install.sh; python3 bench/attention_backends.py; python3 bench/run.py --configs "
+             "upstream-gpu-only-native@none,pack-bf16@none,pack-bf16-cudnn@none,pack-fp16@none --warm 3 --timeout 140",
+    "run41": "(H200, the next call on the same machine; flash-attn-4 still failed to import, nvidia-cutlass-dsl-"
+             "libs-core missing: cuDNN everywhere) python3 bench/attention_backends.py; python3 bench/run.py "
+             "--configs upstream-gpu-only-native@none,pack-bf16@none,pack-bf16-cudnn@none,pack-fp16@none,"
+             "pack-fp8@none --warm 3 --timeout 140",
+    "run42": "(H200, the next call on the same machine; flash-attn-4 4.0.0b40 loaded, so pack-bf16 ran it and "
+             "pack-bf16-cudnn PyTorch's cuDNN attention) python3 bench/attention_backends.py --backends cudnn,fa4; "
+             "python3 bench/run.py --configs upstream-gpu-only-native@none,pack-bf16@none,pack-bf16-cudnn@none "
+             "--warm 3 --timeout 140",
+    "run43": "(H200, the next call on the same machine, flash-attn-4 loaded) python3 bench/run.py --configs "
+             "upstream-gpu-only-native@none,pack-bf16@none,pack-bf16-cudnn@none,pack-fp16@none,pack-fp8@none "
+             "--warm 3 --timeout 120",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
@@ -156,15 +173,17 @@ def sampling_table(runs: dict) -> list[str]:
 
 def attention_table(runs: dict) -> list[str]:
     out = _head("run", "dtype", "backend", "joint, batch 1 ms", "joint, batch 2 ms", "attention ms a CFG step",
-                "largest error vs fp32")
+                "largest error vs fp32", "first call s")
     for run, d in runs.items():
         rows = [r for r in d["results"] if "backend" in r and "ms" in r]
         steps = {r["dtype"]: r["step_ms"] for r in d["results"] if "step_ms" in r}
         for (dtype, backend) in dict.fromkeys((r["dtype"], r["backend"]) for r in rows):
             ms = {r["batch"]: r["ms"] for r in rows if (r["dtype"], r["backend"], r["shape"]) == (dtype, backend, "joint")}
             err = max(r["max_err"] for r in rows if (r["dtype"], r["backend"]) == (dtype, backend))
+            first = max((r["first_call_s"] for r in rows if (r["dtype"], r["backend"]) == (dtype, backend)
+                         and "first_call_s" in r), default=None)
             out.append(f"| {run} | {dtype} | {backend} | {ms.get(1)} | {ms.get(2)} | "
-                       f"{steps.get(dtype, {}).get(backend, 0):.1f} | {err:.1e} |")
+                       f"{steps.get(dtype, {}).get(backend, 0):.1f} | {err:.1e} | {_fmt(first)} |")
     return out
 
 
@@ -335,7 +354,11 @@ def main():
     if attention:
         parts += ["", "## Attention backends at NewBie's shapes (bench/attention_backends.py)", "",
                   "24 heads of 96; joint = 4096 image + 259 caption tokens (36 layers), image = 4096 tokens (the 2 "
-                  "noise refiners); median of 30 calls; a CFG step = two batch-1 DiT calls.", ""]
+                  "noise refiners); median of 30 calls timed by CUDA events around each call on an otherwise idle "
+                  "GPU (so a backend's host-side launch time counts where the GPU waits for it); a CFG step = two "
+                  "batch-1 DiT calls. From run40 on, q, k and v are [B, H, N, D] views of [B, N, H, D] memory, as "
+                  "Next-DiT hands them over (run30: contiguous [B, H, N, D]). `fa4`: flash-attn-4 through the pack's "
+                  "route (pipeline/flash_attn4.py); its first call compiles the kernel.", ""]
         parts += attention_table(attention)
     sampling_acc = _load("sampling_accuracy")
     if sampling_acc:

@@ -84,7 +84,8 @@ CONFIGS = {
 # (pipeline/cfg_batch.py; by default where the DiT streams and on the fp16 path) off or always on.
 SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_CFG_BATCH": "off"},
             "batched": {"NEWBIE_CFG_BATCH": "always"}, "flash": {"NEWBIE_SDPA": "flash"},
-            "cppwrapper": {"NEWBIE_CPP_WRAPPER": "1"}, "nographs": {"NEWBIE_CUDA_GRAPHS": "0"}}
+            "cppwrapper": {"NEWBIE_CPP_WRAPPER": "1"}, "nographs": {"NEWBIE_CUDA_GRAPHS": "0"},
+            "cudnn": {"NEWBIE_SDPA": "cudnn"}}
 CONFIG_ENV = {f"pack-{p}-{switch}": env for p in ("fp16", "bf16", "fp8", "int8") for switch, env in SWITCHES.items()}
 CONFIGS.update({name: ("pack", name.split("-")[1], [], "auto") for name in CONFIG_ENV})
 CONFIG_ENV["pack-bf16-native-nographs"] = SWITCHES["nographs"]
@@ -265,6 +266,8 @@ LOG_EVENTS = {  # what the server log says about memory, compile and the fp16 pa
     "oom": "out of memory",
     "graph_runs": "NewBie CUDA graphs: ",  # one line per sampling run that could record
     "graph_failed": "recording a DiT call failed",
+    "fa4": "attention: FlashAttention-4",  # the loader chose flash-attn-4 (pipeline/sdpa.py)
+    "fa4_unloadable": "flash-attn-4 is installed but does not load",
 }
 
 

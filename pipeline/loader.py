@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import (block_compile, block_prefetch, cfg_batch, checkpoint, compat, cuda_graphs, detect,
-               precision as precision_mod, prompt_limits, quantize, quantized_ops, te_quantize, vae_memory,
+               precision as precision_mod, prompt_limits, quantize, quantized_ops, sdpa, te_quantize, vae_memory,
                vram_budget)
 from .errors import ModelFileError
 
@@ -516,6 +516,7 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
         (f"compile: {compiled} transformer blocks compiled on their own at the first sampling run (one graph per "
          f"block kind; ComfyUI's non-dynamic model patcher; {compile_why})" if compiled
          else f"compile: off (eager; {compile_why})"),
+        sdpa.describe(device),
         cuda_graphs.describe(model),
         "from: " + ", ".join(f"{k}={Path(str(v)).name}" for k, v in parts.paths.items()),
         f"loaded in {time.perf_counter() - t0:.1f} s",

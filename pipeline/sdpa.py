@@ -1,4 +1,5 @@
-"""The scaled-dot-product attention NewBie's DiT runs: PyTorch SDPA with cuDNN's attention tried first.
+"""The scaled-dot-product attention NewBie's DiT runs: FlashAttention-4 where it is installed and pays (Hopper),
+otherwise PyTorch SDPA with cuDNN's attention tried first.
 
 Upstream ComfyUI (comfy/ops.py) puts FlashAttention-2 first, and PyTorch's own order differs between versions
 (2.11 picked cuDNN on an H200). On Hopper cuDNN's fused attention is faster at NewBie's shapes (24 heads of 96 over
@@ -7,9 +8,14 @@ run30), where attention is about a third of a step's GPU time. The order is a pr
 where cuDNN declines an input (a mask it cannot take, an old GPU, a CPU tensor) PyTorch takes the next backend,
 so the result is the same attention up to rounding.
 
-`NEWBIE_SDPA` chooses the order, read at each call (a compiled block bakes the order in when it is traced):
-`auto` (cuDNN first on CUDA GPUs of compute capability 9.0 or newer), `cudnn`, `flash`, or `torch` (PyTorch's
-own order, untouched).
+FlashAttention-4 (pipeline/flash_attn4.py, the optional `flash-attn-4` package) runs the unmasked 16-bit calls
+where it is chosen; any other call goes to SDPA in the order below. It is chosen by default on Hopper only, where it
+was measured faster in the sampled DiT (run42, run43); elsewhere `NEWBIE_SDPA=fa4` tries it.
+
+`NEWBIE_SDPA` chooses, read at each call (a compiled block bakes the choice in when it is traced): `auto`
+(FlashAttention-4 on compute capability 9.x when it is installed, else cuDNN first on 9.0 and newer), `fa4`
+(FlashAttention-4 on any CUDA GPU it runs on), `cudnn`, `flash` (PyTorch's FlashAttention-2 first), or `torch`
+(PyTorch's own order, untouched).
 """
 from __future__ import annotations
 
@@ -18,9 +24,9 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from . import env_switch
+from . import env_switch, flash_attn4
 
-MODES = ("auto", "cudnn", "flash", "torch")
+MODES = ("auto", "fa4", "cudnn", "flash", "torch")
 
 
 def mode() -> str:
@@ -43,6 +49,10 @@ def _hopper_or_newer(index) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
+def _hopper(index) -> bool:
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
 def _order(first: str):
     from torch.nn.attention import SDPBackend as B
 
@@ -50,14 +60,23 @@ def _order(first: str):
     return head + [B.EFFICIENT_ATTENTION, B.MATH]
 
 
-def first_backend(device: torch.device) -> str | None:
-    """The backend put first for tensors on `device` ("cudnn" or "flash"), None for PyTorch's own order."""
+def sdpa_first(device: torch.device) -> str | None:
+    """The SDPA backend put first for tensors on `device` ("cudnn" or "flash"), None for PyTorch's own order."""
     m = mode()
     if m == "torch" or device.type != "cuda" or not _HAS_PRIORITY:
         return None
-    if m == "auto":
+    if m in ("auto", "fa4"):
         return "cudnn" if _hopper_or_newer(device.index) else None
     return m
+
+
+def first_backend(device: torch.device) -> str | None:
+    """What runs attention on `device`: "fa4" (FlashAttention-4), else `sdpa_first`'s choice."""
+    m = mode()
+    if (m in ("auto", "fa4") and device.type == "cuda" and (m == "fa4" or _hopper(device.index))
+            and flash_attn4.installed()):  # imported only where it would be used
+        return "fa4"
+    return sdpa_first(device)
 
 
 @torch.compiler.assume_constant_result
@@ -67,12 +86,31 @@ def _first_backend_constant(device: torch.device) -> str | None:
     return first_backend(device)
 
 
+@torch.compiler.assume_constant_result
+def _sdpa_first_constant(device: torch.device) -> str | None:
+    return sdpa_first(device)
+
+
 def sdpa(q, k, v, attn_mask=None):
-    """F.scaled_dot_product_attention(q, k, v, attn_mask) ([B, H, N, D]) in the backend order `first_backend`."""
+    """F.scaled_dot_product_attention(q, k, v, attn_mask) ([B, H, N, D]) by the backend `first_backend` chose."""
     first = _first_backend_constant(q.device)
+    if first == "fa4":
+        if attn_mask is None and flash_attn4.takes(q, k, v):
+            return flash_attn4.attention(q, k, v)
+        first = _sdpa_first_constant(q.device)
     if first is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     from torch.nn.attention import sdpa_kernel
 
     with sdpa_kernel(_order(first), set_priority=True):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+def describe(device: torch.device) -> str:
+    """The loader report's line."""
+    first = first_backend(device)
+    if first == "fa4":
+        return (f"attention: FlashAttention-4 (flash-attn-4 {flash_attn4.version() or '?'}; its kernels compile "
+                "at the first sampling run; NEWBIE_SDPA=cudnn for PyTorch SDPA)")
+    order = {"cudnn": "cuDNN first", "flash": "FlashAttention-2 first", None: "PyTorch's own order"}[first]
+    return f"attention: PyTorch SDPA ({order})"

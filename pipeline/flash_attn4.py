@@ -1,0 +1,104 @@
+"""FlashAttention-4 (the optional `flash-attn-4` package) for NewBie's attention, where it is installed.
+
+flash-attn-4 is Tri Dao's FlashAttention written in NVIDIA's CuTe DSL: pure Python, its kernels compiled on first
+use for the GPU at hand (Ampere to Blackwell; on Hopper the forward kernel is FlashAttention-3's design, with a
+tile tuned for NewBie's head size of 96). On an H200 the pack's warm bf16 image took 3.42 and 3.46 s with it against
+3.57 and 3.68 s with PyTorch's cuDNN attention in the same calls (0.78x and 0.77x upstream's best against 0.81x and
+0.82x; bench/results run42, run43), the same error against fp32 (5.6e-4 in bf16). The pack never requires it:
+without it, or for an input it does not take (a mask, fp32, a CPU tensor, a head size that is not a multiple of 8
+or is above 256), attention is PyTorch's SDPA (pipeline/sdpa.py decides which).
+
+The kernel is wrapped as the custom op `newbie::fa4_attention`, so a compiled block sees one opaque call with a
+known output shape instead of tracing into the DSL's launcher. Inputs and output are in FlashAttention's layout,
+[batch, tokens, heads, head size]; `attention` takes and returns SDPA's [batch, heads, tokens, head size] as
+transposed views, which is the memory order ComfyUI's Next-DiT already has, so nothing is copied.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = (torch.float16, torch.bfloat16)
+OP_NAME = "newbie::fa4_attention"
+
+
+@functools.cache
+def kernel():
+    """flash-attn-4's `flash_attn_func`, or None when the package is absent or does not import here."""
+    try:
+        from flash_attn.cute.interface import flash_attn_func
+    except ImportError:
+        return None
+    except Exception as e:  # noqa: BLE001 - an install that cannot load (a CUDA library or torch it does not match)
+        log.warning("flash-attn-4 is installed but does not load (%s: %s); NewBie's attention uses PyTorch SDPA",
+                    type(e).__name__, e)
+        return None
+    return flash_attn_func
+
+
+def installed() -> bool:
+    return kernel() is not None
+
+
+def version() -> str | None:
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version("flash-attn-4")
+    except Exception:  # noqa: BLE001 - metadata is informative only
+        return None
+
+
+def shapes_fit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether FlashAttention-4 computes this [B, H, N, D] call: 16-bit tensors of one dtype, head sizes multiples
+    of 8 up to 256, as many key as value tokens, as many query as key heads or a multiple of them."""
+    return (q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and q.shape[-1] == k.shape[-1] and q.shape[-1] % 8 == 0 and v.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256 and v.shape[-1] <= 256 and k.shape[-2] == v.shape[-2]
+            and k.shape[1] == v.shape[1] and q.shape[1] % k.shape[1] == 0)
+
+
+def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether FlashAttention-4 runs this [B, H, N, D] call (unmasked): `shapes_fit`, on a CUDA GPU."""
+    return q.is_cuda and shapes_fit(q, k, v)
+
+
+def _flash_layout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    found = kernel()
+    if found is None:
+        raise RuntimeError("newbie::fa4_attention was called but flash-attn-4 does not load here; "
+                           "set NEWBIE_SDPA=auto or cudnn")
+    out = found(q, k, v)
+    out = out[0] if isinstance(out, tuple) else out  # flash_attn_func returns (out, lse)
+    return out.contiguous()  # the layout the op's fake promises a compiled block (a no-op for FA4's own output)
+
+
+def _define_op():
+    """The custom op, defined once a process (a second import of the pack, as ComfyUI and the tests can do,
+    finds it already registered)."""
+    namespace, name = OP_NAME.split("::")
+    existing = getattr(getattr(torch.ops, namespace), name, None)
+    if existing is not None:
+        return existing
+
+    @torch.library.custom_op(OP_NAME, mutates_args=())
+    def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return _flash_layout_attention(q, k, v)
+
+    @fa4_attention.register_fake
+    def _(q, k, v):
+        return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+    return getattr(getattr(torch.ops, namespace), name)
+
+
+_OP = _define_op()
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked attention of [B, H, N, D] tensors by FlashAttention-4, returned as [B, H, N, Dv]."""
+    return _OP(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
