@@ -6,6 +6,8 @@ is real: the custom op and its fake (so a compiled block traces it), the layout 
 and every fall-back to SDPA. The kernel itself is measured on the H200 (bench/attention_backends.py)."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,9 +52,76 @@ def test_attention_in_sdpa_layout(qkv, fa4_double):
     assert len(fa4_double) == 1
 
 
-def test_without_the_package_the_op_names_the_fix(qkv):
-    with pytest.raises(RuntimeError, match="NEWBIE_SDPA"):
+@pytest.fixture
+def no_failures(monkeypatch):
+    monkeypatch.setattr(flash_attn4, "_FAILED", [])
+
+
+def test_without_the_package_the_op_computes_sdpa(qkv, no_failures):
+    assert torch.allclose(flash_attn4.attention(*qkv), F.scaled_dot_product_attention(*qkv), atol=1e-2)
+
+
+def test_a_failing_kernel_falls_back_to_sdpa_once_and_for_all(qkv, monkeypatch, no_failures, caplog):
+    calls = []
+
+    def broken(q, k, v):
+        calls.append(1)
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(flash_attn4, "kernel", lambda: broken)
+    assert flash_attn4.installed()
+    with caplog.at_level("WARNING"):
+        first = flash_attn4.attention(*qkv)
+        second = flash_attn4.attention(*qkv)
+    assert torch.allclose(first, F.scaled_dot_product_attention(*qkv), atol=1e-2) and torch.equal(first, second)
+    assert calls == [1], "the failed kernel was tried again"
+    assert "flash-attn-4 failed (RuntimeError: no kernel for this GPU)" in caplog.text
+    assert not flash_attn4.installed()  # new traces choose SDPA
+
+
+def test_out_of_memory_is_not_swallowed(qkv, monkeypatch, no_failures):
+    def oom(q, k, v):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(flash_attn4, "kernel", lambda: oom)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
         flash_attn4.attention(*qkv)
+    assert flash_attn4.installed()
+
+
+@pytest.fixture
+def fake_packages(tmp_path, monkeypatch):
+    """Importable stand-ins for what may be installed as `flash_attn`: each test writes its own."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+        del sys.modules[name]
+
+
+def test_flash_attention_2_alone_is_not_a_broken_install(fake_packages, caplog):
+    (fake_packages / "flash_attn").mkdir()
+    (fake_packages / "flash_attn" / "__init__.py").write_text("")
+    with caplog.at_level("WARNING"):
+        assert flash_attn4.kernel.__wrapped__() is None
+    assert "does not load" not in caplog.text
+
+
+def test_a_broken_install_is_logged(fake_packages, caplog):
+    (fake_packages / "flash_attn" / "cute").mkdir(parents=True)
+    (fake_packages / "flash_attn" / "__init__.py").write_text("")
+    (fake_packages / "flash_attn" / "cute" / "__init__.py").write_text("")
+    (fake_packages / "flash_attn" / "cute" / "interface.py").write_text("import cutlass_dsl_not_installed_here\n")
+    with caplog.at_level("WARNING"):
+        assert flash_attn4.kernel.__wrapped__() is None
+    assert "flash-attn-4 is installed but does not load (ModuleNotFoundError" in caplog.text
+
+
+def test_an_install_that_imports_gives_its_function(fake_packages):
+    (fake_packages / "flash_attn" / "cute").mkdir(parents=True)
+    (fake_packages / "flash_attn" / "__init__.py").write_text("")
+    (fake_packages / "flash_attn" / "cute" / "__init__.py").write_text("")
+    (fake_packages / "flash_attn" / "cute" / "interface.py").write_text("def flash_attn_func(q, k, v):\n    pass\n")
+    assert flash_attn4.kernel.__wrapped__().__name__ == "flash_attn_func"
 
 
 def test_the_op_is_defined_once_a_process():
