@@ -102,6 +102,7 @@ def test_loader_report_names_precision_and_files(server):
     entry = server.run(graph)
     text = json.dumps(entry["outputs"])
     assert "weights bf16" in text and graphs.TINY_DIT in text
+    assert "attention: PyTorch SDPA" in text  # the host runs on a CPU: never flash-attn-4 (pipeline/sdpa.py)
 
 
 def test_folder_with_a_single_file_override(server):
