@@ -178,3 +178,34 @@ def test_the_cpp_wrapper_switch_compiles_blocks_that_match_eager(comfy_import_pa
         torch._dynamo.reset()
     assert seen and seen[0]["options"] == {"cpp_wrapper": True}
     assert blocks == 4 and 0 < graphs < blocks and err < 1e-5, (graphs, err)
+
+
+def test_compile_time_is_described_by_phase():
+    from pipeline import block_compile
+
+    before = {"torch.compile": 1.0, "tracing": 0.5, "Inductor": 0.2, "cache loads": 0.1}
+    after = {"torch.compile": 10.3, "tracing": 2.1, "Inductor": 7.3, "cache loads": 6.7}
+    assert block_compile.describe_compile_time(before, after) == \
+        "; 9.3 s in torch.compile (tracing 1.6 s, Inductor 7.1 s, cache loads 6.6 s)"
+    assert block_compile.describe_compile_time({}, {"tracing": 1.0}) == ""
+
+
+def test_a_sampling_run_that_compiles_logs_where_the_time_went(caplog):
+    """The OUTER_SAMPLE wrapper around a run that compiles a graph: its log line gives the graphs and the seconds
+    torch.compile's own timers counted in that run; a run that compiles nothing says so without times."""
+    from pipeline import block_compile
+
+    torch._dynamo.reset()
+
+    def run(x):
+        return torch.compile(lambda t: torch.sin(t) * 2, backend="eager")(x)
+
+    try:
+        with caplog.at_level("INFO", logger=block_compile.log.name):
+            block_compile._log_compiles(run, torch.ones(3))
+            block_compile._log_compiles(run, torch.ones(3))
+    finally:
+        torch._dynamo.reset()
+    first, second = [r.getMessage() for r in caplog.records if "NewBie block compile" in r.getMessage()]
+    assert "1 graph compiled in this sampling run" in first and "s in torch.compile (tracing" in first, first
+    assert "0 graphs compiled in this sampling run" in second and "torch.compile" not in second, second
