@@ -196,6 +196,12 @@ def _load(kind: str) -> dict[str, object]:
     return {p.name.rsplit("-", 1)[0]: json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"*-{kind}.json"))}
 
 
+def _section(kind: str, intro: list[str], table) -> list[str]:
+    """The lines of one results section: its intro and `table` of the runs' `kind` results, or none without any."""
+    runs = _load(kind)
+    return intro + table(runs) if runs else []
+
+
 def _sci(v) -> str:
     return "—" if v is None else f"{v:.1e}"
 
@@ -337,46 +343,39 @@ def main():
                   "calls, so only ratios within one call are compared).", ""]
         for run, results in current.items():
             parts += [f"### {run}", "", ratio_table(results), ""]
-    profiles = _load("profile")
-    if profiles:
-        parts += ["## One DiT call, in-process (CFG batch of 2 at 1024², everything resident)", "",
-                  "`bench/profile_dit.py`: mean of 5 calls after warm-up; CUDA kernel time of one profiled call by kind.",
-                  ""]
-        parts += profile_table(profiles)
-    sampling = _load("profile_sampling")
-    if sampling:
-        parts += ["", "## A whole sampling run, in-process (ComfyUI's sampler, euler_ancestral, CFG 5, resident DiT)",
-                  "", "`bench/profile_sampling.py`: the warm run timed unprofiled; GPU busy and idle (gaps over 50 µs) "
-                  "and host synchronisations per step from a profiled run of 2-3 steps (the profiler adds to them).",
-                  ""]
-        parts += sampling_table(sampling)
-    attention = _load("attention_backends")
-    if attention:
-        parts += ["", "## Attention backends at NewBie's shapes (bench/attention_backends.py)", "",
-                  "24 heads of 96; joint = 4096 image + 259 caption tokens (36 layers), image = 4096 tokens (the 2 "
-                  "noise refiners); median of 30 calls timed by CUDA events around each call on an otherwise idle "
-                  "GPU (so a backend's host-side launch time counts where the GPU waits for it); a CFG step = two "
-                  "batch-1 DiT calls. From run40 on, q, k and v are [B, H, N, D] views of [B, N, H, D] memory, as "
-                  "Next-DiT hands them over (run30: contiguous [B, H, N, D]). `fa4`: flash-attn-4 through the pack's "
-                  "route (pipeline/flash_attn4.py); its first call compiles the kernel.", ""]
-        parts += attention_table(attention)
-    sampling_acc = _load("sampling_accuracy")
-    if sampling_acc:
-        parts += ["", "## Accelerated sampling against eager (bench/sampling_accuracy.py: ComfyUI's sampler in-process, "
-                  "full-size random weights, 1024², 25 steps, fixed seed)", "",
-                  "The final latent and one DiT call of each variant against the first variant of the run; a "
-                  "`+graphs` variant also against the same variant without CUDA graphs. `sampling s` includes the "
-                  "compilation of the first compiled variant.", ""]
-        parts += sampling_accuracy_table(sampling_acc)
-    quant = _load("quant_accuracy")
-    if quant:
-        parts += ["", "## Quantized DiT accuracy (bench/quant_accuracy.py: one DiT call at 1024², CFG batch of 2, "
-                  "full-size random weights, vs fp32)", "",
-                  "`pack_*`: the loader's precisions (pipeline/quantize.py); `upstream_fp8_cast`: upstream's "
-                  "`UNETLoader weight_dtype fp8_e4m3fn` through its own loader (every weight cast to fp8 without a "
-                  "scale); `upstream_reads_pack_fp8_file`: upstream's loader reading the pack's saved fp8 file. "
-                  "Random weights show the numeric error, not image quality. Call times are in-process and eager.", ""]
-        parts += quant_table(quant)
+    parts += _section("profile", [
+        "## One DiT call, in-process (CFG batch of 2 at 1024², everything resident)", "",
+        "`bench/profile_dit.py`: mean of 5 calls after warm-up; CUDA kernel time of one profiled call by kind.", ""],
+        profile_table)
+    parts += _section("profile_sampling", [
+        "", "## A whole sampling run, in-process (ComfyUI's sampler, euler_ancestral, CFG 5, resident DiT)", "",
+        "`bench/profile_sampling.py`: the warm run timed unprofiled; GPU busy and idle (gaps over 50 µs) and host "
+        "synchronisations per step from a profiled run of 2-3 steps (the profiler adds to them).", ""],
+        sampling_table)
+    parts += _section("attention_backends", [
+        "", "## Attention backends at NewBie's shapes (bench/attention_backends.py)", "",
+        "24 heads of 96; joint = 4096 image + 259 caption tokens (36 layers), image = 4096 tokens (the 2 noise "
+        "refiners); median of 30 calls timed by CUDA events around each call on an otherwise idle GPU (so a "
+        "backend's host-side launch time counts where the GPU waits for it); a CFG step = two batch-1 DiT calls. "
+        "From run40 on, q, k and v are [B, H, N, D] views of [B, N, H, D] memory, as Next-DiT hands them over "
+        "(run30: contiguous [B, H, N, D]). `fa4`: flash-attn-4 through the pack's route (pipeline/flash_attn4.py); "
+        "its first call compiles the kernel.", ""],
+        attention_table)
+    parts += _section("sampling_accuracy", [
+        "", "## Accelerated sampling against eager (bench/sampling_accuracy.py: ComfyUI's sampler in-process, "
+        "full-size random weights, 1024², 25 steps, fixed seed)", "",
+        "The final latent and one DiT call of each variant against the first variant of the run; a `+graphs` "
+        "variant also against the same variant without CUDA graphs. `sampling s` includes the compilation of the "
+        "first compiled variant.", ""],
+        sampling_accuracy_table)
+    parts += _section("quant_accuracy", [
+        "", "## Quantized DiT accuracy (bench/quant_accuracy.py: one DiT call at 1024², CFG batch of 2, full-size "
+        "random weights, vs fp32)", "",
+        "`pack_*`: the loader's precisions (pipeline/quantize.py); `upstream_fp8_cast`: upstream's `UNETLoader "
+        "weight_dtype fp8_e4m3fn` through its own loader (every weight cast to fp8 without a scale); "
+        "`upstream_reads_pack_fp8_file`: upstream's loader reading the pack's saved fp8 file. Random weights show "
+        "the numeric error, not image quality. Call times are in-process and eager.", ""],
+        quant_table)
     parts += ["", "## fp16 accuracy (one DiT call at 1024², CFG batch of 2, vs fp32)", ""]
     parts += accuracy_table(acc)
     vae = _load("vae_memory")

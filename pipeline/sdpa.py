@@ -45,12 +45,9 @@ def _priority_supported() -> bool:
 _HAS_PRIORITY = _priority_supported()
 
 
-def _hopper_or_newer(index) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
-
-
-def _hopper(index) -> bool:
-    return torch.cuda.get_device_capability(index)[0] == 9
+def _major(index) -> int:
+    """The GPU's compute capability major version (9: Hopper)."""
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _order(first: str):
@@ -66,14 +63,14 @@ def sdpa_first(device: torch.device) -> str | None:
     if m == "torch" or device.type != "cuda" or not _HAS_PRIORITY:
         return None
     if m in ("auto", "fa4"):
-        return "cudnn" if _hopper_or_newer(device.index) else None
+        return "cudnn" if _major(device.index) >= 9 else None
     return m
 
 
 def first_backend(device: torch.device) -> str | None:
     """What runs attention on `device`: "fa4" (FlashAttention-4), else `sdpa_first`'s choice."""
     m = mode()
-    if (m in ("auto", "fa4") and device.type == "cuda" and (m == "fa4" or _hopper(device.index))
+    if (m in ("auto", "fa4") and device.type == "cuda" and (m == "fa4" or _major(device.index) == 9)
             and flash_attn4.installed()):  # imported only where it would be used
         return "fa4"
     return sdpa_first(device)
