@@ -81,7 +81,7 @@ CONFIGS = {
 }
 # pack-PRECISION-SWITCH: the pack's defaults with one switch set in its server's environment: the block prefetch of a
 # streamed DiT (pipeline/block_prefetch.py) off, or the batching of a prompt pair of different lengths
-# (pipeline/cfg_batch.py; by default where the DiT streams and on the fp16 path) off or always on.
+# (pipeline/cfg_batch.py; by default where a quarter or more of the DiT streams) off or always on.
 SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_CFG_BATCH": "off"},
             "batched": {"NEWBIE_CFG_BATCH": "always"}, "flash": {"NEWBIE_SDPA": "flash"},
             "cppwrapper": {"NEWBIE_CPP_WRAPPER": "1"}, "nographs": {"NEWBIE_CUDA_GRAPHS": "0"},

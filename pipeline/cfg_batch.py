@@ -30,14 +30,14 @@ fetches per step, since each call fetches every weight again. At a 4 GiB budget 
 5.1-5.6 it/s with one call a step, against 3.7-4.1 it/s with two in earlier runs, and took 0.59x upstream's time.
 With the weights *resident* one call of batch 2 was slower than two of batch 1 (6.85 it/s against 7.36 in the
 same run: the per-sample attention and the padding's extra rows cost more than the larger GEMMs save, which are
-already large enough to fill the GPU). The pack's fp16 path reads an overflow flag on the host after every call
-(pipeline/precision.py), which drains the GPU: there one call a step measured 1.06x the batched bf16 time (run27)
-where two calls had measured 1.22x the two-call bf16 time (run26); across those calls, about 1.09x against 1.22x
-of the same bf16 (run33 then measured fp16 batched and on two calls alike). So by default (`auto`) a step's
-prompts are batched on the fp16 path, and where the DiT's weights stream (a dynamic-VRAM patcher, or ComfyUI's
-lowvram partial load) and a quarter or more of them do (`streams_enough`: at 8 GiB, where about 15 % of the bf16 DiT
-streams, two calls were faster, run33). NEWBIE_CFG_BATCH=always or =off in the server's environment overrides
-that, for comparisons.
+already large enough to fill the GPU). So by default (`auto`) a step's prompts are batched where the DiT's
+weights stream (a dynamic-VRAM patcher, or ComfyUI's lowvram partial load) and a quarter or more of them do
+(`streams_enough`: at 8 GiB, where about 15 % of the bf16 DiT streams, two calls were faster, run33). The fp16
+path used to be batched as well, because it read an overflow flag on the host after every call and one call a
+step drained the GPU once instead of twice (run27, run33: fp16 batched took as long as fp16 on two calls, where
+batching cost a resident bf16 DiT time); it now reads that flag once a step whatever the number of calls
+(pipeline/precision.py `step_guard`), so it follows the same rule as bf16 (to be measured on the GPU).
+NEWBIE_CFG_BATCH=always or =off in the server's environment overrides that, for comparisons.
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def pad_captions(conds: list, n_image_tokens: int) -> list | None:
 
 
 def mode() -> str:
-    """'auto' (batch where a good share of the weights stream, or on the fp16 path: `wanted`), 'always' or 'off', from
+    """'auto' (batch where a good share of the weights stream: `wanted`), 'always' or 'off', from
     NEWBIE_CFG_BATCH (default auto)."""
     value = env_switch.value("NEWBIE_CFG_BATCH", "auto")
     if value in env_switch.OFF:
@@ -129,12 +129,6 @@ def weights_stream(model) -> bool:
     if patcher is not None and hasattr(patcher, "is_dynamic") and patcher.is_dynamic():
         return True
     return bool(getattr(model, "model_lowvram", False))
-
-
-def host_read_per_call(model) -> bool:
-    """Whether each DiT call ends with a host read: the pack's fp16 path checks every call's output for overflow
-    (pipeline/precision.py), and a read drains the GPU, so two calls a step drain it twice."""
-    return getattr(model, "newbie_fp16", None) is not None
 
 
 # The share of the DiT's weights a streamed model fetches per call from which one batched call beats two (H200,
@@ -156,8 +150,7 @@ def streams_enough(model) -> bool:
 
 def wanted(model) -> bool:
     m = mode()
-    return m == "always" or (m == "auto" and ((weights_stream(model) and streams_enough(model))
-                                              or host_read_per_call(model)))
+    return m == "always" or (m == "auto" and weights_stream(model) and streams_enough(model))
 
 
 def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):

@@ -14,18 +14,23 @@ What this module does instead:
   beyond 65504 becomes inf there. Only the q/k/v projection hands fp16 on (to the q/k norm and attention); every
   other Linear returns fp32, so the tensors reaching upstream's `clamp_fp16` (attention output, SwiGLU product,
   FFN output) are fp32 and the clamp is a no-op: an overflow cannot be clipped away. An inf travels on as inf or
-  NaN (RMSNorm of inf is NaN, NaN survives every later op) to the DiT's output, where one `isfinite` check per
-  call sees it. Nothing is checked per layer: no extra passes over the activations, nothing that stops
+  NaN (RMSNorm of inf is NaN, NaN survives every later op) to the DiT's output, where one `isfinite` check sees
+  it. Nothing is checked per layer: no extra passes over the activations, nothing that stops
   torch.compile from fusing the casts into the neighbouring elementwise work.
-- If that check fails, the call is recomputed in the scaled form, which cannot overflow by construction:
+- If that check fails, the call (or the step, below) is recomputed in the scaled form, which cannot overflow by construction:
   activations fp32, each GEMM in fp16 on x / s with s = 2^ceil(log2 max|x|) (all inputs in [-1, 1]) and the
   fp32-accumulated result multiplied back by s; attention in fp16 on q*r, k/r (r = sqrt(s_k/s_q), leaving q.k
   unchanged) and v/s_v, the output multiplied by s_v. An fp16 GEMM output is then bounded by the largest row
   L1-norm of the weight, checked once at load (`check_weights`): a layer whose bound exceeds fp16 runs in fp32.
   If even that call came out non-finite, it is recomputed with fp32 GEMMs. The sampler never sees a NaN, and
   each recomputation is logged and counted.
-- The one check per call reads a flag on the host. ComfyUI's samplers synchronise with the GPU every step anyway
-  (k-diffusion compares sigmas and the progress callback reads the step), so it adds no stall of its own.
+- The check reads one flag on the host per sampling step, not per call: a CALC_COND_BATCH wrapper (ComfyUI's hook
+  around a step's DiT calls) checks the step's outputs together once its calls are issued, and recomputes the
+  whole step in the scaled form if any is non-finite. A host read drains the GPU, and the GPU then waits while
+  the CPU issues the next call's first, small kernels (embedders, refiner blocks); checking after each of a
+  step's two calls (the positive and the negative prompt) paid that twice a step, checking once pays it where
+  ComfyUI's sampler synchronises anyway (k-diffusion compares sigmas on the GPU every step). A DiT call made
+  outside a sampling step (another node calling the model) is checked on its own, as before.
 The state of the path (mode, recomputations) belongs to one model (`FP16State`, on the BaseModel as
 `newbie_fp16`): two fp16 models in one server never share it.
 The large matrix multiplies (all but a few percent of the FLOPs) run in fp16 on tensor cores, so cards
@@ -52,10 +57,12 @@ MODES = ("fast", "scaled", "fp32")
 
 @dataclass
 class FP16State:
-    """One fp16 model's path: `mode` ("fast": fp16 GEMMs, checked once per call; "scaled": overflow-safe by
-    construction; "fp32": last resort) and how many DiT calls had to be recomputed."""
+    """One fp16 model's path: `mode` ("fast": fp16 GEMMs, checked once per step or call; "scaled": overflow-safe by
+    construction; "fp32": last resort), how many steps or lone DiT calls had to be recomputed, and whether a
+    step's check is under way (`in_step`: its calls skip their own)."""
     mode: str = "fast"
     recomputed: int = 0
+    in_step: bool = False
 
 
 def state_of(model) -> FP16State | None:
@@ -228,25 +235,57 @@ def sdpa_override(func, *args, **kwargs):
 setattr(sdpa_override, cfg_batch.PADDING_AWARE, True)
 
 
-def nonfinite_guard(state: FP16State):
-    """DIFFUSION_MODEL wrapper for one fp16 model: the fast call, one finiteness check; on overflow the scaled
-    call, then fp32."""
-    def guard(executor, *args, **kwargs):
-        state.mode = "fast"
-        try:
-            out = executor(*args, **kwargs)
-            if bool(torch.isfinite(out).all()):  # the one host read per call
-                return out
-            for mode in ("scaled", "fp32"):
-                log.warning("fp16: values beyond fp16's range in this DiT call; recomputing it in %s form", mode)
-                state.mode = mode
-                state.recomputed += 1
-                out = executor(*args, **kwargs)
-                if torch.isfinite(out).all():
-                    return out
+def _until_finite(state: FP16State, run, finite):
+    """run() in the fast mode; while finite(result) is False, again in the scaled form, then in fp32."""
+    state.mode = "fast"
+    try:
+        out = run()
+        if finite(out):
             return out
+        for mode in ("scaled", "fp32"):
+            log.warning("fp16: values beyond fp16's range in this DiT call; recomputing it in %s form", mode)
+            state.mode = mode
+            state.recomputed += 1
+            out = run()
+            if finite(out):
+                return out
+        return out
+    finally:
+        state.mode = "fast"
+
+
+def _finite(out: torch.Tensor) -> bool:
+    return bool(torch.isfinite(out).all())  # the one host read
+
+
+def _all_finite(outputs) -> bool:
+    """Whether every tensor of a step's outputs is finite: one host read for all of them."""
+    flags = [torch.isfinite(o).all() for o in outputs if isinstance(o, torch.Tensor)]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def nonfinite_guard(state: FP16State):
+    """DIFFUSION_MODEL wrapper for one fp16 model: a call outside a sampling step's check gets its own (the fast
+    call, one finiteness read; on overflow the scaled call, then fp32); inside a step it runs as it is."""
+    def guard(executor, *args, **kwargs):
+        if state.in_step:
+            return executor(*args, **kwargs)
+        return _until_finite(state, lambda: executor(*args, **kwargs), _finite)
+    return guard
+
+
+def step_guard(state: FP16State):
+    """CALC_COND_BATCH wrapper for one fp16 model: a sampling step's DiT calls (the positive and the negative
+    prompt, batched or not) in the fast form, their outputs checked with one host read; on overflow the whole
+    step again in the scaled form, then fp32."""
+    def guard(executor, *args, **kwargs):
+        if state.in_step:
+            return executor(*args, **kwargs)
+        state.in_step = True
+        try:
+            return _until_finite(state, lambda: executor(*args, **kwargs), _all_finite)
         finally:
-            state.mode = "fast"
+            state.in_step = False
     return guard
 
 
@@ -263,7 +302,7 @@ GUARD_KEY = "newbie_fp16_guard"
 
 def attach(patcher, state: FP16State | None) -> None:
     """After the model is built and loaded: SDPA attention always; for fp16 (state given) also the weight
-    bounds and the non-finite guard. The state goes onto the model, so clones share it."""
+    bounds and the non-finite guards (per step, and per call outside a step). The state goes onto the model, so clones share it."""
     import comfy.patcher_extension
 
     opts = patcher.model_options.setdefault("transformer_options", {})
@@ -274,6 +313,7 @@ def attach(patcher, state: FP16State | None) -> None:
     check_weights(patcher.model.diffusion_model)
     mark_block_linears(patcher.model.diffusion_model)
     opts["optimized_attention_override"] = attention_override(state)
-    patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, GUARD_KEY)
-    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, GUARD_KEY,
-                                 nonfinite_guard(state))
+    wrappers = comfy.patcher_extension.WrappersMP
+    for kind, make in ((wrappers.DIFFUSION_MODEL, nonfinite_guard), (wrappers.CALC_COND_BATCH, step_guard)):
+        patcher.remove_wrappers_with_key(kind, GUARD_KEY)
+        patcher.add_wrapper_with_key(kind, GUARD_KEY, make(state))

@@ -52,12 +52,18 @@ def patcher_class():
 # too (run20's log; about 0.6 GB by this estimate) and still took 0.55x upstream's time (run25): a compiled fp8 call
 # took 0.102 s against 0.140 s eager (run22), which pays for that.
 TOLERATED_EVICTION = 1024 ** 3
+# A DiT quantized into the pack's plain-op layers (pipeline/quantized_ops.py) loses more than compilation when it
+# streams: streamed, it runs ComfyUI's quantized layers eager, which quantize every activation. At 6 GiB on an H200
+# the fp8 DiT (3.6 GiB) streamed that way sampled 2.46 it/s, 1.59x upstream bf16's time (run44), where resident and
+# compiled it had sampled 7.56 it/s, 0.55x (run25), with part of it evicted at every decode. Reloading one more GiB
+# an image costs a fraction of a second even over a consumer card's PCIe link; so such a DiT may lose up to 2 GiB.
+TOLERATED_EVICTION_PLAIN_QUANTIZED = 2 * 1024 ** 3
 
 
-def room_beside_decode(room: int, decode_bytes: int) -> int:
+def room_beside_decode(room: int, decode_bytes: int, tolerated: int = TOLERATED_EVICTION) -> int:
     """The room a resident DiT (weights and a call's activations) may plan on: `room` less the part of a decode's
-    `decode_bytes` beyond TOLERATED_EVICTION, which would otherwise evict it every image."""
-    return room - max(0, decode_bytes - TOLERATED_EVICTION)
+    `decode_bytes` beyond `tolerated`, which would otherwise evict it every image."""
+    return room - max(0, decode_bytes - tolerated)
 
 
 def room_for_weights(device) -> int:

@@ -52,7 +52,8 @@ def test_a_prompt_pair_of_different_lengths_runs_as_one_call_with_the_same_resul
 def test_by_default_only_a_streamed_dit_batches_the_prompts(tiny_dit):
     """`auto`: a resident DiT keeps ComfyUI's two calls a step (one call of batch 2 was slower on an H200,
     run28); one whose weights stream (dynamic VRAM, or ComfyUI's lowvram partial load) batches them, fetching
-    each weight once a step instead of twice, and so does the fp16 path (one host read a call)."""
+    each weight once a step instead of twice. The fp16 path follows the same rule: it reads its overflow flag once a
+    step whatever the number of calls (pipeline/precision.py step_guard)."""
     from types import SimpleNamespace
 
     from pipeline import cfg_batch
@@ -67,7 +68,7 @@ def test_by_default_only_a_streamed_dit_batches_the_prompts(tiny_dit):
     assert calls == [1] * (2 * STEPS)
     fp16, fp16_cfg = cfg_batch_errors.model(tiny_dit, "fp16")
     _, calls = cfg_batch_errors.sample(fp16, *cfg_batch_errors.prompts(fp16_cfg, 12, 5), mode="auto")
-    assert calls == [2] * STEPS, "the resident fp16 model batches them"
+    assert calls == [1] * (2 * STEPS), "the resident fp16 model keeps them apart, as bf16 does"
 
     def model(dynamic=None, lowvram=False, fp16=None):
         patcher_ = None if dynamic is None else SimpleNamespace(is_dynamic=lambda: dynamic)
@@ -79,7 +80,7 @@ def test_by_default_only_a_streamed_dit_batches_the_prompts(tiny_dit):
     assert not cfg_batch.weights_stream(model(dynamic=False)) and not cfg_batch.weights_stream(model())
     with cfg_batch_errors.batching("auto"):
         assert cfg_batch.wanted(model(dynamic=True)) and not cfg_batch.wanted(model(dynamic=False))
-        assert cfg_batch.wanted(model(dynamic=False, fp16=object())), "the fp16 path reads the host once a call"
+        assert not cfg_batch.wanted(model(dynamic=False, fp16=object())), "a resident fp16 DiT keeps two calls"
     with cfg_batch_errors.batching("off"):
         assert not cfg_batch.wanted(model(dynamic=True))
 
@@ -103,7 +104,7 @@ def test_a_dit_that_barely_streams_keeps_the_two_calls(comfy_import_path):
         assert not cfg_batch.wanted(model(0.1)) and not cfg_batch.wanted(model(0.0))
         assert cfg_batch.wanted(model(cfg_batch.BATCH_FROM_STREAMED_SHARE)) and cfg_batch.wanted(model(0.7))
         assert cfg_batch.wanted(model(None)), "no estimate (a model the loader did not build): batch as it streams"
-        assert cfg_batch.wanted(model(0.1, fp16=object())), "the fp16 path batches whatever streams"
+        assert not cfg_batch.wanted(model(0.1, fp16=object())), "fp16 follows the same rule"
         assert not cfg_batch.wanted(model(0.7, dynamic=False)), "a resident DiT never counts as streaming"
     with cfg_batch_errors.batching("always"):
         assert cfg_batch.wanted(model(0.0))

@@ -136,3 +136,52 @@ def test_guard_recomputes_until_finite(fails_in, expected_modes):
     assert modes == expected_modes
     assert state.recomputed == len(expected_modes) - 1
     assert state.mode == "fast"
+
+
+def test_a_step_reads_its_outputs_once_and_recomputes_as_a_whole():
+    """Inside a step's check (CALC_COND_BATCH) the calls skip their own: an overflowing call is not recomputed on
+    its own, the step is, in the scaled form; outside a step each call keeps its own check."""
+    state = precision.FP16State()
+    per_call, step = precision.nonfinite_guard(state), precision.step_guard(state)
+    calls = []
+
+    def dit(x):
+        calls.append(state.mode)
+        return x / 0.0 if state.mode == "fast" and x[0] < 0 else x
+
+    def calc_cond_batch(xs):
+        return [per_call(dit, x) for x in xs]
+
+    out = step(calc_cond_batch, [torch.ones(2), -torch.ones(2)])
+    assert calls == ["fast", "fast", "scaled", "scaled"], "both calls again, in the scaled form"
+    assert torch.equal(out[1], -torch.ones(2)) and state.recomputed == 1
+    assert state.mode == "fast" and not state.in_step
+    calls.clear()
+    assert torch.equal(per_call(dit, -torch.ones(2)), -torch.ones(2)) and calls == ["fast", "scaled"]
+
+
+@pytest.mark.host
+def test_sampling_checks_once_a_step_and_the_stress_set_stays_within_fp32(tiny_dit, monkeypatch):
+    """ComfyUI's sampler on the fp16 model, the prompts on two calls a step: one host read a step (not one a call),
+    and on the stress set each step recomputed once as a whole, the latent within 1e-2 of fp32's."""
+    from devkit import cfg_batch_errors
+
+    reads = {"step": 0, "call": 0}
+    all_finite, finite = precision._all_finite, precision._finite
+    monkeypatch.setattr(precision, "_all_finite", lambda o: reads.__setitem__("step", reads["step"] + 1) or
+                        all_finite(o))
+    monkeypatch.setattr(precision, "_finite", lambda o: reads.__setitem__("call", reads["call"] + 1) or finite(o))
+    steps = cfg_batch_errors.STEPS
+
+    def run(dit, name):
+        patcher, cfg = cfg_batch_errors.model(dit, name)
+        latent, calls = cfg_batch_errors.sample(patcher, *cfg_batch_errors.prompts(cfg, 12, 5), mode="off")
+        return latent, calls, precision.state_of(patcher)
+
+    _, calls, state = run(tiny_dit, "fp16")
+    assert calls == [1] * (2 * steps) and reads == {"step": steps, "call": 0} and state.recomputed == 0
+    stressed = stress.stress_state_dict(tiny_dit)
+    ref, _, _ = run(stressed, "fp32")
+    out, calls, state = run(stressed, "fp16")
+    assert state.recomputed == steps and len(calls) == 4 * steps, "every step overflowed once and ran again"
+    assert torch.isfinite(out).all() and stress.relative_error(out, ref) < 1e-2
