@@ -209,3 +209,65 @@ def test_a_sampling_run_that_compiles_logs_where_the_time_went(caplog):
     first, second = [r.getMessage() for r in caplog.records if "NewBie block compile" in r.getMessage()]
     assert "1 graph compiled in this sampling run" in first and "s in torch.compile (tracing" in first, first
     assert "0 graphs compiled in this sampling run" in second and "torch.compile" not in second, second
+    assert "; FX graph cache 0 hit 0 miss 0 bypass, AOTAutograd cache" in first, "the eager backend uses no cache"
+
+
+def test_the_compile_line_says_how_the_caches_served_the_graphs(caplog):
+    """With Inductor, the same graph compiled again in a fresh Dynamo state is found in the FX graph cache."""
+    from pipeline import block_compile
+
+    assert block_compile.describe_cache_use({}, {f"{label} {o}": i for i, (label, o) in enumerate(
+        (lab, o) for lab, _, _ in block_compile.CACHE_COUNTERS for o in block_compile.CACHE_OUTCOMES)}) == \
+        "; FX graph cache 0 hit 1 miss 2 bypass, AOTAutograd cache 3 hit 4 miss 5 bypass"
+
+    def run(x):
+        return torch.compile(lambda t: torch.cos(t) * 3 + 1, backend="inductor")(x)
+
+    lines = []
+    try:
+        for _ in range(2):
+            torch._dynamo.reset()
+            with caplog.at_level("INFO", logger=block_compile.log.name):
+                block_compile._log_compiles(run, torch.ones(3))
+            lines.append([r.getMessage() for r in caplog.records if "NewBie block compile" in r.getMessage()][-1])
+    finally:
+        torch._dynamo.reset()
+    assert "FX graph cache 1 hit 0 miss 0 bypass" in lines[1], lines
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_partial_unload_and_reload_compiles_nothing(comfy_import_path, precision):
+    """A VAE decode that pushes part of a resident compiled DiT out, and the next image loading it back (ComfyUI's
+    own partially_unload and partially_load), must not recompile the blocks: run46 recompiled 3 graphs (6.6 s) on
+    the image after the first such decode, for `comfy_cast_weights` having moved into the layers' __dict__."""
+    from pipeline import block_compile, loader
+
+    patcher, cfg, _, _ = loader.build_model(_parts_with_layers(2), precision, dynamic=False)
+    cpu = torch.device("cpu")
+    torch._dynamo.reset()
+    try:
+        block_compile.apply(patcher, backend="eager")
+        patcher.load(cpu, full_load=True)
+        dit_call(patcher, cfg)
+        before = block_compile.compiled_graph_count()
+        assert patcher.partially_unload(cpu, memory_to_free=patcher.model_size() // 3) > 0
+        assert patcher.model.model_lowvram, "part of the DiT is offloaded"
+        patcher.partially_load(cpu, extra_memory=1e32)
+        assert not patcher.model.model_lowvram, "all of it is back"
+        dit_call(patcher, cfg)
+        assert block_compile.compiled_graph_count() == before, "the reload recompiled"
+    finally:
+        torch._dynamo.reset()
+
+
+def test_cast_layers_own_their_cast_state(comfy_import_path):
+    from pipeline import block_compile, loader
+
+    patcher, _, _, _ = loader.build_model(_parts_with_layers(2), "fp32", dynamic=False)
+    dm = patcher.model.diffusion_model
+    n = block_compile.own_cast_state(dm)
+    layers = [m for m in dm.modules() if hasattr(m, "comfy_cast_weights")]
+    assert n == len(layers) > 0
+    assert all(all(name in vars(m) for name in block_compile.CAST_STATE) for m in layers)
+    assert layers[0].weight_function is not layers[1].weight_function, "each layer its own list"
+    assert not any(m.comfy_cast_weights for m in layers)
