@@ -35,7 +35,7 @@ def one(label: str) -> None:
     rope_fusion.enable()
     set_torch_compile_wrapper(patcher, backend="inductor", keys=block_compile.block_keys(patcher.model.diffusion_model))
     prompts = cfg_batch_errors.prompts(cfg, 12, 5)
-    before = block_compile.compile_phase_seconds()
+    before, caches = block_compile.compile_phase_seconds(), block_compile.cache_counts()
     times = []
     for _ in range(2):
         t = time.perf_counter()
@@ -43,7 +43,8 @@ def one(label: str) -> None:
         times.append(time.perf_counter() - t)
     print(f"{label}: first run {times[0]:.1f} s, second {times[1]:.1f} s, "
           f"{block_compile.compiled_graph_count()} graphs"
-          f"{block_compile.describe_compile_time(before, block_compile.compile_phase_seconds())}", flush=True)
+          f"{block_compile.describe_compile_time(before, block_compile.compile_phase_seconds())}"
+          f"{block_compile.describe_cache_use(caches, block_compile.cache_counts())}", flush=True)
 
 
 if __name__ == "__main__":

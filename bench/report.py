@@ -135,6 +135,16 @@ COMMANDS = {
     "run43": "(H200, the next call on the same machine, flash-attn-4 loaded) python3 bench/run.py --configs "
              "upstream-gpu-only-native@none,pack-bf16@none,pack-bf16-cudnn@none,pack-fp16@none,pack-fp8@none "
              "--warm 3 --timeout 120",
+    "run44": "(H200, a new machine, the pack at bf15697) python3 bench/run.py --configs upstream-bf16@4,pack-fp8@4,"
+             "pack-int8@4,upstream-bf16@6,pack-fp8@6,pack-int8@6 --warm 3 --timeout 110",
+    "run45": "(H200, a new machine; the pack at 8ddd54b: fp16 reads its overflow flag once a step and keeps two calls "
+             "a step; flash-attn-4 not installed, so pack-bf16 and pack-bf16-cudnn are the same configuration, the "
+             "second with Inductor's cache filled by the first) python3 bench/run.py --configs "
+             "upstream-gpu-only-native@none,pack-bf16@none,pack-fp16@none,pack-fp16-batched@none,"
+             "pack-bf16-cudnn@none --warm 3 --timeout 120",
+    "run46": "(H200, the next call on the same machine; a plain-op quantized DiT tolerates 2 GiB of decode eviction) "
+             "python3 bench/run.py --configs upstream-bf16@6,pack-fp8@6,pack-int8@6,upstream-bf16@8,pack-fp8@8 "
+             "--warm 3 --timeout 100",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
