@@ -85,7 +85,10 @@ CONFIGS = {
 SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_CFG_BATCH": "off"},
             "batched": {"NEWBIE_CFG_BATCH": "always"}, "flash": {"NEWBIE_SDPA": "flash"},
             "cppwrapper": {"NEWBIE_CPP_WRAPPER": "1"}, "nographs": {"NEWBIE_CUDA_GRAPHS": "0"},
-            "cudnn": {"NEWBIE_SDPA": "cudnn"}}
+            "cudnn": {"NEWBIE_SDPA": "cudnn"},
+            # Inductor without its pool of compile worker processes: does starting that pool make the 6 s of
+            # "Inductor" a first image pays with the cache filled (run45)? Compare a second server's cold image.
+            "compile1": {"TORCHINDUCTOR_COMPILE_THREADS": "1"}}
 CONFIG_ENV = {f"pack-{p}-{switch}": env for p in ("fp16", "bf16", "fp8", "int8") for switch, env in SWITCHES.items()}
 CONFIGS.update({name: ("pack", name.split("-")[1], [], "auto") for name in CONFIG_ENV})
 CONFIG_ENV["pack-bf16-native-nographs"] = SWITCHES["nographs"]
