@@ -17,9 +17,9 @@ What this module does instead:
   NaN (RMSNorm of inf is NaN, NaN survives every later op) to the DiT's output, where one `isfinite` check sees
   it. Nothing is checked per layer: no extra passes over the activations, nothing that stops
   torch.compile from fusing the casts into the neighbouring elementwise work.
-- If that check fails, the call (or the step, below) is recomputed in the scaled form, which cannot overflow by construction:
-  activations fp32, each GEMM in fp16 on x / s with s = 2^ceil(log2 max|x|) (all inputs in [-1, 1]) and the
-  fp32-accumulated result multiplied back by s; attention in fp16 on q*r, k/r (r = sqrt(s_k/s_q), leaving q.k
+- If that check fails, the call (or the step, below) is recomputed in the scaled form, which cannot overflow by
+  construction: activations fp32, each GEMM in fp16 on x / s with s = 2^ceil(log2 max|x|) (all inputs in [-1, 1])
+  and the fp32-accumulated result multiplied back by s; attention in fp16 on q*r, k/r (r = sqrt(s_k/s_q), leaving q.k
   unchanged) and v/s_v, the output multiplied by s_v. An fp16 GEMM output is then bounded by the largest row
   L1-norm of the weight, checked once at load (`check_weights`): a layer whose bound exceeds fp16 runs in fp32.
   If even that call came out non-finite, it is recomputed with fp32 GEMMs. The sampler never sees a NaN, and
@@ -302,7 +302,8 @@ GUARD_KEY = "newbie_fp16_guard"
 
 def attach(patcher, state: FP16State | None) -> None:
     """After the model is built and loaded: SDPA attention always; for fp16 (state given) also the weight
-    bounds and the non-finite guards (per step, and per call outside a step). The state goes onto the model, so clones share it."""
+    bounds and the non-finite guards (per step, and per call outside a step). The state goes onto the model, so
+    clones share it."""
     import comfy.patcher_extension
 
     opts = patcher.model_options.setdefault("transformer_options", {})
