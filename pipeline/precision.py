@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cfg_batch
-from .sdpa import sdpa
+from .sdpa import around_call as sdpa_order_around_call, sdpa
 
 log = logging.getLogger(__name__)
 
@@ -298,14 +298,18 @@ def configure_model_config(model_config, state: FP16State | None = None) -> FP16
 
 
 GUARD_KEY = "newbie_fp16_guard"
+SDPA_ORDER_KEY = "newbie_sdpa_order"
 
 
 def attach(patcher, state: FP16State | None) -> None:
-    """After the model is built and loaded: SDPA attention always; for fp16 (state given) also the weight
-    bounds and the non-finite guards (per step, and per call outside a step). The state goes onto the model, so
-    clones share it."""
+    """After the model is built and loaded: SDPA attention always, with its backend order set around each DiT call
+    (pipeline/sdpa.py `around_call`); for fp16 (state given) also the weight bounds and the non-finite guards (per
+    step, and per call outside a step). The state goes onto the model, so clones share it."""
     import comfy.patcher_extension
 
+    wrappers = comfy.patcher_extension.WrappersMP
+    patcher.remove_wrappers_with_key(wrappers.DIFFUSION_MODEL, SDPA_ORDER_KEY)
+    patcher.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, SDPA_ORDER_KEY, sdpa_order_around_call)
     opts = patcher.model_options.setdefault("transformer_options", {})
     if state is None:
         opts["optimized_attention_override"] = sdpa_override
@@ -314,7 +318,6 @@ def attach(patcher, state: FP16State | None) -> None:
     check_weights(patcher.model.diffusion_model)
     mark_block_linears(patcher.model.diffusion_model)
     opts["optimized_attention_override"] = attention_override(state)
-    wrappers = comfy.patcher_extension.WrappersMP
     for kind, make in ((wrappers.DIFFUSION_MODEL, nonfinite_guard), (wrappers.CALC_COND_BATCH, step_guard)):
         patcher.remove_wrappers_with_key(kind, GUARD_KEY)
         patcher.add_wrapper_with_key(kind, GUARD_KEY, make(state))

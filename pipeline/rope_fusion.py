@@ -65,4 +65,15 @@ def enable() -> bool:
         register_decomposition(op.default)(rms_rope1)
         log.info("NewBie compile: comfy-kitchen's %s is fused by Inductor (its CUDA kernel is not active here)",
                  OP_NAME)
+    _refresh_inductor_table(op.default)
     return True
+
+
+def _refresh_inductor_table(op) -> None:
+    """Inductor reads its decompositions through a table cached at its first compile in the process
+    (`fast_random_decomps`). A table cached before the registration (another node's compile ran first) lacks the
+    op, and Inductor then refuses the graph ("both a fallback and a decomp for same op"): drop that cache."""
+    from torch._inductor import decomposition
+
+    if op not in decomposition.select_decomp_table():
+        getattr(getattr(decomposition, "fast_random_decomps", None), "cache_clear", lambda: None)()

@@ -12,6 +12,13 @@ FlashAttention-4 (pipeline/flash_attn4.py, the optional `flash-attn-4` package) 
 where it is chosen; any other call goes to SDPA in the order below. It is chosen by default on Hopper only, where it
 was measured faster in the sampled DiT (run42, run43); elsewhere `NEWBIE_SDPA=fa4` tries it.
 
+In compiled blocks the order is not set inside the graph: a `sdpa_kernel` context there is a switch of global
+state that AOTAutograd's on-disk cache refuses (its counter said "4 bypass" for the blocks on an H200, run47), so
+every server start traced them through AOTAutograd again, about 6 s of a first image with the caches filled
+(run45). `around_call` sets the order around the whole DiT call instead, where the compiled blocks are traced,
+and tags torch.compile's cache keys with the choice, so a cached graph of one attention is never loaded for
+another.
+
 `NEWBIE_SDPA` chooses, read at each call (a compiled block bakes the choice in when it is traced): `auto`
 (FlashAttention-4 on compute capability 9.x when it is installed, else cuDNN first on 9.0 and newer), `fa4`
 (FlashAttention-4 on any CUDA GPU it runs on), `cudnn`, `flash` (PyTorch's FlashAttention-2 first), or `torch`
@@ -19,6 +26,7 @@ was measured faster in the sampled DiT (run42, run43); elsewhere `NEWBIE_SDPA=fa
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -95,12 +103,40 @@ def sdpa(q, k, v, attn_mask=None):
         if attn_mask is None and flash_attn4.takes(q, k, v):
             return flash_attn4.attention(q, k, v)
         first = _sdpa_first_constant(q.device)
-    if first is None:
+    if first is None or torch.compiler.is_compiling():  # compiled: the order is set by around_call
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    with _priority(first):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+def _priority(first: str | None):
+    """The SDPA backend order with `first` first, as a context (none for PyTorch's own order)."""
+    if first is None:
+        return contextlib.nullcontext()
     from torch.nn.attention import sdpa_kernel
 
-    with sdpa_kernel(_order(first), set_priority=True):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return sdpa_kernel(_order(first), set_priority=True)
+
+
+CACHE_TAG = "newbie-attention-{}"
+
+
+def _cache_tag(first: str | None):
+    """torch.compile's cache-key tag (a user's own kept) with the attention choice, as a context; none where this
+    PyTorch has no such tag."""
+    config = getattr(torch.compiler, "config", None)
+    if config is None or not hasattr(config, "cache_key_tag"):
+        return contextlib.nullcontext()
+    tag = CACHE_TAG.format(first or "torch")
+    return config.patch(cache_key_tag=f"{config.cache_key_tag}|{tag}" if config.cache_key_tag else tag)
+
+
+def around_call(executor, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper: the DiT call inside its attention's SDPA order and cache-key tag (module docstring),
+    so compiled blocks are traced with the order outside their graphs."""
+    device = args[0].device
+    with _priority(sdpa_first(device)), _cache_tag(first_backend(device)):
+        return executor(*args, **kwargs)
 
 
 def describe(device: torch.device) -> str:

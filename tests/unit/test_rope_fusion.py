@@ -52,3 +52,37 @@ def test_compiled_graph_runs_the_fused_definition(comfy_import_path):
         torch._dynamo.reset()
     assert "comfy_kitchen" not in "".join(code), "the custom op is still called from the compiled graph"
     assert torch.allclose(out, attention_prologue(x, freqs, scale), atol=1e-5)
+
+
+def test_enabling_after_another_inductor_compile_still_fuses(comfy_import_path):
+    """Inductor caches its decomposition table at its first compile in the process. Another node's compile before
+    the pack's first one (a TorchCompileModel of another model in the same server) left the op out of that table,
+    and the pack's compiled blocks then failed in Inductor ("both a fallback and a decomp for same op")."""
+    import comfy.quant_ops  # noqa: F401
+    import comfy_kitchen as ck
+    from torch._inductor import decomposition
+
+    from pipeline import rope_fusion
+
+    op = getattr(torch.ops.comfy_kitchen, rope_fusion.OP_NAME).default
+    registered = decomposition.decompositions.pop(op, None)
+    decomposition.fast_random_decomps.cache_clear()
+    torch._dynamo.reset()
+    try:
+        with torch._inductor.config.patch(force_disable_caches=True):
+            torch.compile(lambda x: x * 3 + 1)(torch.ones(4))  # another compile caches the table first
+            assert op not in decomposition.select_decomp_table()
+            if not rope_fusion.enable():
+                pytest.skip("comfy-kitchen's CUDA kernel is active here: the op is left to it")
+            assert op in decomposition.select_decomp_table()
+            g = torch.Generator().manual_seed(2)
+            x, freqs, scale = torch.randn(2, 16, 4, 8, generator=g), torch.randn(1, 16, 1, 4, 2, 2, generator=g), \
+                torch.randn(8, generator=g)
+            torch._dynamo.reset()
+            out = torch.compile(lambda x, f, s: ck.rms_rope1(x, f, s, 1e-6) * 2)(x, freqs, scale)
+        assert torch.allclose(out, rope_fusion.rms_rope1(x, freqs, scale, 1e-6) * 2, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+        if registered is not None and op not in decomposition.decompositions:
+            decomposition.decompositions[op] = registered
+        decomposition.fast_random_decomps.cache_clear()

@@ -88,6 +88,51 @@ def test_compiles_without_a_graph_break(monkeypatch, qkv, first):
     assert torch.allclose(compiled(*qkv), block(*qkv))
 
 
+def test_compiled_the_order_comes_from_around_the_call_and_aotautograd_caches_the_graph(monkeypatch, qkv):
+    """A `sdpa_kernel` context inside a compiled graph makes AOTAutograd's on-disk cache refuse the graph (on an
+    H200, run47: "4 bypass" for the blocks, traced again at every server start). Compiled, sdpa() leaves the order
+    to around_call, which holds it around the whole DiT call: the graph is cacheable and gives SDPA's result."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(sdpa, "first_backend", lambda device: "cudnn")
+    monkeypatch.setattr(sdpa, "sdpa_first", lambda device: "cudnn")
+
+    def block(q, k, v):
+        return sdpa.sdpa(q * 2, k, v) + 1
+
+    orders = []
+
+    def dit_call(x, q, k, v):  # a DIFFUSION_MODEL executor: the latent first
+        orders.append(torch._C._get_sdp_priority_order()[:2])
+        return compiled(q, k, v)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(block, backend="inductor")
+    try:
+        out = sdpa.around_call(dit_call, qkv[0], *qkv)
+    finally:
+        torch._dynamo.reset()
+    assert torch.allclose(out, block(*qkv), atol=1e-6)
+    assert orders == [[int(SDPBackend.CUDNN_ATTENTION), int(SDPBackend.FLASH_ATTENTION)]]
+    aot = counters["aot_autograd"]
+    assert aot["autograd_cache_bypass"] == 0 and aot["autograd_cache_miss"] + aot["autograd_cache_hit"] == 1, aot
+
+
+@pytest.mark.parametrize("user_tag, expected", [("", "newbie-attention-cudnn"), ("mine", "mine|newbie-attention-cudnn")])
+def test_around_call_tags_the_compile_caches_with_the_attention(monkeypatch, qkv, user_tag, expected):
+    """Two attention choices trace the same graph (plain SDPA; the order is outside it): the cache-key tag keeps a
+    graph cached under one choice from being loaded for another, and a user's own tag is kept."""
+    config = torch.compiler.config
+    monkeypatch.setattr(sdpa, "first_backend", lambda device: "cudnn")
+    monkeypatch.setattr(sdpa, "sdpa_first", lambda device: None)
+    tags = []
+    with config.patch(cache_key_tag=user_tag):
+        sdpa.around_call(lambda x: tags.append(config.cache_key_tag), qkv[0])
+        assert config.cache_key_tag == user_tag, "restored after the call"
+    assert tags == [expected]
+
+
 def test_the_choice_is_a_constant_inside_a_compiled_block(monkeypatch, qkv):
     """As a compiled block traces it, the choice is evaluated once: the capability check does not break the trace
     (a tuple comparison on it did, on the H200), and no guard watches the environment (a guard on os.environ
