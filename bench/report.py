@@ -145,7 +145,7 @@ COMMANDS = {
     "run46": "(H200, the next call on the same machine; a plain-op quantized DiT tolerates 2 GiB of decode eviction) "
              "python3 bench/run.py --configs upstream-bf16@6,pack-fp8@6,pack-int8@6,upstream-bf16@8,pack-fp8@8 "
              "--warm 3 --timeout 100",
-    "run47": "(H200, a new machine with the session's last 244 s; the pack at e32af6d: the cast layers' own cast "
+    "run47": "(H200, a new machine with the session's last 244 s; the pack at 152856e: the cast layers' own cast "
              "state, the compile line's cache counters; no upstream in this call) python3 bench/run.py --configs "
              "pack-fp8@6 --warm 2 --timeout 90",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
