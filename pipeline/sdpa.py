@@ -134,8 +134,10 @@ def _cache_tag(first: str | None):
 def around_call(executor, *args, **kwargs):
     """DIFFUSION_MODEL wrapper: the DiT call inside its attention's SDPA order and cache-key tag (module docstring),
     so compiled blocks are traced with the order outside their graphs."""
-    device = args[0].device
-    with _priority(sdpa_first(device)), _cache_tag(first_backend(device)):
+    x = args[0] if args else kwargs.get("x")
+    if not isinstance(x, torch.Tensor):
+        return executor(*args, **kwargs)
+    with _priority(sdpa_first(x.device)), _cache_tag(first_backend(x.device)):
         return executor(*args, **kwargs)
 
 
