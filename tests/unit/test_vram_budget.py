@@ -91,19 +91,23 @@ def test_a_resident_dit_leaves_room_for_the_vae_decode_it_would_otherwise_lose_e
                                                                                          monkeypatch):
     """The H200 cases the rule comes from (vram_budget.TOLERATED_EVICTION): at 8 GiB the bf16 DiT stayed resident
     and every 1024² decode evicted 2 GB of it (slower than streaming it, run29); at 6 GiB the fp8 DiT, partly
-    unloaded at every decode (about 0.6 GB by the estimate), still ran 0.55x upstream resident (run25); at 12 GiB the bf16 DiT fits beside the decode
-    (run20). The rooms are the free memory those budgets left (the budget + 0.6 GiB)."""
+    unloaded at every decode, ran 0.55x upstream resident (run25, run46: the plain-op quantized rule); at 12 GiB the
+    bf16 DiT fits beside the decode (run20). The rooms are the free memory the bench's budgets leave the server:
+    the budget + 0.07 GiB (bench/budget.py leaves 0.6 GiB of slack, the server's CUDA context takes the rest; the
+    6 GiB log of run44 implies 6.07 GiB)."""
     from pipeline import block_compile, loader, vae_memory
 
     decode = vae_memory.decode_bytes(vae_memory.DEFAULT_LATENT, torch.bfloat16)
     gib = vram_budget.GIB
     bf16, fp8 = 6_973_000_000, 3_900_000_000
 
-    def resident(weights, budget_gib):
-        return block_compile.weights_fit(weights, vram_budget.room_beside_decode(int((budget_gib + 0.6) * gib),
-                                                                                 decode))
-    assert not resident(bf16, 8) and resident(fp8, 6) and resident(bf16, 12)
-    assert block_compile.weights_fit(bf16, int(8.6 * gib)), "without the decode it would have stayed"
+    def resident(weights, budget_gib, tolerated=vram_budget.TOLERATED_EVICTION):
+        room = vram_budget.room_beside_decode(int((budget_gib + 0.07) * gib), decode, tolerated)
+        return block_compile.weights_fit(weights, room)
+    assert not resident(bf16, 8) and resident(bf16, 12)
+    assert resident(fp8, 6, vram_budget.TOLERATED_EVICTION_PLAIN_QUANTIZED) and not resident(fp8, 6)
+    assert not resident(fp8, 4, vram_budget.TOLERATED_EVICTION_PLAIN_QUANTIZED), "at 4 GiB it streams (run44)"
+    assert block_compile.weights_fit(bf16, int(8.07 * gib)), "without the decode it would have stayed"
     assert vram_budget.room_beside_decode(10 * gib, gib // 2) == 10 * gib, "a small decode takes nothing"
 
     monkeypatch.setattr(vram_budget, "room_for_weights", lambda device: 9 * gib)
