@@ -21,20 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def one(label: str) -> None:
     sys.path[:0] = [os.environ["COMFYUI_PATH"], str(REPO)]
-    import torch
+    from devkit import cfg_batch_errors
+    from devkit.compiled_tiny import compiled_tiny_dit
+    from pipeline import block_compile
 
-    from devkit import cfg_batch_errors, tiny_models
-
-    tiny_models._comfy_cpu_safe()
-    from comfy_api.torch_helpers import set_torch_compile_wrapper
-
-    from pipeline import block_compile, rope_fusion
-
-    dit = tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.float32)
-    patcher, cfg = cfg_batch_errors.model(dit)
-    rope_fusion.enable()
-    set_torch_compile_wrapper(patcher, backend="inductor", keys=block_compile.block_keys(patcher.model.diffusion_model))
-    prompts = cfg_batch_errors.prompts(cfg, 12, 5)
+    patcher, prompts = compiled_tiny_dit()
     before, caches = block_compile.compile_phase_seconds(), block_compile.cache_counts()
     times = []
     for _ in range(2):

@@ -55,8 +55,10 @@ TOLERATED_EVICTION = 1024 ** 3
 # A DiT quantized into the pack's plain-op layers (pipeline/quantized_ops.py) loses more than compilation when it
 # streams: streamed, it runs ComfyUI's quantized layers eager, which quantize every activation. At 6 GiB on an H200
 # the fp8 DiT (3.6 GiB) streamed that way sampled 2.46 it/s, 1.59x upstream bf16's time (run44), where resident and
-# compiled it had sampled 7.56 it/s, 0.55x (run25), with part of it evicted at every decode. Reloading one more GiB
-# an image costs a fraction of a second even over a consumer card's PCIe link; so such a DiT may lose up to 2 GiB.
+# compiled it had sampled 7.56 it/s, 0.55x (run25), with part of it evicted at every decode. Eviction is not free:
+# ComfyUI syncs per module when it reloads and pins each weight it offloads, and losing about 1 GB a decode cost
+# about 1 s an image (run46: 4.90 s at 6 GiB against 3.79 s at 8 GiB, where nothing left), 0.56x upstream all the
+# same against 1.59x streamed; so such a DiT may lose up to 2 GiB.
 TOLERATED_EVICTION_PLAIN_QUANTIZED = 2 * 1024 ** 3
 
 
