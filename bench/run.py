@@ -64,6 +64,10 @@ CONFIGS = {
     "pack-bf16-gpu-only": ("pack", "bf16", ["--gpu-only"], "auto"),
     "pack-fp16-legacy": ("pack", "fp16", ["--disable-dynamic-vram"], "off"),
     "pack-bf16-legacy": ("pack", "bf16", ["--disable-dynamic-vram"], "off"),
+    # compiled as by default, with ComfyUI's dynamic VRAM (comfy-aimdo) off: run49's fp16 sampled 3.56 s in a
+    # default server and 3.36 s under --gpu-only (which also leaves dynamic VRAM off)
+    "pack-fp16-nodynamic": ("pack", "fp16", ["--disable-dynamic-vram"], "auto"),
+    "pack-bf16-nodynamic": ("pack", "bf16", ["--disable-dynamic-vram"], "auto"),
     # PyTorch's own CUDA allocator instead of ComfyUI's default cudaMallocAsync (--disable-cuda-malloc): the pack's
     # CUDA graphs (pipeline/cuda_graphs.py) need it; upstream with it too, for a fair ratio
     "upstream-gpu-only-native": ("upstream", None, ["--gpu-only", "--disable-cuda-malloc"], None),
@@ -98,7 +102,8 @@ CONFIG_ENV.update({f"pack-{p}-native-graphs": {"NEWBIE_CUDA_GRAPHS": "1", "TORCH
 
 
 def graph(kind: str, precision: str | None, names: dict, seed: int, width: int, height: int, steps: int,
-          sampler: str = "euler_ancestral", compiled: bool = False, compile_mode: str = "auto") -> dict:
+          sampler: str = "euler_ancestral", compiled: bool = False, compile_mode: str = "auto",
+          profile: dict | None = None) -> dict:
     if kind == "pack":
         nodes = {"1": {"class_type": "NewBieLoader", "inputs": {
             "diffusion_model": names["dit"], "gemma": names["gemma"], "jina": names["jina"], "vae": names["vae"],
@@ -116,6 +121,9 @@ def graph(kind: str, precision: str | None, names: dict, seed: int, width: int, 
         if compiled:
             nodes["11"] = {"class_type": "TorchCompileModel", "inputs": {"model": model, "backend": "inductor"}}
             model = ["11", 0]
+    if profile:  # --profile: devkit/profile_nodes between the model and KSampler ({"run": N, "out": path})
+        nodes["12"] = {"class_type": "NewBieBenchProfile", "inputs": {"model": model, **profile}}
+        model = ["12", 0]
     nodes.update({
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": XML, "clip": clip}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": NEG, "clip": clip}},
@@ -196,7 +204,10 @@ def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -
                                stdout=subprocess.PIPE, text=True)
         result["budget_note"] = hog.stdout.readline().strip()
     server = harness.ComfyServer(Path(os.environ["COMFYUI_PATH"]), work / f"{name}-{budget}", models,
-                                 extra_args=flags, cpu=False, env=CONFIG_ENV.get(name))
+                                 extra_args=flags, cpu=False, env=CONFIG_ENV.get(name),
+                                 extra_nodes=[harness.PROFILE_NODES] if args.profile else [])
+    # --profile: one more image after the warm ones, its sampling run profiled inside the server
+    profile = {"run": args.warm + 2, "out": str(work / f"{name}-{budget}" / "profile.json")} if args.profile else None
     try:
         t = time.perf_counter()
         server.start()
@@ -214,9 +225,9 @@ def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -
             result["warmup"] = {"wall_s": round(time.perf_counter() - t, 3),
                                 "report": json.dumps(entry.get("outputs", {}))[:1500]}
         runs = [("cold", 1)] + [(f"warm{i}", 2 + i) for i in range(args.warm)]
-        for run, seed in runs:
+        for run, seed in runs + ([("profiled", 50)] if profile else []):
             g = graph(kind, precision, names, seed, args.width, args.height, args.steps, args.sampler,
-                      compiled=name == "upstream-compile", compile_mode=compile_mode or "off")
+                      compiled=name == "upstream-compile", compile_mode=compile_mode or "off", profile=profile)
             a = trace.mark()
             t = time.perf_counter()
             try:
@@ -228,6 +239,10 @@ def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -
                            "peak_gib": round(trace.peak_between(a, trace.mark()), 3),
                            **stage_times(g, events), "image": str(server.output_images(entry)[0])}
         trace.stop()
+        if profile and Path(profile["out"]).exists():
+            result["profile"] = json.loads(Path(profile["out"]).read_text())
+            (args.out / "profiles").mkdir(parents=True, exist_ok=True)
+            (args.out / "profiles" / f"{name}-{budget}.json").write_text(Path(profile["out"]).read_text())
         result["trace"] = trace.samples[::4]
         result["warm"] = summarise([result[r] for r, _ in runs[1:] if r in result and "wall_s" in result[r]])
         if args.restart:
@@ -310,6 +325,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=1, help="run the configuration list this many times, alternating")
     ap.add_argument("--sampler", default="euler_ancestral", help="KSampler sampler_name")
     ap.add_argument("--tiny", action="store_true", help="use the tiny model (smoke test)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the warm runs, one more image whose sampling run is profiled inside the server "
+                         "(devkit/profile_nodes; OUT/profiles/CONFIG-BUDGET.json)")
     ap.add_argument("--restart", action="store_true",
                     help="after the warm runs, restart the server and time one more image (compile caches kept)")
     args = ap.parse_args()

@@ -20,6 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACK_NAME = "comfyui-newbie-lowvram"
 FAULT_NODES = REPO / "devkit" / "fault_nodes"  # test-only nodes that inject out-of-memory errors (devkit/faults.py)
+PROFILE_NODES = REPO / "devkit" / "profile_nodes"  # bench-only node that profiles a sampling run in the server
 
 
 def find_hosts() -> dict[str, Path | None]:

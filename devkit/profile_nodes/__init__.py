@@ -1,0 +1,99 @@
+"""A bench-only ComfyUI node that profiles one sampling run inside a real server. Not part of the pack: bench/run.py
+links this folder into a server's custom_nodes under `--profile` (harness.ComfyServer(extra_nodes=[PROFILE_NODES]))
+and puts the node between the model and KSampler, for upstream's graph and the pack's alike.
+
+Why: bench/profile_sampling.py profiles ComfyUI's sampler in a plain process, and runs 48 and 49 showed the server differs:
+the pack's fp16 sampled 3.33 s in-process and under `--gpu-only`, 3.56 s in a default server, where bf16 took the
+same in both. Only a profile taken in the server says what the server adds.
+
+The node clones the model and adds an OUTER_SAMPLE wrapper (ComfyUI's hook around one whole sampling run) that
+counts the runs through it and profiles the `run`-th (1-based), writing bench/profile_sampling.py's summary of it
+(GPU busy and idle per step, host synchronisations, the top kernels and CPU ops) to `out`. Every other run goes
+through untouched."""
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+from comfy_api.latest import ComfyExtension, io
+
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def _summary_tools():
+    """bench/profile_sampling.py, loaded by path (bench is not a package)."""
+    spec = importlib.util.spec_from_file_location("newbie_bench_profile_sampling",
+                                                  _CHECKOUT / "bench" / "profile_sampling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def profiling_wrapper(run: int, out: Path, top: int = 25):
+    """An OUTER_SAMPLE wrapper that profiles the run-th sampling run through it and writes `out` (JSON)."""
+    import torch
+
+    seen = [0]
+
+    def wrapper(executor, *args, **kwargs):
+        seen[0] += 1
+        if seen[0] != run:
+            return executor(*args, **kwargs)
+        sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+        steps = int(sigmas.shape[0]) - 1
+        cuda = torch.cuda.is_available()
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        if cuda:
+            torch.cuda.synchronize()
+        with torch.profiler.profile(activities=acts) as prof:
+            t = time.perf_counter()
+            result = executor(*args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+        tools = _summary_tools()
+        summary = tools.summarise(prof, steps, wall)
+        averages = prof.key_averages()
+        summary["top_cpu"] = averages.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)
+        if cuda:
+            summary["top_cuda"] = averages.table(sort_by="self_cuda_time_total", row_limit=top,
+                                                 max_name_column_width=60)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=1))
+        print(f"[bench profile] run {run}: {steps} steps in {wall:.3f} s, written to {out}", file=sys.stderr,
+              flush=True)
+        return result
+
+    return wrapper
+
+
+class NewBieBenchProfile(io.ComfyNode):
+    """Bench only: profiles the run-th sampling run of the model it returns."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="NewBieBenchProfile", display_name="Profile a sampling run (bench)",
+                         category="NewBie/devkit",
+                         inputs=[io.Model.Input("model"),
+                                 io.Int.Input("run", default=2, min=1, tooltip="which sampling run, from 1"),
+                                 io.String.Input("out", tooltip="the JSON file to write")],
+                         outputs=[io.Model.Output(display_name="MODEL")])
+
+    @classmethod
+    def execute(cls, model, run, out) -> io.NodeOutput:
+        import comfy.patcher_extension
+
+        clone = model.clone()
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "newbie_bench_profile",
+                                   profiling_wrapper(run, Path(out)))
+        return io.NodeOutput(clone)
+
+
+class BenchProfileExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [NewBieBenchProfile]
+
+
+async def comfy_entrypoint():
+    return BenchProfileExtension()
