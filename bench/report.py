@@ -148,6 +148,19 @@ COMMANDS = {
     "run47": "(H200, a new machine with the session's last 244 s; the pack at 152856e: the cast layers' own cast "
              "state, the compile line's cache counters; no upstream in this call) python3 bench/run.py --configs "
              "pack-fp8@6 --warm 2 --timeout 90",
+    "run48": "(H200, a new machine; the pack at 19652ca) python3 bench/profile_sampling.py --variants "
+             "bf16+compile,fp16+compile --steps 25 --profile-steps 2 (PyTorch's native allocator); run48b: the same "
+             "with PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync (ComfyUI's default allocator)",
+    "run48b": "(H200, run48's call) PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync python3 bench/profile_sampling.py "
+              "--variants bf16+compile,fp16+compile --steps 25 --profile-steps 2",
+    "run49": "(H200, the next call on the same machine) python3 bench/run.py --configs upstream-gpu-only-native@none,"
+             "pack-bf16@none,pack-fp16@none,pack-fp16-gpu-only@none,upstream-bf16@8,pack-bf16@8 --warm 3 --timeout 100",
+    "run50": "(H200, a new machine; the call ran out of its 590 s after four servers, each profiled image summarising "
+             "25 steps for 28-88 s) python3 bench/run.py --profile --configs upstream-gpu-only-native@none,"
+             "pack-bf16@none,pack-fp16@none,pack-fp16-nodynamic@none,pack-fp16-gpu-only@none,pack-bf16-gpu-only@none "
+             "--warm 3 --timeout 100",
+    "run51": "(H200, a new machine) python3 bench/run.py --configs upstream-bf16@16,pack-bf16@16,pack-fp16@16,"
+             "upstream-bf16@12,pack-bf16@12 --warm 3 --timeout 100",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
