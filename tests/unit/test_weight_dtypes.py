@@ -27,10 +27,10 @@ def dynamic_vram_layers(comfy_import_path, monkeypatch):
     monkeypatch.setattr(comfy.memory_management, "aimdo_enabled", True)
 
 
-def _bf16_file(parts):
-    """The tiny model's parts with the DiT as a bf16 file holds it (NewBie's checkpoint is bf16)."""
+def _file_in(parts, dtype=torch.bfloat16):
+    """The tiny model's parts with the DiT as a file in `dtype` holds it (NewBie's checkpoint is bf16)."""
     p = copy.copy(parts)
-    p.dit = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in parts.dit.items()}
+    p.dit = {k: v.to(dtype) if v.is_floating_point() else v for k, v in parts.dit.items()}
     return p
 
 
@@ -41,7 +41,7 @@ def _linear_weight_dtypes(patcher) -> set:
 def test_fp16_weights_are_fp16_after_a_dynamic_vram_load(tiny_parts, dynamic_vram_layers):
     from pipeline import loader
 
-    patcher, cfg, _, _ = loader.build_model(_bf16_file(tiny_parts), "fp16", dynamic=False)
+    patcher, cfg, _, _ = loader.build_model(_file_in(tiny_parts), "fp16", dynamic=False)
     assert _linear_weight_dtypes(patcher) == {torch.float16}
 
 
@@ -51,7 +51,7 @@ def test_the_settled_model_gives_what_a_load_without_dynamic_vram_gives(tiny_par
 
     from pipeline import loader
 
-    parts = _bf16_file(tiny_parts)
+    parts = _file_in(tiny_parts, torch.float32)  # wider than the model: the size ComfyUI budgets must shrink too
     plain, cfg, _, _ = loader.build_model(parts, "fp16", dynamic=False)
     expected = dit_call(plain, cfg)
     if not hasattr(comfy.memory_management, "aimdo_enabled"):
@@ -87,7 +87,7 @@ def test_quantized_and_bf16_dits_load_alike_with_and_without_dynamic_vram(tiny_p
 
     from pipeline import loader
 
-    parts = _bf16_file(tiny_parts)
+    parts = _file_in(tiny_parts)
     plain, cfg, _, _ = loader.build_model(parts, precision, dynamic=False)
     expected = dit_call(plain, cfg)
     if not hasattr(comfy.memory_management, "aimdo_enabled"):
