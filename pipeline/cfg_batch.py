@@ -46,7 +46,7 @@ import functools
 
 import torch
 
-from . import env_switch
+from . import compat, env_switch
 from .oom.calls import PerRow
 
 WRAPPER_KEY = "newbie_cfg_batch"
@@ -127,7 +127,7 @@ def weights_stream(model) -> bool:
     """Whether the BaseModel's weights are fetched per call: held by a dynamic-VRAM patcher (v0.33), or loaded
     partially by the legacy one (`model_lowvram`)."""
     patcher = getattr(model, "current_patcher", None)
-    if patcher is not None and hasattr(patcher, "is_dynamic") and patcher.is_dynamic():
+    if patcher is not None and compat.is_dynamic(patcher):
         return True
     return bool(getattr(model, "model_lowvram", False))
 

@@ -28,6 +28,11 @@ def core_patcher_class():
     return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
 
+def is_dynamic(patcher) -> bool:
+    """Whether the patcher is a dynamic-VRAM one (v0.33's ModelPatcherDynamic); hosts without dynamic VRAM have none."""
+    return hasattr(patcher, "is_dynamic") and patcher.is_dynamic()
+
+
 def load_weights_kwargs(model, patcher) -> dict:
     """Extra arguments for BaseModel.load_model_weights: dynamic patchers take the file's tensors as they are
     (assign=True, v0.33), others copy them."""

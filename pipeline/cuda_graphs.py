@@ -40,7 +40,7 @@ import logging
 
 import torch
 
-from . import env_switch
+from . import compat, env_switch
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ def backend_for(device):
 
 def graphable(patcher) -> bool:
     """Whether the patcher's DiT can be recorded at all: switched on, and held by a non-dynamic patcher."""
-    return enabled() and not (hasattr(patcher, "is_dynamic") and patcher.is_dynamic())
+    return enabled() and not compat.is_dynamic(patcher)
 
 
 def describe(patcher) -> str:

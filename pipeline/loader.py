@@ -276,7 +276,7 @@ def _finish_model(model_config, dit: dict, load_device, budget, dynamic: bool, f
         patcher_cls = compat.core_patcher_class()
     patcher = patcher_cls(model, load_device=load_device, offload_device=mm.unet_offload_device())
     model.load_model_weights(dict(dit), "", **compat.load_weights_kwargs(model, patcher))  # ComfyUI pops what it loads
-    if not (hasattr(patcher, "is_dynamic") and patcher.is_dynamic()):
+    if not compat.is_dynamic(patcher):
         converted = settle_weight_dtypes(model)
         if converted:
             log.info("NewBie DiT: %d weights converted to the model's dtype at load (not at every call)", converted)
@@ -322,7 +322,7 @@ def settle_weight_dtypes(model) -> int:
 
 def _streaming(patcher) -> str:
     """How a DiT that does not fit is streamed, for the report."""
-    if not (hasattr(patcher, "is_dynamic") and patcher.is_dynamic()):
+    if not compat.is_dynamic(patcher):
         return "ComfyUI decides what stays on the GPU"
     ahead = "; each block's weights fetched while the block before it runs" \
         if block_prefetch.available() and block_prefetch.enabled() else ""

@@ -7,10 +7,9 @@ the pack's fp16 sampled 3.33 s in-process and under `--gpu-only`, 3.56 s in a de
 same in both. Only a profile taken in the server says what the server adds.
 
 The node clones the model and adds an OUTER_SAMPLE wrapper (ComfyUI's hook around one whole sampling run) that
-counts the runs through it and profiles the `run`-th (1-based), writing bench/profile_sampling.py's summary of it
+counts the runs through it and profiles the `run`-th (1-based), writing devkit/profile_summary's summary of it
 (GPU busy and idle per step, host synchronisations, the top kernels and CPU ops) to `out`. Every other run goes
 through untouched."""
-import importlib.util
 import json
 import sys
 import time
@@ -18,16 +17,11 @@ from pathlib import Path
 
 from comfy_api.latest import ComfyExtension, io
 
-_CHECKOUT = Path(__file__).resolve().parents[2]
+_CHECKOUT = str(Path(__file__).resolve().parents[2])
+if _CHECKOUT not in sys.path:
+    sys.path.append(_CHECKOUT)  # last, so nothing of ComfyUI's is shadowed
 
-
-def _summary_tools():
-    """bench/profile_sampling.py, loaded by path (bench is not a package)."""
-    spec = importlib.util.spec_from_file_location("newbie_bench_profile_sampling",
-                                                  _CHECKOUT / "bench" / "profile_sampling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from devkit import profile_summary  # noqa: E402
 
 
 def profiling_wrapper(run: int, out: Path, top: int = 25):
@@ -52,13 +46,8 @@ def profiling_wrapper(run: int, out: Path, top: int = 25):
             if cuda:
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t
-        tools = _summary_tools()
-        summary = tools.summarise(prof, steps, wall)
-        averages = prof.key_averages()
-        summary["top_cpu"] = averages.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)
-        if cuda:
-            summary["top_cuda"] = averages.table(sort_by="self_cuda_time_total", row_limit=top,
-                                                 max_name_column_width=60)
+        summary = profile_summary.summarise(prof, steps, wall)
+        summary.update(profile_summary.tables(prof, top, cuda))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(summary, indent=1))
         print(f"[bench profile] run {run}: {steps} steps in {wall:.3f} s, written to {out}", file=sys.stderr,

@@ -1,0 +1,77 @@
+"""What a profiled sampling run says, per step: GPU busy time and its idle gaps, host synchronisations and reads,
+and the top kernels and CPU ops. Shared by bench/profile_sampling.py (a plain process) and devkit/profile_nodes (a
+sampling run inside a ComfyUI server, `bench/run.py --profile`)."""
+from __future__ import annotations
+
+SYNC_CALLS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+HOST_READS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero")
+GAP_US = 50.0  # gaps between kernels shorter than this are launch jitter, not starvation
+
+
+def busy_and_gaps(intervals: list[tuple[float, float]]) -> dict:
+    """The union of kernel [start, end] intervals (us): busy time, span, and the idle gaps longer than GAP_US."""
+    if not intervals:
+        return {"span_ms": 0.0, "busy_ms": 0.0, "busy_fraction": None, "gaps_over_50us": 0, "gap_ms": 0.0}
+    intervals = sorted(intervals)
+    busy, gaps, (cur_s, cur_e) = 0.0, [], intervals[0]
+    for s, e in intervals[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            if s - cur_e > GAP_US:
+                gaps.append(s - cur_e)
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    span = max(e for _, e in intervals) - intervals[0][0]
+    return {"span_ms": round(span / 1e3, 2), "busy_ms": round(busy / 1e3, 2),
+            "busy_fraction": round(busy / span, 3) if span else None, "gaps_over_50us": len(gaps),
+            "gap_ms": round(sum(gaps) / 1e3, 2), "largest_gaps_ms": [round(g / 1e3, 2) for g in sorted(gaps)[-5:]]}
+
+
+def read_sites(events, frames: int = 4) -> dict:
+    """Where the host waits for the GPU: for each host read (item, is_nonzero) and each synchronising CUDA call
+    (a stream sync, a blocking memcpy), the innermost Python frames outside torch of the nearest op with a stack
+    (the profile records stacks on ops; a CUDA call is attributed to the op that made it), with how often each
+    site waited."""
+    sites: dict[str, int] = {}
+    for e in events:
+        if e.name not in HOST_READS[1:] and not e.name.startswith(SYNC_CALLS):
+            continue
+        op = e
+        while op is not None and not op.stack:
+            op = op.cpu_parent
+        if op is None:
+            continue
+        own = [f for f in op.stack if not f.startswith("torch/") and "/torch/" not in f
+               and "built-in" not in f][:frames]
+        key = f"{e.name} in {op.name}: " + (" <- ".join(own) or "(torch internals)")
+        sites[key] = sites.get(key, 0) + 1
+    return dict(sorted(sites.items(), key=lambda kv: -kv[1]))
+
+
+def summarise(prof, steps: int, wall_s: float) -> dict:
+    """Per-step figures of one profiled sampling run."""
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+    gpu = busy_and_gaps(kernels)
+    cpu_names = [e.name for e in events if e.device_type == DeviceType.CPU]
+    syncs = {n: sum(1 for c in cpu_names if c.startswith(n)) for n in SYNC_CALLS}
+    reads = {n: cpu_names.count(n) for n in HOST_READS}
+    return {"steps": steps, "wall_s": round(wall_s, 3), "step_ms": round(wall_s * 1e3 / steps, 2),
+            "gpu": gpu, "gpu_busy_ms_per_step": round(gpu["busy_ms"] / steps, 2),
+            "gpu_idle_ms_per_step": round(gpu["gap_ms"] / steps, 2),
+            "host_syncs_per_step": {k: round(v / steps, 2) for k, v in syncs.items() if v},
+            "host_reads_per_step": {k: round(v / steps, 2) for k, v in reads.items() if v},
+            "host_read_sites": read_sites(events)}
+
+
+def tables(prof, top: int, cuda: bool) -> dict:
+    """The profile's top CPU ops and, where CUDA was profiled, top kernels, as PyTorch's text tables."""
+    averages = prof.key_averages()
+    out = {"top_cpu": averages.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)}
+    if cuda:
+        out["top_cuda"] = averages.table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=60)
+    return out
