@@ -64,6 +64,9 @@ CONFIGS = {
     "pack-bf16-gpu-only": ("pack", "bf16", ["--gpu-only"], "auto"),
     "pack-fp16-legacy": ("pack", "fp16", ["--disable-dynamic-vram"], "off"),
     "pack-bf16-legacy": ("pack", "bf16", ["--disable-dynamic-vram"], "off"),
+    # compiled whatever the room (`compile: blocks`): at 8 GiB the bf16 DiT then stays in the non-dynamic patcher,
+    # loaded as far as it fits, and each VAE decode evicts part of it (the default there streams it eager)
+    "pack-bf16-blocks": ("pack", "bf16", [], "blocks"),
     # compiled as by default, with ComfyUI's dynamic VRAM (comfy-aimdo) off: run49's fp16 sampled 3.56 s in a
     # default server and 3.36 s under --gpu-only (which also leaves dynamic VRAM off)
     "pack-fp16-nodynamic": ("pack", "fp16", ["--disable-dynamic-vram"], "auto"),
