@@ -342,16 +342,14 @@ def quantized_dit(parts: NewBieParts, precision: str) -> dict:
     return parts.dit
 
 
-def dit_room(device, budget: int | None, plain_quantized: bool = False) -> int | None:
+def dit_room(device, budget: int | None) -> int | None:
     """Bytes a resident DiT could plan on `device` now: what it could hold (vram_budget.room_for_weights) beside a
-    1024x1024 VAE decode (vram_budget.room_beside_decode; a DiT in the pack's plain-op quantized layers tolerates
-    more eviction, vram_budget.TOLERATED_EVICTION_PLAIN_QUANTIZED); None where that is not asked: a CPU, or a
-    user's budget (which holds the DiT in its own non-dynamic patcher either way)."""
+    1024x1024 VAE decode (vram_budget.room_beside_decode); None where that is not asked: a CPU, or a user's budget
+    (which holds the DiT in its own non-dynamic patcher either way)."""
     if getattr(device, "type", None) != "cuda" or budget:
         return None
-    tolerated = vram_budget.TOLERATED_EVICTION_PLAIN_QUANTIZED if plain_quantized else vram_budget.TOLERATED_EVICTION
     return vram_budget.room_beside_decode(vram_budget.room_for_weights(device),
-                                          vae_memory.default_decode_bytes(device), tolerated)
+                                          vae_memory.default_decode_bytes(device))
 
 
 def streamed_share(weight_bytes: int, room: int | None,
@@ -514,7 +512,7 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
     weight_bytes = dit_weight_bytes(parts, precision)
     fmt = precision if precision in quantize.FORMATS else quantize.precision_of(parts.dit)
     traceable = quantized_ops_for(fmt, device) is not None
-    room = dit_room(device, budget, plain_quantized=fmt is not None and traceable)
+    room = dit_room(device, budget)
     compile, compile_why = block_compile.resolve(compile, device, weight_bytes, room, fmt is not None, traceable)
     # Weights that fit stay resident in ComfyUI's non-dynamic patcher, compiled or not: under dynamic VRAM every
     # Linear fetches its weight through comfy-aimdo on each call (eager bf16 sampled 4.9 it/s that way against

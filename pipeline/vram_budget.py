@@ -44,22 +44,19 @@ def patcher_class():
     return NewBieBudgetModelPatcher
 
 
-# How much of the DiT a VAE decode may push out of a resident DiT every image before streaming the DiT pays more.
-# Measured on an H200 (bench/results/run29, run25, run20): at 8 GiB the bf16 DiT stayed resident and compiled,
-# and each 1024² decode unloaded 1993 MB of it that the next image loaded again (decode 0.9 s against 0.15 s,
-# the reload in the next sampling): 5.78 s an image, against 5.04 s for the DiT streamed under dynamic VRAM at
-# 4 GiB in the same call. At 6 GiB the fp8 DiT (3.9 GB), resident and compiled, was partly unloaded at every decode
-# too (run20's log; about 0.6 GB by this estimate) and still took 0.55x upstream's time (run25): a compiled fp8 call
-# took 0.102 s against 0.140 s eager (run22), which pays for that.
-TOLERATED_EVICTION = 1024 ** 3
-# A DiT quantized into the pack's plain-op layers (pipeline/quantized_ops.py) loses more than compilation when it
-# streams: streamed, it runs ComfyUI's quantized layers eager, which quantize every activation. At 6 GiB on an H200
-# the fp8 DiT (3.6 GiB) streamed that way sampled 2.46 it/s, 1.59x upstream bf16's time (run44), where resident and
-# compiled it had sampled 7.56 it/s, 0.55x (run25), with part of it evicted at every decode. Eviction is not free:
-# ComfyUI syncs per module when it reloads and pins each weight it offloads, and losing about 1 GB a decode cost
-# about 1 s an image (run46: 4.90 s at 6 GiB against 3.79 s at 8 GiB, where nothing left), 0.56x upstream all the
-# same against 1.59x streamed; so such a DiT may lose up to 2 GiB.
-TOLERATED_EVICTION_PLAIN_QUANTIZED = 2 * 1024 ** 3
+# How much of a resident DiT a VAE decode may push out every image before the loader streams the DiT instead.
+# Evicting is not free: ComfyUI syncs per module when it unloads, pins each weight it offloads, and loads it all
+# again at the next sampling run. But streaming costs more, because a streamed DiT runs eager (compiled blocks need
+# resident weights) and fetches part of its weights at every call. Measured on an H200, same call
+# (bench/results/run53): at 8 GiB the bf16 DiT resident and compiled lost 1993 MB at every 1024² decode (decode
+# 1.2 s against 0.15 s, sampling 3.92 s against about 3.3 s unconstrained): 5.36 s an image, against 7.20 s for
+# the default of the time, the DiT streamed eager under dynamic VRAM (upstream 6.48 s). That is about 0.85 s a GB
+# evicted against 3.6 s for streaming, a break-even near 4 GB. The fp8 DiT told the same at 6 GiB (run44, run46:
+# about 1 GB evicted an image, 0.56x upstream, against 1.59x streamed). An earlier rule (1 GiB, from run29's
+# 5.78 s resident at 8 GiB against 5.04 s streamed at 4 GiB) predates the fixes that made both paths faster and
+# took a recompile after each decode away (block_compile.own_cast_state). 3 GiB covers a 1024² decode (2.6 GiB by
+# vae_memory's estimate) with room to spare under the break-even; a larger decode still counts against the room.
+TOLERATED_EVICTION = 3 * 1024 ** 3
 
 
 def room_beside_decode(room: int, decode_bytes: int, tolerated: int = TOLERATED_EVICTION) -> int:
