@@ -161,6 +161,11 @@ COMMANDS = {
              "--warm 3 --timeout 100",
     "run51": "(H200, a new machine) python3 bench/run.py --configs upstream-bf16@16,pack-bf16@16,pack-fp16@16,"
              "upstream-bf16@12,pack-bf16@12 --warm 3 --timeout 100",
+    "run52": "(H200, a new machine; the pack at 68ccabf, the fp16 weight-dtype fix) python3 bench/run.py --configs "
+             "pack-bf16@none,upstream-gpu-only-native@none,pack-fp16@none,pack-bf16-eager@none,pack-bf16@16,"
+             "pack-fp16@16 --warm 3 --timeout 100",
+    "run53": "(H200, the next call on the same machine) python3 bench/run.py --configs upstream-bf16@8,pack-bf16@8,"
+             "pack-bf16-blocks@8,pack-fp8@8,pack-int8@8 --warm 3 --timeout 100",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
