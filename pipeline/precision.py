@@ -235,15 +235,16 @@ def sdpa_override(func, *args, **kwargs):
 setattr(sdpa_override, cfg_batch.PADDING_AWARE, True)
 
 
-def _until_finite(state: FP16State, run, finite):
-    """run() in the fast mode; while finite(result) is False, again in the scaled form, then in fp32."""
+def _until_finite(state: FP16State, run, finite, what: str):
+    """run() in the fast mode; while finite(result) is False, again in the scaled form, then in fp32. `what` names
+    the work for the log ("this DiT call", "this sampling step")."""
     state.mode = "fast"
     try:
         out = run()
         if finite(out):
             return out
         for mode in ("scaled", "fp32"):
-            log.warning("fp16: values beyond fp16's range in this DiT call; recomputing it in %s form", mode)
+            log.warning("fp16: values beyond fp16's range in %s; recomputing it in %s form", what, mode)
             state.mode = mode
             state.recomputed += 1
             out = run()
@@ -270,7 +271,7 @@ def nonfinite_guard(state: FP16State):
     def guard(executor, *args, **kwargs):
         if state.in_step:
             return executor(*args, **kwargs)
-        return _until_finite(state, lambda: executor(*args, **kwargs), _finite)
+        return _until_finite(state, lambda: executor(*args, **kwargs), _finite, "this DiT call")
     return guard
 
 
@@ -283,7 +284,7 @@ def step_guard(state: FP16State):
             return executor(*args, **kwargs)
         state.in_step = True
         try:
-            return _until_finite(state, lambda: executor(*args, **kwargs), _all_finite)
+            return _until_finite(state, lambda: executor(*args, **kwargs), _all_finite, "this sampling step")
         finally:
             state.in_step = False
     return guard
