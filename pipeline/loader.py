@@ -264,14 +264,13 @@ def quantized_ops_for(fmt: str | None, device):
 def _finish_model(model_config, dit: dict, load_device, budget, dynamic: bool, fp16_state):
     """The model built from its config, in the patcher its residency needs, with the weights loaded."""
     import comfy.model_management as mm
-    import comfy.model_patcher
 
     model = model_config.get_model(dit, "")
     if budget:
         patcher_cls = vram_budget.patcher_class()
         model.newbie_vram_budget = budget
     elif not dynamic:
-        patcher_cls = comfy.model_patcher.ModelPatcher
+        patcher_cls = vram_budget.resident_patcher_class()
     else:
         patcher_cls = compat.core_patcher_class()
     patcher = patcher_cls(model, load_device=load_device, offload_device=mm.unet_offload_device())

@@ -167,3 +167,43 @@ def test_the_loader_puts_its_estimate_on_the_model(tiny_parts, monkeypatch, room
         assert share == pytest.approx(max(0.0, 1 - cap / weights), abs=1e-6) and share > 0
     else:
         assert share == (None if room_gib is None else 0.0)
+
+
+@pytest.mark.host
+def test_weights_a_partial_unload_pushes_out_are_not_pinned(tiny_parts):
+    """A VAE decode's eviction of a resident DiT comes back at the next image: ComfyUI's pins for it cost 0.5 s an
+    image at 8 GiB (run54). With ComfyUI's own partially_unload, its pin requests stop at the pack's patchers;
+    outside an unload they go through. The control (ComfyUI's patcher) shows the unload does ask for pins."""
+    import comfy.model_patcher
+
+    from pipeline import loader
+
+    pinned = []
+
+    class Recording(comfy.model_patcher.ModelPatcher):  # ComfyUI's patcher, its pin requests recorded
+        def pin_weight_to_device(self, key):
+            pinned.append(key)
+
+    class Pack(vram_budget.UnpinnedEviction, Recording):
+        pass
+
+    cpu = torch.device("cpu")
+
+    def evict(cls) -> tuple[int, list]:
+        built, _, _, _ = loader.build_model(tiny_parts, "fp32", dynamic=False)
+        patcher = cls(built.model, load_device=cpu, offload_device=cpu)
+        patcher.load(cpu, full_load=True)
+        pinned.clear()
+        freed = patcher.partially_unload(cpu, memory_to_free=patcher.model_size() // 3)
+        assert patcher.model.model_lowvram, "part of the DiT is offloaded"
+        return freed, list(pinned)
+
+    freed, control = evict(Recording)
+    assert freed > 0 and control, "ComfyUI pins what a partial unload pushes out"
+    freed, pack = evict(Pack)
+    assert freed > 0 and pack == [], "the pack's patcher leaves the evicted weights unpinned"
+    patcher = Pack.__new__(Pack)
+    patcher.pin_weight_to_device("some.weight")
+    assert pinned == ["some.weight"], "outside an unload the request reaches ComfyUI"
+    for cls in (vram_budget.resident_patcher_class(), vram_budget.patcher_class()):
+        assert issubclass(cls, vram_budget.UnpinnedEviction) and issubclass(cls, comfy.model_patcher.ModelPatcher)
