@@ -166,6 +166,9 @@ COMMANDS = {
              "pack-fp16@16 --warm 3 --timeout 100",
     "run53": "(H200, the next call on the same machine) python3 bench/run.py --configs upstream-bf16@8,pack-bf16@8,"
              "pack-bf16-blocks@8,pack-fp8@8,pack-int8@8 --warm 3 --timeout 100",
+    "run54": "(H200, a new machine, torch 2.11 on the device; the pack at c027d03: a resident DiT tolerates 3 GiB of "
+             "decode eviction) python3 bench/run.py --configs upstream-bf16@8,pack-bf16@8,pack-bf16-nopin@8,"
+             "pack-fp16@8,pack-fp8@8,pack-int8@8 --warm 3 --timeout 100",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
