@@ -169,6 +169,9 @@ COMMANDS = {
     "run54": "(H200, a new machine, torch 2.11 on the device; the pack at c027d03: a resident DiT tolerates 3 GiB of "
              "decode eviction) python3 bench/run.py --configs upstream-bf16@8,pack-bf16@8,pack-bf16-nopin@8,"
              "pack-fp16@8,pack-fp8@8,pack-int8@8 --warm 3 --timeout 100",
+    "run55": "(H200, another machine; the pack at 51251c3: a decode's eviction left unpinned) python3 bench/run.py "
+             "--configs upstream-bf16@8,pack-bf16@8,pack-fp16@8,pack-bf16-nopin@8,upstream-gpu-only-native@none,"
+             "pack-fp8@none --warm 3 --timeout 100",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }

@@ -89,7 +89,8 @@ def patcher_class():
 # (bench/results/run53): at 8 GiB the bf16 DiT resident and compiled lost 1993 MB at every 1024² decode (decode
 # 1.2 s against 0.15 s, sampling 3.92 s against about 3.3 s unconstrained): 5.36 s an image, against 7.20 s for
 # the default of the time, the DiT streamed eager under dynamic VRAM (upstream 6.48 s). That is about 0.85 s a GB
-# evicted against 3.6 s for streaming, a break-even near 4 GB. The fp8 DiT told the same at 6 GiB (run44, run46:
+# evicted against 3.6 s for streaming, a break-even near 4 GB; about a third of it was ComfyUI pinning the evicted
+# weights, which the pack's patchers no longer do (`UnpinnedEviction`, run54/run55), so the break-even is higher now. The fp8 DiT told the same at 6 GiB (run44, run46:
 # about 1 GB evicted an image, 0.56x upstream, against 1.59x streamed). An earlier rule (1 GiB, from run29's
 # 5.78 s resident at 8 GiB against 5.04 s streamed at 4 GiB) predates the fixes that made both paths faster and
 # took a recompile after each decode away (block_compile.own_cast_state). 3 GiB covers a 1024² decode (2.6 GiB by
