@@ -351,6 +351,28 @@ def dit_room(device, budget: int | None) -> int | None:
                                           vae_memory.default_decode_bytes(device))
 
 
+def dit_decode_eviction(device, budget: int | None, weight_bytes: int) -> int | None:
+    """Bytes of a resident DiT a 1024x1024 VAE decode will push out every image on `device` (vram_budget.
+    decode_eviction, with ComfyUI's reserve); None where dit_room is None."""
+    if dit_room(device, budget) is None:
+        return None
+    import comfy.model_management as mm
+
+    return vram_budget.decode_eviction(weight_bytes, vram_budget.room_for_weights(device),
+                                       vae_memory.default_decode_bytes(device), int(mm.extra_reserved_memory()))
+
+
+def _resident_line(weight_bytes: int, room: int, evicted: int | None) -> str:
+    """The report's line for a DiT that stays resident."""
+    gib = vram_budget.GIB
+    line = (f"VRAM budget: none; the DiT's {weight_bytes / gib:.2f} GiB of weights stay resident (non-dynamic "
+            f"patcher: with a call's activations they fit in the {room / gib:.1f} GiB free")
+    if not evicted:
+        return line + " beside a 1024² VAE decode)"
+    return (line + f"; each 1024² VAE decode pushes about {evicted / gib:.1f} GiB or more of them out, loaded back "
+            "by the next image: slower than with room to spare, faster than streaming them)")
+
+
 def streamed_share(weight_bytes: int, room: int | None,
                    activations: int = block_compile.ACTIVATION_ROOM) -> float | None:
     """The share of the DiT's weights that will not stay on the GPU beside `activations` (0 where they fit), from
@@ -541,9 +563,7 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
         _text_encoders_line(clip, gemma_cfg, jina_cfg, te_precision, te_dtype),
         (f"VRAM budget: at most {budget / vram_budget.GIB:.2f} GiB of DiT weights on the GPU, the rest streamed "
          "per step (legacy loader for this model)" if budget else
-         f"VRAM budget: none; the DiT's {weight_bytes / vram_budget.GIB:.2f} GiB of weights stay resident "
-         f"(non-dynamic patcher: with a call's activations they fit in the {room / vram_budget.GIB:.1f} GiB free "
-         "beside a 1024² VAE decode)" if resident else
+         _resident_line(weight_bytes, room, dit_decode_eviction(device, budget, weight_bytes)) if resident else
          f"VRAM budget: none ({_streaming(model)})"),
         (f"compile: {compiled} transformer blocks compiled on their own at the first sampling run (one graph per "
          f"block kind; ComfyUI's non-dynamic model patcher; {compile_why})" if compiled

@@ -98,6 +98,13 @@ def patcher_class():
 TOLERATED_EVICTION = 3 * 1024 ** 3
 
 
+def decode_eviction(weight_bytes: int, room: int, decode_bytes: int, reserve: int = 0) -> int:
+    """Bytes of a resident DiT's `weight_bytes` that a decode needing `decode_bytes` (and ComfyUI's `reserve`) pushes
+    out of `room` (room_for_weights) every image; ComfyUI loads them back for the next. A lower bound: ComfyUI
+    also frees room for the VAE's weights (1993 MB left at 8 GiB in run54 where this gives about 1.4 GiB)."""
+    return max(0, weight_bytes + decode_bytes + reserve - room)
+
+
 def room_beside_decode(room: int, decode_bytes: int, tolerated: int = TOLERATED_EVICTION) -> int:
     """The room a resident DiT (weights and a call's activations) may plan on: `room` less the part of a decode's
     `decode_bytes` beyond `tolerated`, which would otherwise evict it every image."""

@@ -207,3 +207,31 @@ def test_weights_a_partial_unload_pushes_out_are_not_pinned(tiny_parts):
     assert pinned == ["some.weight"], "outside an unload the request reaches ComfyUI"
     for cls in (vram_budget.resident_patcher_class(), vram_budget.patcher_class()):
         assert issubclass(cls, vram_budget.UnpinnedEviction) and issubclass(cls, comfy.model_patcher.ModelPatcher)
+
+
+def test_the_report_says_what_a_decode_pushes_out(comfy_import_path, monkeypatch):
+    """At 8 GiB the bf16 DiT stays resident though each 1024² decode pushes part of it out (1993 MB in run54): the
+    loader's report says so instead of 'they fit beside a 1024² VAE decode'; with room to spare it says that."""
+    import comfy.model_management as mm
+
+    from pipeline import loader, vae_memory
+
+    gib = vram_budget.GIB
+    bf16 = int(6.49 * gib)
+    monkeypatch.setattr(vae_memory, "default_decode_bytes",
+                        lambda device: vae_memory.decode_bytes(vae_memory.DEFAULT_LATENT, torch.bfloat16))
+    monkeypatch.setattr(mm, "extra_reserved_memory", lambda: 400 * 1024 ** 2)
+    cuda = torch.device("cuda")
+
+    def line(free_gib):
+        monkeypatch.setattr(vram_budget, "room_for_weights", lambda device: int(free_gib * gib))
+        evicted = loader.dit_decode_eviction(cuda, None, bf16)
+        return evicted, loader._resident_line(bf16, loader.dit_room(cuda, None), evicted)
+
+    evicted, text = line(8.1)
+    assert 1.2 * gib < evicted < 1.9 * gib, "a lower bound of run54's 1993 MB"
+    assert "each 1024² VAE decode pushes about 1.4 GiB or more of them out" in text, text
+    evicted, text = line(16.1)
+    assert evicted == 0 and text.endswith("fit in the 16.1 GiB free beside a 1024² VAE decode)"), text
+    assert loader.dit_decode_eviction(torch.device("cpu"), None, bf16) is None
+    assert loader.dit_decode_eviction(cuda, gib, bf16) is None, "a user's budget: the DiT is not planned resident"
