@@ -36,8 +36,9 @@ class UnpinnedEviction:
     of a VAE decode, and the next image's sampling loads all of it back: each weight is pinned and unpinned once an
     image. Measured on an H200 at 8 GiB (bench/results/run54, same call, the 1024² decode evicting 1993 MB of the
     bf16 DiT every image): 5.12 s an image with the pins against 4.48 s with ComfyUI's --disable-pinned-memory
-    (decode 1.10 s against 0.60 s; sampling, which loads the weights back, 3.65 s against 3.58 s). Weights a
-    partial *load* leaves on the host (streamed at every call) are still pinned as ComfyUI does."""
+    (decode 1.10 s against 0.60 s; sampling, which loads the weights back, 3.65 s against 3.58 s). With this mixin
+    (run55, another machine) 4.97 s against 4.99 s with --disable-pinned-memory. Weights a partial *load* leaves on
+    the host (streamed at every call) are still pinned as ComfyUI does."""
 
     newbie_evicting = False
 
@@ -90,8 +91,9 @@ def patcher_class():
 # 1.2 s against 0.15 s, sampling 3.92 s against about 3.3 s unconstrained): 5.36 s an image, against 7.20 s for
 # the default of the time, the DiT streamed eager under dynamic VRAM (upstream 6.48 s). That is about 0.85 s a GB
 # evicted against 3.6 s for streaming, a break-even near 4 GB; about a third of it was ComfyUI pinning the evicted
-# weights, which the pack's patchers no longer do (`UnpinnedEviction`, run54/run55), so the break-even is higher now. The fp8 DiT told the same at 6 GiB (run44, run46:
-# about 1 GB evicted an image, 0.56x upstream, against 1.59x streamed). An earlier rule (1 GiB, from run29's
+# weights, which the pack's patchers no longer do (`UnpinnedEviction`, run54/run55), so the break-even is higher
+# now. The fp8 DiT told the same at 6 GiB (run44, run46: about 1 GB evicted an image, 0.56x upstream, against
+# 1.59x streamed). An earlier rule (1 GiB, from run29's
 # 5.78 s resident at 8 GiB against 5.04 s streamed at 4 GiB) predates the fixes that made both paths faster and
 # took a recompile after each decode away (block_compile.own_cast_state). 3 GiB covers a 1024² decode (2.6 GiB by
 # vae_memory's estimate) with room to spare under the break-even; a larger decode still counts against the room.
