@@ -71,7 +71,6 @@ CONFIGS = {
     # pins every weight it offloads (cudaHostRegister) and unpins it when the next image loads it back; how much
     # of the eviction's cost (about 1.6 s an image, run53) is that pinning?
     "pack-bf16-nopin": ("pack", "bf16", ["--disable-pinned-memory"], "auto"),
-    "upstream-bf16-nopin": ("upstream", None, ["--disable-pinned-memory"], None),
     # compiled as by default, with ComfyUI's dynamic VRAM (comfy-aimdo) off: run49's fp16 sampled 3.56 s in a
     # default server and 3.36 s under --gpu-only (which also leaves dynamic VRAM off)
     "pack-fp16-nodynamic": ("pack", "fp16", ["--disable-dynamic-vram"], "auto"),

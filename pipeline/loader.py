@@ -341,11 +341,16 @@ def quantized_dit(parts: NewBieParts, precision: str) -> dict:
     return parts.dit
 
 
+def _plans_residency(device, budget: int | None) -> bool:
+    """Whether the loader plans the DiT's residency itself: on a GPU without a user's budget (which holds the DiT
+    in its own non-dynamic patcher either way); a CPU needs no plan."""
+    return getattr(device, "type", None) == "cuda" and not budget
+
+
 def dit_room(device, budget: int | None) -> int | None:
     """Bytes a resident DiT could plan on `device` now: what it could hold (vram_budget.room_for_weights) beside a
-    1024x1024 VAE decode (vram_budget.room_beside_decode); None where that is not asked: a CPU, or a user's budget
-    (which holds the DiT in its own non-dynamic patcher either way)."""
-    if getattr(device, "type", None) != "cuda" or budget:
+    1024x1024 VAE decode (vram_budget.room_beside_decode); None where the loader plans nothing (_plans_residency)."""
+    if not _plans_residency(device, budget):
         return None
     return vram_budget.room_beside_decode(vram_budget.room_for_weights(device),
                                           vae_memory.default_decode_bytes(device))
@@ -353,8 +358,8 @@ def dit_room(device, budget: int | None) -> int | None:
 
 def dit_decode_eviction(device, budget: int | None, weight_bytes: int) -> int | None:
     """Bytes of a resident DiT a 1024x1024 VAE decode will push out every image on `device` (vram_budget.
-    decode_eviction, with ComfyUI's reserve); None where dit_room is None."""
-    if dit_room(device, budget) is None:
+    decode_eviction, with ComfyUI's reserve); None where the loader plans nothing (_plans_residency)."""
+    if not _plans_residency(device, budget):
         return None
     import comfy.model_management as mm
 
