@@ -15,6 +15,7 @@ A configuration is NAME@BUDGET (BUDGET in GiB, or 'none'); NAMEs are listed in C
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -97,6 +98,8 @@ SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_C
             "batched": {"NEWBIE_CFG_BATCH": "always"}, "flash": {"NEWBIE_SDPA": "flash"},
             "cppwrapper": {"NEWBIE_CPP_WRAPPER": "1"}, "nographs": {"NEWBIE_CUDA_GRAPHS": "0"},
             "cudnn": {"NEWBIE_SDPA": "cudnn"},
+            # a decode's eviction of a resident DiT copied out and back every image (pipeline/host_copies.py off)
+            "nocopies": {"NEWBIE_HOST_COPIES": "0"},
             # Inductor without its pool of compile worker processes: does starting that pool make the 6 s of
             # "Inductor" a first image pays with the cache filled (run45)? Compare a second server's cold image.
             "compile1": {"TORCHINDUCTOR_COMPILE_THREADS": "1"}}
@@ -247,6 +250,7 @@ def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -
             result[run] = {"wall_s": round(image_wall(events, t), 3),
                            "peak_gib": round(trace.peak_between(a, trace.mark()), 3),
                            **stage_times(g, events), "image": str(server.output_images(entry)[0])}
+            result[run]["image_sha256"] = hashlib.sha256(Path(result[run]["image"]).read_bytes()).hexdigest()
         trace.stop()
         if profile and Path(profile["out"]).exists():
             result["profile"] = json.loads(Path(profile["out"]).read_text())

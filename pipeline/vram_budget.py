@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 
+from . import host_copies
+
 GIB = 1024 ** 3
 
 
@@ -28,26 +30,51 @@ def capped_load_memory(requested: float, full_load: bool, cap: int) -> tuple[flo
     return requested, full_load
 
 
-class UnpinnedEviction:
-    """ModelPatcher mixin: weights a partial unload pushes out of the GPU stay in ordinary (pageable) memory.
+class HostCopyEviction:
+    """ModelPatcher mixin for a DiT that stays on the GPU: what a partial unload pushes out leaves and comes back
+    without copying the same bytes every image.
 
-    ComfyUI pins every weight its non-dynamic patcher offloads in `partially_unload` (cudaHostRegister) and unpins
-    it when a later load takes it back. For a DiT that stays on the GPU, what a partial unload pushes out is the room
-    of a VAE decode, and the next image's sampling loads all of it back: each weight is pinned and unpinned once an
-    image. Measured on an H200 at 8 GiB (bench/results/run54, same call, the 1024² decode evicting 1993 MB of the
-    bf16 DiT every image): 5.12 s an image with the pins against 4.48 s with ComfyUI's --disable-pinned-memory
-    (decode 1.10 s against 0.60 s; sampling, which loads the weights back, 3.65 s against 3.58 s). With this mixin
-    (run55, another machine) 4.97 s against 4.99 s with --disable-pinned-memory. Weights a partial *load* leaves on
-    the host (streamed at every call) are still pinned as ComfyUI does."""
+    What a partial unload pushes out is the room of a VAE decode, and the next image's sampling loads all of it
+    back. Two things made that cost more than it must:
+    - ComfyUI pins every weight its non-dynamic patcher offloads in `partially_unload` (cudaHostRegister) and unpins
+      it at the next load: each weight pinned and unpinned once an image. Those pin requests are dropped here.
+      Measured on an H200 at 8 GiB (bench/results/run54, same call, the 1024² decode evicting 1993 MB of the bf16
+      DiT every image): 5.12 s an image with the pins against 4.48 s with ComfyUI's --disable-pinned-memory (decode
+      1.10 s against 0.60 s). Dropping them (run55, another machine): 4.97 s against 4.99 s.
+    - The unload copies the weights to fresh pageable memory and the load copies them back. pipeline/host_copies.py
+      keeps the first unload's copies (pinned, once) and hands them back at later unloads of the unchanged weights.
+    Weights a partial *load* leaves on the host (streamed at every call) are still pinned as ComfyUI does."""
 
     newbie_evicting = False
 
     def partially_unload(self, *args, **kwargs):
         self.newbie_evicting = True
         try:
-            return super().partially_unload(*args, **kwargs)
+            with host_copies.offloading(self.model, keep_new=True):
+                return super().partially_unload(*args, **kwargs)
         finally:
             self.newbie_evicting = False
+
+    def unpatch_model(self, *args, **kwargs):
+        with host_copies.offloading(self.model, keep_new=False):
+            return super().unpatch_model(*args, **kwargs)
+
+    def load(self, *args, **kwargs):
+        resting = host_copies.resting(self.model)
+        try:
+            return super().load(*args, **kwargs)
+        finally:
+            host_copies.relink(self.model, resting)
+
+    def patch_weight_to_device(self, key, *args, **kwargs):
+        force_cast = kwargs.get("force_cast", args[3] if len(args) > 3 else False)  # v0.33's fourth option
+        if key in self.patches or force_cast:
+            host_copies.forget(self.model, key)
+        return super().patch_weight_to_device(key, *args, **kwargs)
+
+    def patch_hook_weight_to_device(self, hooks, combined_patches, key, *args, **kwargs):
+        host_copies.forget(self.model, key)
+        return super().patch_hook_weight_to_device(hooks, combined_patches, key, *args, **kwargs)
 
     def pin_weight_to_device(self, key):
         if self.newbie_evicting:
@@ -57,10 +84,10 @@ class UnpinnedEviction:
 
 @functools.cache
 def resident_patcher_class():
-    """ComfyUI's non-dynamic ModelPatcher for a DiT the loader keeps resident, with `UnpinnedEviction`."""
+    """ComfyUI's non-dynamic ModelPatcher for a DiT the loader keeps resident, with `HostCopyEviction`."""
     import comfy.model_patcher
 
-    class NewBieResidentModelPatcher(UnpinnedEviction, comfy.model_patcher.ModelPatcher):
+    class NewBieResidentModelPatcher(HostCopyEviction, comfy.model_patcher.ModelPatcher):
         pass
 
     return NewBieResidentModelPatcher
@@ -70,10 +97,10 @@ def resident_patcher_class():
 def patcher_class():
     """The non-dynamic ModelPatcher with the cap applied in `load` (both host lines call `load` for every
     full or partial load: ModelPatcher.partially_load and LoadedModel.model_load end there), and
-    `UnpinnedEviction` (a decode's eviction of its resident part comes back at the next load, as for a resident DiT)."""
+    `HostCopyEviction` (a decode's eviction of its resident part comes back at the next load, as for a resident DiT)."""
     import comfy.model_patcher
 
-    class NewBieBudgetModelPatcher(UnpinnedEviction, comfy.model_patcher.ModelPatcher):
+    class NewBieBudgetModelPatcher(HostCopyEviction, comfy.model_patcher.ModelPatcher):
         def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False, **kwargs):
             cap = getattr(self.model, "newbie_vram_budget", None)
             if cap:
@@ -91,7 +118,7 @@ def patcher_class():
 # 1.2 s against 0.15 s, sampling 3.92 s against about 3.3 s unconstrained): 5.36 s an image, against 7.20 s for
 # the default of the time, the DiT streamed eager under dynamic VRAM (upstream 6.48 s). That is about 0.85 s a GB
 # evicted against 3.6 s for streaming, a break-even near 4 GB; about a third of it was ComfyUI pinning the evicted
-# weights, which the pack's patchers no longer do (`UnpinnedEviction`, run54/run55), so the break-even is higher
+# weights, which the pack's patchers no longer do (`HostCopyEviction`, run54/run55), so the break-even is higher
 # now. The fp8 DiT told the same at 6 GiB (run44, run46: about 1 GB evicted an image, 0.56x upstream, against
 # 1.59x streamed). An earlier rule (1 GiB, from run29's
 # 5.78 s resident at 8 GiB against 5.04 s streamed at 4 GiB) predates the fixes that made both paths faster and

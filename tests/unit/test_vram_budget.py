@@ -184,7 +184,7 @@ def test_weights_a_partial_unload_pushes_out_are_not_pinned(tiny_parts):
         def pin_weight_to_device(self, key):
             pinned.append(key)
 
-    class Pack(vram_budget.UnpinnedEviction, Recording):
+    class Pack(vram_budget.HostCopyEviction, Recording):
         pass
 
     cpu = torch.device("cpu")
@@ -202,11 +202,11 @@ def test_weights_a_partial_unload_pushes_out_are_not_pinned(tiny_parts):
     assert freed > 0 and control, "ComfyUI pins what a partial unload pushes out"
     freed, pack = evict(Pack)
     assert freed > 0 and pack == [], "the pack's patcher leaves the evicted weights unpinned"
-    patcher = Pack.__new__(Pack)
-    patcher.pin_weight_to_device("some.weight")
+    built, _, _, _ = loader.build_model(tiny_parts, "fp32", dynamic=False)
+    Pack(built.model, load_device=cpu, offload_device=cpu).pin_weight_to_device("some.weight")
     assert pinned == ["some.weight"], "outside an unload the request reaches ComfyUI"
     for cls in (vram_budget.resident_patcher_class(), vram_budget.patcher_class()):
-        assert issubclass(cls, vram_budget.UnpinnedEviction) and issubclass(cls, comfy.model_patcher.ModelPatcher)
+        assert issubclass(cls, vram_budget.HostCopyEviction) and issubclass(cls, comfy.model_patcher.ModelPatcher)
 
 
 def test_the_report_says_what_a_decode_pushes_out(comfy_import_path, monkeypatch):
