@@ -172,6 +172,16 @@ COMMANDS = {
     "run55": "(H200, another machine; the pack at 51251c3: a decode's eviction left unpinned) python3 bench/run.py "
              "--configs upstream-bf16@8,pack-bf16@8,pack-fp16@8,pack-bf16-nopin@8,upstream-gpu-only-native@none,"
              "pack-fp8@none --warm 3 --timeout 100",
+    "run56": "(H100 80GB HBM3, torch 2.11; the pack at ec0f662: a decode's eviction hands back kept host copies, "
+             "pipeline/host_copies.py) PYTHONPATH=$PYTHONPATH:$COMFYUI_PATH python3 -m devkit.eviction_cycles; "
+             "python3 bench/run.py --configs upstream-bf16@8,pack-bf16@8,pack-bf16-nocopies@8,pack-fp16@8 --warm 3 "
+             "--timeout 100",
+    "run57": "(the next call on the same H100) python3 bench/run.py --configs pack-bf16-nocopies@8,pack-bf16@8,"
+             "upstream-bf16@8 --warm 3 --timeout 100",
+    "run58": "(the next call on the same H100) python3 bench/run.py --configs upstream-bf16@6,pack-bf16@6,pack-fp8@6 "
+             "--warm 3 --timeout 120",
+    "run59": "(the next call on the same H100) python3 bench/run.py --configs pack-bf16-noprefetch@6,"
+             "pack-bf16-separate@6,pack-bf16@6 --warm 3 --timeout 120",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
