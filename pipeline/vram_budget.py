@@ -43,6 +43,8 @@ class HostCopyEviction:
       1.10 s against 0.60 s). Dropping them (run55, another machine): 4.97 s against 4.99 s.
     - The unload copies the weights to fresh pageable memory and the load copies them back. pipeline/host_copies.py
       keeps the first unload's copies (pinned, once) and hands them back at later unloads of the unchanged weights.
+      Measured on an H100 at 8 GiB (run56, run57, same calls): 4.28 and 4.01 s an image against 5.58 and 4.67 s
+      with NEWBIE_HOST_COPIES=0 (decode 0.35 and 0.28 s against 1.24 and 0.68 s).
     Weights a partial *load* leaves on the host (streamed at every call) are still pinned as ComfyUI does."""
 
     newbie_evicting = False
@@ -110,20 +112,20 @@ def patcher_class():
     return NewBieBudgetModelPatcher
 
 
-# How much of a resident DiT a VAE decode may push out every image before the loader streams the DiT instead.
-# Evicting is not free: ComfyUI syncs per module when it unloads, pins each weight it offloads, and loads it all
-# again at the next sampling run. But streaming costs more, because a streamed DiT runs eager (compiled blocks need
-# resident weights) and fetches part of its weights at every call. Measured on an H200, same call
-# (bench/results/run53): at 8 GiB the bf16 DiT resident and compiled lost 1993 MB at every 1024² decode (decode
-# 1.2 s against 0.15 s, sampling 3.92 s against about 3.3 s unconstrained): 5.36 s an image, against 7.20 s for
-# the default of the time, the DiT streamed eager under dynamic VRAM (upstream 6.48 s). That is about 0.85 s a GB
-# evicted against 3.6 s for streaming, a break-even near 4 GB; about a third of it was ComfyUI pinning the evicted
-# weights, which the pack's patchers no longer do (`HostCopyEviction`, run54/run55), so the break-even is higher
-# now. The fp8 DiT told the same at 6 GiB (run44, run46: about 1 GB evicted an image, 0.56x upstream, against
-# 1.59x streamed). An earlier rule (1 GiB, from run29's
-# 5.78 s resident at 8 GiB against 5.04 s streamed at 4 GiB) predates the fixes that made both paths faster and
-# took a recompile after each decode away (block_compile.own_cast_state). 3 GiB covers a 1024² decode (2.6 GiB by
-# vae_memory's estimate) with room to spare under the break-even; a larger decode still counts against the room.
+# How much of a resident DiT a VAE decode may push out every image before the loader streams the DiT instead. Evicting
+# is not free: ComfyUI syncs per module when it unloads, pins each weight it offloads, and loads it all again at the
+# next sampling run. But streaming costs more, because a streamed DiT runs eager (compiled blocks need resident
+# weights) and fetches part of its weights at every call. Measured on an H200, same call (bench/results/run53): at 8
+# GiB the bf16 DiT resident and compiled lost 1993 MB at every 1024² decode (decode 1.2 s against 0.15 s, sampling
+# 3.92 s against about 3.3 s unconstrained): 5.36 s an image, against 7.20 s for the default of the time, the DiT
+# streamed eager under dynamic VRAM (upstream 6.48 s). That is about 0.85 s a GB evicted against 3.6 s for streaming,
+# a break-even near 4 GB; about a third of it was ComfyUI pinning the evicted weights, which the pack's patchers no
+# longer do (`HostCopyEviction`, run54/run55), and from the second image on they copy nothing either way (host copies,
+# run56/run57), so the break-even is higher now. The fp8 DiT told the same at 6 GiB (run44, run46: about 1 GB evicted
+# an image, 0.56x upstream, against 1.59x streamed). An earlier rule (1 GiB, from run29's 5.78 s resident at 8 GiB
+# against 5.04 s streamed at 4 GiB) predates the fixes that made both paths faster and took a recompile after each
+# decode away (block_compile.own_cast_state). 3 GiB covers a 1024² decode (2.6 GiB by vae_memory's estimate) with room
+# to spare under the break-even; a larger decode still counts against the room.
 TOLERATED_EVICTION = 3 * 1024 ** 3
 
 
