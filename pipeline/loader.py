@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import (block_compile, block_prefetch, cfg_batch, checkpoint, compat, cuda_graphs, detect,
+from . import (block_compile, block_prefetch, cfg_batch, checkpoint, compat, cuda_graphs, detect, host_copies,
                precision as precision_mod, prompt_limits, quantize, quantized_ops, sdpa, te_quantize, vae_memory,
                vram_budget)
 from .errors import ModelFileError
@@ -374,8 +374,10 @@ def _resident_line(weight_bytes: int, room: int, evicted: int | None) -> str:
             f"patcher: with a call's activations they fit in the {room / gib:.1f} GiB free")
     if not evicted:
         return line + " beside a 1024² VAE decode)"
+    back = ("from host copies kept in RAM after the first decode" if host_copies.enabled()
+            else "copied out and back every image")
     return (line + f"; each 1024² VAE decode pushes about {evicted / gib:.1f} GiB or more of them out, loaded back "
-            "by the next image: slower than with room to spare, faster than streaming them)")
+            f"by the next image ({back}): slower than with room to spare, faster than streaming them)")
 
 
 def streamed_share(weight_bytes: int, room: int | None,

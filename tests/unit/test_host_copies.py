@@ -178,3 +178,24 @@ def test_the_same_outputs_as_comfyuis_patcher_on_a_gpu(comfy_import_path):
 
     verdict = eviction_cycles.compare(torch.device("cuda"))
     assert verdict["ok"], verdict
+
+
+def test_a_failing_unload_leaves_no_interception_behind(tiny_parts):
+    import comfy.model_patcher
+    from torch.overrides import _get_current_function_mode_stack
+
+    from pipeline import host_copies, loader, vram_budget
+
+    class Failing(comfy.model_patcher.ModelPatcher):
+        def partially_unload(self, *args, **kwargs):
+            raise RuntimeError("an unload that fails midway")
+
+    class Pack(vram_budget.HostCopyEviction, Failing):
+        pass
+
+    built, _, _, _ = loader.build_model(tiny_parts, "fp32", dynamic=False)
+    patcher = Pack(built.model, load_device=CPU, offload_device=CPU)
+    with pytest.raises(RuntimeError, match="midway"):
+        patcher.partially_unload(CPU, memory_to_free=1)
+    assert not any(isinstance(m, host_copies._Offloading) for m in _get_current_function_mode_stack())
+    assert patcher.newbie_evicting is False

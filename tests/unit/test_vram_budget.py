@@ -231,6 +231,10 @@ def test_the_report_says_what_a_decode_pushes_out(comfy_import_path, monkeypatch
     evicted, text = line(8.1)
     assert 1.2 * gib < evicted < 1.9 * gib, "a lower bound of run54's 1993 MB"
     assert "each 1024² VAE decode pushes about 1.4 GiB or more of them out" in text, text
+    assert "from host copies kept in RAM after the first decode" in text, text
+    monkeypatch.setenv("NEWBIE_HOST_COPIES", "0")
+    assert "copied out and back every image" in line(8.1)[1]
+    monkeypatch.delenv("NEWBIE_HOST_COPIES")
     evicted, text = line(16.1)
     assert evicted == 0 and text.endswith("fit in the 16.1 GiB free beside a 1024² VAE decode)"), text
     assert loader.dit_decode_eviction(torch.device("cpu"), None, bf16) is None
