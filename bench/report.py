@@ -182,6 +182,8 @@ COMMANDS = {
              "--warm 3 --timeout 120",
     "run59": "(the next call on the same H100) python3 bench/run.py --configs pack-bf16-noprefetch@6,"
              "pack-bf16-separate@6,pack-bf16@6 --warm 3 --timeout 120",
+    "run60": "(H100, a new machine, the last 240 s of the session's device time) python3 bench/run.py --configs "
+             "pack-bf16-flash@6,pack-bf16@6 --warm 2 --timeout 100",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
