@@ -161,7 +161,8 @@ def of(model) -> HostCopies:
     if copies is None:
         copies = HostCopies()
         model.newbie_host_copies = copies
-        weakref.finalize(model, copies.release)
+        # unpinned through ComfyUI when the model goes; at the server's exit the process's memory goes anyway
+        weakref.finalize(model, copies.release).atexit = False
     return copies
 
 

@@ -199,3 +199,20 @@ def test_a_failing_unload_leaves_no_interception_behind(tiny_parts):
         patcher.partially_unload(CPU, memory_to_free=1)
     assert not any(isinstance(m, host_copies._Offloading) for m in _get_current_function_mode_stack())
     assert patcher.newbie_evicting is False
+
+
+def test_pinned_copies_are_unpinned_when_the_model_goes(monkeypatch):
+    import gc
+
+    from pipeline import host_copies
+
+    unpinned = []
+    monkeypatch.setattr(host_copies, "_unpin", lambda t: unpinned.append(t.shape))
+    model = torch.nn.Linear(4, 3)
+    copies = host_copies.of(model)
+    assert host_copies.of(model) is copies, "one store a model, shared by its patchers"
+    copies.copies["weight"] = torch.zeros(3, 4)
+    copies.pinned.add("weight")
+    del model
+    gc.collect()
+    assert unpinned == [torch.Size([3, 4])] and not copies.copies
