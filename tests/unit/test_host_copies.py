@@ -216,3 +216,29 @@ def test_pinned_copies_are_unpinned_when_the_model_goes(monkeypatch):
     del model
     gc.collect()
     assert unpinned == [torch.Size([3, 4])] and not copies.copies
+
+
+def test_a_budgeted_dit_hands_back_its_evicted_part_too(tiny_parts):
+    """The budget patcher (a user's VRAM cap: the layers beyond it stay on the host and stream) evicts its resident
+    part for a decode like the resident patcher, and gets the same copies."""
+    import comfy.model_management as mm
+
+    from pipeline import host_copies, loader, vram_budget
+
+    device = SimulatedDevice()
+    built, _, _, _ = loader.build_model(tiny_parts, "fp32", dynamic=False)
+    patcher = vram_budget.patcher_class()(built.model, load_device=CPU, offload_device=CPU)
+    patcher.model.newbie_vram_budget = patcher.model_size() * 2 // 3
+    copies = host_copies.of(patcher.model)
+    copies.on_device = device.on_device
+    try:
+        for _ in range(3):
+            with device.moving("to_device"):
+                mm.load_models_gpu([patcher], force_full_load=True)
+            assert patcher.model.model_lowvram, "part of the DiT stays on the host under the budget"
+            with device.moving("to_host"):
+                patcher.partially_unload(CPU, memory_to_free=patcher.model_size() // 4)
+        assert copies.copied_bytes > 0 and copies.kept_bytes >= copies.copied_bytes, \
+            (copies.copied_bytes, copies.kept_bytes)
+    finally:
+        mm.unload_all_models()
