@@ -8,17 +8,8 @@ import sys
 
 import torch
 
+from . import tiny_models
 from .dit_calls import dit_call, dit_inputs
-
-
-def tiny_parts():
-    from devkit import tiny_models
-    from pipeline import loader
-
-    sds = tiny_models.build_state_dicts(tiny_models.TINY)
-    gemma, jina = dict(sds["gemma"]), dict(sds["jina"])
-    return loader.NewBieParts(sds["dit"], gemma, jina, sds["vae"], gemma.pop("spiece_model"),
-                              jina.pop("spiece_model"), {"dit": "tiny"})
 
 
 def resident(parts, cls, device, precision="bf16", inplace=False):
@@ -61,7 +52,7 @@ def compare(device: torch.device) -> dict:
 
     from pipeline import host_copies, vram_budget
 
-    parts = tiny_parts()
+    parts = tiny_models.in_memory_parts()
     verdict = {"device": str(device), "outputs_equal": {}}
     runs = {}
     for name, cls in (("comfy", comfy.model_patcher.ModelPatcher), ("pack", vram_budget.resident_patcher_class())):
@@ -98,7 +89,6 @@ def compare(device: torch.device) -> dict:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, ".")
     v = compare(torch.device("cuda"))
     print(json.dumps(v))
     sys.exit(0 if v["ok"] else 1)

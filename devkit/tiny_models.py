@@ -214,6 +214,16 @@ def build_state_dicts(spec: ModelSpec, device: str = "cpu") -> dict[str, dict[st
     return sds
 
 
+def in_memory_parts(spec: ModelSpec = TINY):
+    """The model's four parts in memory (no files), as the loader hands them to build_model."""
+    from pipeline import loader
+
+    sds = build_state_dicts(spec)
+    gemma, jina = dict(sds["gemma"]), dict(sds["jina"])
+    return loader.NewBieParts(sds["dit"], gemma, jina, sds["vae"], gemma.pop("spiece_model"),
+                              jina.pop("spiece_model"), {"dit": spec.name})
+
+
 def _save(sd: dict, path: Path, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 

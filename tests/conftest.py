@@ -70,13 +70,8 @@ def tiny_dit(comfy_import_path):
 def tiny_parts(comfy_import_path):
     """The tiny model's four parts in memory (no files), as the loader hands them to build_model."""
     from devkit import tiny_models
-    from pipeline import loader
 
-    sds = tiny_models.build_state_dicts(tiny_models.TINY)
-    gemma = dict(sds["gemma"])
-    jina = dict(sds["jina"])
-    return loader.NewBieParts(sds["dit"], gemma, jina, sds["vae"], gemma.pop("spiece_model"),
-                              jina.pop("spiece_model"), {"dit": "tiny"})
+    return tiny_models.in_memory_parts()
 
 
 @pytest.fixture(scope="session")
