@@ -65,10 +65,10 @@ def _unpin(t: torch.Tensor) -> None:
 
 class HostCopies:
     """One model's kept host copies, by ComfyUI weight key. `on_device` tells a weight on the load device from one
-    on the host (the CPU tests pass their own)."""
+    on the host (the CPU tests set their own)."""
 
-    def __init__(self, on_device=_on_device):
-        self.on_device = on_device
+    def __init__(self):
+        self.on_device = _on_device
         self.copies: dict[str, torch.Tensor] = {}
         self.links: dict[str, int] = {}  # key -> address of the weight on the device loaded from the copy
         self.pinned: set[str] = set()
@@ -155,9 +155,13 @@ class _Offloading(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _kept(model) -> HostCopies | None:
+    return getattr(model, "newbie_host_copies", None)
+
+
 def of(model) -> HostCopies:
     """The model's host copies (made on first use; released with the model)."""
-    copies = getattr(model, "newbie_host_copies", None)
+    copies = _kept(model)
     if copies is None:
         copies = HostCopies()
         model.newbie_host_copies = copies
@@ -183,19 +187,17 @@ def offloading(model, keep_new: bool):
                  "pinned" if copies.pinned else "not pinned")
 
 
+# The patchers' hooks below act on copies a model already has; they make none.
 def forget(model, key: str) -> None:
     """Weight `key` is about to change: its copy no longer stands for it."""
-    copies = getattr(model, "newbie_host_copies", None)
-    if copies is not None:
+    if (copies := _kept(model)) is not None:
         copies.forget(key)
 
 
 def resting(model) -> set[str]:
-    copies = getattr(model, "newbie_host_copies", None)
-    return copies.resting(model) if copies is not None else set()
+    return copies.resting(model) if (copies := _kept(model)) is not None else set()
 
 
 def relink(model, resting_keys: set[str]) -> None:
-    copies = getattr(model, "newbie_host_copies", None)
-    if copies is not None:
+    if (copies := _kept(model)) is not None:
         copies.relink(model, resting_keys)
