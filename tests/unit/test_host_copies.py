@@ -156,7 +156,8 @@ def test_switched_off_nothing_is_kept(resident, monkeypatch):
 def test_only_moves_to_the_host_are_served_from_copies():
     from pipeline import host_copies
 
-    copies = host_copies.HostCopies(on_device=lambda t: True)
+    copies = host_copies.HostCopies()
+    copies.on_device = lambda t: True
     t = torch.ones(4)
     calls = []
 
