@@ -98,6 +98,9 @@ SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_C
             "batched": {"NEWBIE_CFG_BATCH": "always"}, "flash": {"NEWBIE_SDPA": "flash"},
             "cppwrapper": {"NEWBIE_CPP_WRAPPER": "1"}, "nographs": {"NEWBIE_CUDA_GRAPHS": "0"},
             "cudnn": {"NEWBIE_SDPA": "cudnn"},
+            # a DiT that does not fit streamed under ComfyUI's dynamic VRAM (with the block prefetch), as before the
+            # block streamer of its non-dynamic patcher (pipeline/block_stream.py)
+            "nostream": {"NEWBIE_BLOCK_STREAM": "0"},
             # a decode's eviction of a resident DiT copied out and back every image (pipeline/host_copies.py off)
             "nocopies": {"NEWBIE_HOST_COPIES": "0"},
             # Inductor without its pool of compile worker processes: does starting that pool make the 6 s of

@@ -217,12 +217,13 @@ def apply(patcher, backend: str = "inductor", mode: str | None = None) -> int:
     import comfy.patcher_extension
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
-    from . import rope_fusion
+    from . import block_stream, rope_fusion
 
     keys = block_keys(patcher.model.diffusion_model)
     if not keys:
         raise ValueError("block compile: this model has no transformer blocks where NewBie's Next-DiT has them")
     rope_fusion.enable()
+    block_stream.detach(patcher)  # compiled blocks take their weights where ComfyUI's cast puts them
     own_cast_state(patcher.model.diffusion_model)
     set_torch_compile_wrapper(patcher, backend=backend, mode=mode, keys=keys, options=inductor_options(backend))
     patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)

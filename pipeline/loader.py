@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import (block_compile, block_prefetch, cfg_batch, checkpoint, compat, cuda_graphs, detect, host_copies,
+from . import (block_compile, block_prefetch, block_stream, cfg_batch, checkpoint, compat, cuda_graphs, detect, host_copies,
                precision as precision_mod, prompt_limits, quantize, quantized_ops, sdpa, te_quantize, vae_memory,
                vram_budget)
 from .errors import ModelFileError
@@ -286,6 +286,8 @@ def _finish_model(model_config, dit: dict, load_device, budget, dynamic: bool, f
     precision_mod.attach(patcher, fp16_state)
     cfg_batch.attach(patcher)
     block_prefetch.attach(patcher)
+    if not compat.is_dynamic(patcher):
+        block_stream.attach(patcher)
     cuda_graphs.attach(patcher)  # last: the innermost DIFFUSION_MODEL wrapper
     return patcher
 
@@ -322,6 +324,9 @@ def settle_weight_dtypes(model) -> int:
 def _streaming(patcher) -> str:
     """How a DiT that does not fit is streamed, for the report."""
     if not compat.is_dynamic(patcher):
+        if block_stream.attached(patcher):
+            return ("ComfyUI's non-dynamic patcher keeps what fits on the GPU; the layers it leaves in pinned RAM are "
+                    "fetched a transformer block ahead, on a side stream")
         return "ComfyUI decides what stays on the GPU"
     ahead = "; each block's weights fetched while the block before it runs" \
         if block_prefetch.available() and block_prefetch.enabled() else ""
@@ -544,10 +549,13 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
     compile, compile_why = block_compile.resolve(compile, device, weight_bytes, room, fmt is not None, traceable)
     # Weights that fit stay resident in ComfyUI's non-dynamic patcher, compiled or not: under dynamic VRAM every
     # Linear fetches its weight through comfy-aimdo on each call (eager bf16 sampled 4.9 it/s that way against
-    # upstream --gpu-only's 5.9, run15; the fp8 DiT 3.9 it/s, run18). Dynamic VRAM is kept for weights that don't.
+    # upstream --gpu-only's 5.9, run15; the fp8 DiT 3.9 it/s, run18). Weights that don't fit go to the same patcher,
+    # which loads what fits, and the rest is streamed a block ahead (pipeline/block_stream.py); with that switched
+    # off, or off a CUDA GPU, dynamic VRAM streams them where the host has it.
     resident = block_compile.weights_fit(weight_bytes, room)
-    model, unet_config, dtype, manual_cast = build_model(parts, precision, budget=budget,
-                                                         dynamic=compile == "off" and not resident)
+    streams_blocks = block_stream.available(device) and block_stream.enabled()
+    model, unet_config, dtype, manual_cast = build_model(
+        parts, precision, budget=budget, dynamic=compile == "off" and not resident and not streams_blocks)
     model.cached_patcher_init = (reload_dit_patcher, (dict(parts.paths), precision, budget,
                                                       precision_mod.state_of(model)))
     compiled = block_compile.apply(model) if compile == "blocks" else 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 
-from . import host_copies
+from . import block_stream, host_copies
 
 GIB = 1024 ** 3
 
@@ -86,10 +86,11 @@ class HostCopyEviction:
 
 @functools.cache
 def resident_patcher_class():
-    """ComfyUI's non-dynamic ModelPatcher for a DiT the loader keeps resident, with `HostCopyEviction`."""
+    """ComfyUI's non-dynamic ModelPatcher for a DiT the loader keeps on the GPU, whole (resident) or in part (the
+    rest streamed a block ahead, pipeline/block_stream.py), with `HostCopyEviction` and `block_stream.StreamRoom`."""
     import comfy.model_patcher
 
-    class NewBieResidentModelPatcher(HostCopyEviction, comfy.model_patcher.ModelPatcher):
+    class NewBieResidentModelPatcher(block_stream.StreamRoom, HostCopyEviction, comfy.model_patcher.ModelPatcher):
         pass
 
     return NewBieResidentModelPatcher
@@ -102,14 +103,23 @@ def patcher_class():
     `HostCopyEviction` (a decode's eviction of its resident part comes back at the next load, as for a resident DiT)."""
     import comfy.model_patcher
 
-    class NewBieBudgetModelPatcher(HostCopyEviction, comfy.model_patcher.ModelPatcher):
-        def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False, **kwargs):
-            cap = getattr(self.model, "newbie_vram_budget", None)
-            if cap:
-                lowvram_model_memory, full_load = capped_load_memory(lowvram_model_memory, full_load, cap)
-            return super().load(device_to, lowvram_model_memory, force_patch_weights, full_load, **kwargs)
+    class NewBieBudgetModelPatcher(block_stream.StreamRoom, BudgetCap, HostCopyEviction,
+                                   comfy.model_patcher.ModelPatcher):
+        pass
 
     return NewBieBudgetModelPatcher
+
+
+class BudgetCap:
+    """ModelPatcher mixin: every load keeps at most the model's `newbie_vram_budget` bytes of weights on the GPU. It
+    comes after block_stream.StreamRoom, which leaves room for the streamer's buffers out of what ComfyUI offers, so
+    the user's cap counts weights only, as before the streamer."""
+
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False, **kwargs):
+        cap = getattr(self.model, "newbie_vram_budget", None)
+        if cap:
+            lowvram_model_memory, full_load = capped_load_memory(lowvram_model_memory, full_load, cap)
+        return super().load(device_to, lowvram_model_memory, force_patch_weights, full_load, **kwargs)
 
 
 # How much of a resident DiT a VAE decode may push out every image before the loader streams the DiT instead. Evicting
