@@ -78,17 +78,18 @@ class StreamedBlock:
 
 def plan(blocks, streamed=host_pinned) -> list[StreamedBlock]:
     """The blocks (in running order) that have parameters to stream, each with where they go in a buffer. Only cast
-    layers (`comfy_cast_weights` set: ComfyUI casts them at every call) are looked at."""
+    layers (`comfy_cast_weights` set: ComfyUI casts them at every call) whose every parameter is `streamed` count: a
+    layer with a quantized weight is left whole to ComfyUI's cast."""
     out = []
     for block in blocks:
         params, offset = [], 0
         for module in block.modules():
-            if not getattr(module, "comfy_cast_weights", False):
+            own = list(module.parameters(recurse=False))
+            if not (own and getattr(module, "comfy_cast_weights", False) and all(streamed(p.data) for p in own)):
                 continue
-            for p in module.parameters(recurse=False):
-                if streamed(p.data):
-                    params.append((p, p.data, offset))
-                    offset += _aligned(_nbytes(p.data))
+            for p in own:
+                params.append((p, p.data, offset))
+                offset += _aligned(_nbytes(p.data))
         if params:
             out.append(StreamedBlock(block, tuple(params), offset))
     return out

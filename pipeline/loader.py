@@ -549,11 +549,13 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
     compile, compile_why = block_compile.resolve(compile, device, weight_bytes, room, fmt is not None, traceable)
     # Weights that fit stay resident in ComfyUI's non-dynamic patcher, compiled or not: under dynamic VRAM every
     # Linear fetches its weight through comfy-aimdo on each call (eager bf16 sampled 4.9 it/s that way against
-    # upstream --gpu-only's 5.9, run15; the fp8 DiT 3.9 it/s, run18). Weights that don't fit go to the same patcher,
-    # which loads what fits, and the rest is streamed a block ahead (pipeline/block_stream.py); with that switched
-    # off, or off a CUDA GPU, dynamic VRAM streams them where the host has it.
+    # upstream --gpu-only's 5.9, run15; the fp8 DiT 3.9 it/s, run18). 16-bit weights that don't fit go to the same
+    # patcher, which loads what fits, and the rest is streamed a block ahead (pipeline/block_stream.py: at 6 GiB 0.73x
+    # and 0.93x upstream against 0.86x under dynamic VRAM, run63/run64). A quantized DiT that does not fit (its
+    # layers are ComfyUI's quantized tensors, which the streamer leaves alone), the switch off, or a CPU: dynamic
+    # VRAM streams it where the host has it, as before.
     resident = block_compile.weights_fit(weight_bytes, room)
-    streams_blocks = block_stream.available(device) and block_stream.enabled()
+    streams_blocks = block_stream.available(device) and block_stream.enabled() and fmt is None
     model, unet_config, dtype, manual_cast = build_model(
         parts, precision, budget=budget, dynamic=compile == "off" and not resident and not streams_blocks)
     model.cached_patcher_init = (reload_dit_patcher, (dict(parts.paths), precision, budget,

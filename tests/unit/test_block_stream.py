@@ -64,6 +64,24 @@ def test_a_partial_load_leaves_cast_layers_the_plan_finds_in_running_order(tiny_
                     "every parameter of a cast layer, and nothing else, is planned"
 
 
+def test_a_layer_streams_whole_or_is_left_to_comfyui(tiny_dit):
+    """A cast layer with one parameter the streamer must not move (here: any 1-d one, a bias or a norm's weight, as
+    for a quantized weight) is left whole to ComfyUI's cast."""
+    from pipeline import block_stream
+
+    patcher, _ = _partly_loaded(tiny_dit)
+    blocks = block_stream.blocks_in_order(patcher.model.diffusion_model)
+    plan = block_stream.plan(blocks, lambda t: _on_host(t) and t.dim() > 1)
+    planned = {id(p) for b in plan for p, _, _ in b.params}
+    cast = [m for b in blocks for m in b.modules() if getattr(m, "comfy_cast_weights", False)]
+    with_bias = [m for m in cast if getattr(m, "bias", None) is not None]
+    matrices = [m for m in cast if list(m.parameters(recurse=False))
+                and all(p.dim() > 1 for p in m.parameters(recurse=False))]
+    assert with_bias and matrices, "the tiny DiT's cast layers include both kinds"
+    assert not any(id(p) in planned for m in with_bias for p in m.parameters(recurse=False))
+    assert all(id(p) in planned for m in matrices for p in m.parameters(recurse=False))
+
+
 def test_a_streamed_call_gives_the_same_output_with_each_block_on_its_buffer_and_everything_back_after(tiny_dit):
     from pipeline import block_stream
 
