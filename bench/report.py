@@ -184,6 +184,18 @@ COMMANDS = {
              "pack-bf16-separate@6,pack-bf16@6 --warm 3 --timeout 120",
     "run60": "(H100, a new machine, the last 240 s of the session's device time) python3 bench/run.py --configs "
              "pack-bf16-flash@6,pack-bf16@6 --warm 2 --timeout 100",
+    "run61": "(H100 80GB HBM3, torch 2.11; the pack at e834f67) python3 bench/run.py --configs upstream-bf16@6,"
+             "pack-bf16-noprefetch@6,pack-bf16@6,pack-bf16-nodynamic@6 --warm 3 --timeout 120 --profile "
+             "--profile-steps 4",
+    "run62": "(the next call on the same H100) python3 bench/run.py --configs pack-bf16@6,upstream-bf16@6 --warm 3 "
+             "--timeout 120 --profile --profile-steps 4",
+    "run63": "(the same H100; the pack at e750015: the block streamer) PYTHONPATH=$PYTHONPATH:$COMFYUI_PATH python3 -m "
+             "devkit.stream_check; python3 bench/run.py --configs upstream-bf16@6,pack-bf16@6,pack-bf16-nostream@6,"
+             "pack-bf16@4,upstream-bf16@4 --warm 3 --timeout 120",
+    "run64": "(the next call on the same H100) python3 bench/run.py --configs pack-bf16@6,upstream-bf16@6,"
+             "upstream-bf16@8,pack-bf16@8 --warm 3 --timeout 100",
+    "run65": "(the next call on the same H100, a profile probe) python3 bench/run.py --configs pack-bf16@6 --warm 3 "
+             "--timeout 100 --profile --profile-steps 4",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
