@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from . import (block_compile, block_prefetch, block_stream, cfg_batch, checkpoint, compat, cuda_graphs, detect, host_copies,
-               precision as precision_mod, prompt_limits, quantize, quantized_ops, sdpa, te_quantize, vae_memory,
-               vram_budget)
+from . import (block_compile, block_prefetch, block_stream, cfg_batch, checkpoint, compat, cuda_graphs, detect,
+               host_copies, precision as precision_mod, prompt_limits, quantize, quantized_ops, sdpa, te_quantize,
+               vae_memory, vram_budget)
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -527,6 +527,13 @@ def _text_encoders_line(clip, gemma_cfg: dict, jina_cfg: dict, te_precision: str
             f"{jina_cfg['hidden_size']}, {rest}, {_size(quantize.stored_bytes(jina_sd))}")
 
 
+def on_dynamic_vram(compile: str, resident, device, fmt: str | None) -> bool:
+    """Whether the DiT goes to ComfyUI's dynamic-VRAM patcher (where the host has one): only an eager DiT that does
+    not stay resident and that the block streamer does not take (a quantized one, the switch off, or a CPU)."""
+    streams_blocks = block_stream.available(device) and block_stream.enabled() and fmt is None
+    return compile == "off" and not resident and not streams_blocks
+
+
 def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str | None = "auto",
                 progress=None, vram_budget_gb: float = 0.0, compile: str = "auto") -> LoadedNewBie:
     """progress: an object with update(n) (ComfyUI's ProgressBar), advanced once per built part (3 in all).
@@ -555,9 +562,8 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
     # layers are ComfyUI's quantized tensors, which the streamer leaves alone), the switch off, or a CPU: dynamic
     # VRAM streams it where the host has it, as before.
     resident = block_compile.weights_fit(weight_bytes, room)
-    streams_blocks = block_stream.available(device) and block_stream.enabled() and fmt is None
     model, unet_config, dtype, manual_cast = build_model(
-        parts, precision, budget=budget, dynamic=compile == "off" and not resident and not streams_blocks)
+        parts, precision, budget=budget, dynamic=on_dynamic_vram(compile, resident, device, fmt))
     model.cached_patcher_init = (reload_dit_patcher, (dict(parts.paths), precision, budget,
                                                       precision_mod.state_of(model)))
     compiled = block_compile.apply(model) if compile == "blocks" else 0

@@ -242,6 +242,25 @@ def test_the_pack_wrapper_passes_through_off_a_gpu(tiny_dit):
     assert torch.equal(reference, dit_calls.dit_call(patcher, cfg))
 
 
+def test_the_loader_streams_a_16_bit_dit_that_does_not_fit_itself_and_says_so(tiny_dit, monkeypatch):
+    from pipeline import block_stream, loader
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(block_stream, "available", lambda device: device.type == "cuda")
+    assert not loader.on_dynamic_vram("off", False, cuda, None), "16-bit, does not fit: the pack's patcher"
+    assert loader.on_dynamic_vram("off", False, cuda, "fp8"), "a quantized DiT that does not fit: dynamic VRAM"
+    assert loader.on_dynamic_vram("off", False, CPU, None), "off a GPU: as before"
+    assert not loader.on_dynamic_vram("off", True, cuda, None), "resident: the pack's patcher"
+    assert not loader.on_dynamic_vram("blocks", False, cuda, None), "compiled: the pack's patcher"
+    monkeypatch.setenv("NEWBIE_BLOCK_STREAM", "0")
+    assert loader.on_dynamic_vram("off", False, cuda, None), "switched off: dynamic VRAM, as before"
+    monkeypatch.delenv("NEWBIE_BLOCK_STREAM")
+    patcher, _ = cfg_batch_errors.model(tiny_dit)
+    assert "a transformer block ahead" in loader._streaming(patcher)
+    block_stream.detach(patcher)
+    assert "ComfyUI decides what stays on the GPU" in loader._streaming(patcher)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (devkit/stream_check.py on the device)")
 def test_on_a_gpu_streaming_is_bit_identical_to_comfyui_casts_and_to_the_resident_model():
     from devkit import stream_check
