@@ -333,45 +333,77 @@ def quant_table(quant: dict) -> list[str]:
     return lines
 
 
+PLOT_BUDGETS = (None, 16.0, 12.0, 8.0, 6.0, 4.0)
+PACK_DEFAULTS = ("pack-bf16", "pack-bf16-native")  # the pack's default graph at precision bf16
+
+
+def _run_number(run: str) -> int:
+    digits = "".join(ch for ch in run if ch.isdigit())
+    return int(digits) if digits else -1
+
+
+def budget_pairs(runs: dict) -> list[dict]:
+    """For each budget of PLOT_BUDGETS, the newest run that timed the pack's default bf16 graph and an upstream
+    configuration in the same call: the pack's and upstream's best warm image there, and their peaks."""
+    pairs = []
+    for budget in PLOT_BUDGETS:
+        for run in sorted(runs, key=_run_number, reverse=True):
+            here = [r for r in runs[run] if r.get("budget_gib") == budget and (r.get("warm") or {}).get("wall_s")]
+            pack = [r for r in here if r["config"] in PACK_DEFAULTS]
+            upstream = [r for r in here if r["config"].startswith("upstream")]
+            if pack and upstream:
+                p = min(pack, key=lambda r: r["warm"]["wall_s"])
+                u = min(upstream, key=lambda r: r["warm"]["wall_s"])
+                pairs.append({"budget": budget, "run": run, "pack": p["warm"]["wall_s"], "upstream": u["warm"]["wall_s"],
+                              "upstream_config": u["config"], "pack_peak": p["warm"].get("peak_gib"),
+                              "upstream_peak": u["warm"].get("peak_gib")})
+                break
+    return pairs
+
+
 def plots(runs: dict) -> list[str]:
+    """Two bar charts of budget_pairs: the warm image's time, and the peak GPU memory, pack against upstream."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return ["(plots skipped: matplotlib not installed)"]
+    pairs = budget_pairs(runs)
+    if not pairs:
+        return []
     IMAGES.mkdir(parents=True, exist_ok=True)
+    labels = [("none" if q["budget"] is None else f"{q['budget']:g} GiB") + f"\n{q['run']}" for q in pairs]
+    x = range(len(pairs))
     out = []
-    latest = {}
-    for run, results in runs.items():
-        for r in results:
-            latest[(r["config"], r["budget_gib"])] = r
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for (config, budget), r in sorted(latest.items(), key=lambda kv: str(kv[0])):
-        trace = r.get("trace") or []
-        if trace:
-            ax.plot([t for t, _ in trace], [m / 1024 for _, m in trace],
-                    label=f"{config} @ {budget if budget is not None else 'none'} GiB", linewidth=1)
-    ax.set_xlabel("seconds since server start (cold run, then warm run)")
-    ax.set_ylabel("GPU memory of the server process, GiB")
-    ax.set_title("Memory over time (1024², 25 steps, CFG 5)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(IMAGES / "bench-memory.png", dpi=110)
-    plt.close(fig)
-    out.append("![memory over time](images/bench-memory.png)")
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    names = [f"{c}\n@{b if b is not None else 'none'}" for (c, b) in latest]
-    warm = [latest[k].get("warm", {}).get("wall_s") or 0 for k in latest]
-    colors = ["tab:orange" if c.startswith("pack") else "tab:gray" for (c, _) in latest]
-    ax.bar(range(len(warm)), warm, color=colors)
-    ax.set_xticks(range(len(warm)), names, fontsize=7, rotation=30, ha="right")
-    ax.set_ylabel("warm wall time, s")
-    ax.set_title("Warm 1024² image, pack (orange) vs upstream (grey)")
-    fig.tight_layout()
-    fig.savefig(IMAGES / "bench-warm-time.png", dpi=110)
-    plt.close(fig)
-    out.append("![warm time per configuration](images/bench-warm-time.png)")
+    for key, ylabel, title, image in (
+            ("", "warm image, s", "Warm 1024² image (25 steps, CFG 5), the pack's default bf16 graph against "
+             "upstream's best in the same call", "bench-warm-time.png"),
+            ("_peak", "peak GPU memory, GiB", "Peak GPU memory of the server (nvidia-smi), same runs",
+             "bench-memory.png")):
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        pack = [q["pack" + key] or 0 for q in pairs]
+        upstream = [q["upstream" + key] or 0 for q in pairs]
+        ax.bar([i - 0.2 for i in x], pack, width=0.4, color="tab:orange", label="pack, bf16")
+        ax.bar([i + 0.2 for i in x], upstream, width=0.4, color="tab:gray", label="upstream ComfyUI")
+        if not key:
+            for i, q in enumerate(pairs):
+                ax.annotate(f"{q['pack'] / q['upstream']:.2f}x", (i - 0.2, q["pack"]), ha="center", va="bottom",
+                            fontsize=8)
+        else:
+            for i, q in enumerate(pairs):
+                if q["budget"] is not None:
+                    ax.hlines(q["budget"] + 0.6, i - 0.45, i + 0.45, colors="black", linestyles="dotted")
+        ax.set_xticks(list(x), labels, fontsize=8)
+        ax.set_xlabel("memory budget (a second process holds the rest; dotted: the budget + 0.6 GiB left free)"
+                      if key else "memory budget, and the run that measured it")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(IMAGES / image, dpi=110)
+        plt.close(fig)
+        out.append(f"![{title}](images/{image})")
     return out
 
 
@@ -460,7 +492,10 @@ def main():
                               (d.get("disturbed") or {}).get("guard_log", [])[:4])
             parts.append(f"| {run} | {d.get('verdict')} | {c.get('latent_identical')} | {c.get('pixels_identical')} | "
                          f"{log or '—'} |")
-    parts += ["", "## Plots", ""]
+    parts += ["", "## Plots", "",
+              "For each budget, the newest device call that timed the pack's default bf16 graph and upstream side by "
+              "side (medians of the warm images; the ratio above the pack's bar). Each pair is from one call; runs "
+              "56-65 ran on an H100 80GB, the earlier ones on an H200.", ""]
     parts += plots(current or runs)
     if history:
         parts += ["", "## Earlier runs (NVIDIA H100, one warm run each, before compile was on by default)", ""]

@@ -585,7 +585,7 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
         f"{unet_config['n_heads']}/{unet_config['n_kv_heads']} heads; " + _weights_line(model, precision, dtype, compute),
         _text_encoders_line(clip, gemma_cfg, jina_cfg, te_precision, te_dtype),
         (f"VRAM budget: at most {budget / vram_budget.GIB:.2f} GiB of DiT weights on the GPU, the rest streamed "
-         "per step (legacy loader for this model)" if budget else
+         f"per step ({_streaming(model)})" if budget else
          _resident_line(weight_bytes, room, dit_decode_eviction(device, budget, weight_bytes)) if resident else
          f"VRAM budget: none ({_streaming(model)})"),
         (f"compile: {compiled} transformer blocks compiled on their own at the first sampling run (one graph per "
