@@ -1,10 +1,14 @@
-"""Block-ahead weight prefetch for a DiT streamed under dynamic VRAM.
+"""Each block's weights fetched as one unit for a DiT streamed under dynamic VRAM (ComfyUI's prefetch queue).
 
-When the DiT's weights do not fit on the GPU, ComfyUI's dynamic VRAM (comfy-aimdo, v0.33) holds them in pinned
-system memory and each Linear fetches its own weight when it runs. ComfyUI has a queue that fetches a whole
-transformer block at once on an offload stream, so the copy overlaps the computation of the block before it
-(`comfy.model_prefetch`, used by the LTX-AV, MiniMax and Gemma-4 models). Lumina-2's Next-DiT, which NewBie uses,
-does not use it. This module adds it from outside through a DIFFUSION_MODEL wrapper:
+Where a DiT that does not fit streams under dynamic VRAM (a quantized DiT, or with the pack's block streamer
+switched off, pipeline/block_stream.py), comfy-aimdo holds its weights in pinned system memory and each Linear
+fetches its own weight when it runs. ComfyUI has a queue that fetches a whole transformer block as one unit on an
+offload stream (`comfy.model_prefetch`, used by the LTX-AV, MiniMax and Gemma-4 models). It fetches each block as
+that block starts (`prefetch_queue_pop` casts `queue[0]`, the block about to run), not one ahead: the copies only
+overlap what runs before as far as the host is ahead of the GPU. It sampled 5.11 against 4.76 it/s at 4 GiB on an
+H200 (run28); at 6 GiB on an H100 it did not pay reliably (7.76 s with it against 10.51 s without in run59, 8.10
+against 7.62 s in run61). Lumina-2's Next-DiT, which NewBie uses, does not use the queue. This module adds it from
+outside through a DIFFUSION_MODEL wrapper:
 
 - the wrapper builds ComfyUI's queue from the DiT's blocks in the order they run (2 context refiners, 2 noise
   refiners, then the main layers). `make_prefetch_queue` returns None unless the call is on a dynamic-VRAM patcher

@@ -328,7 +328,7 @@ def _streaming(patcher) -> str:
             return ("ComfyUI's non-dynamic patcher keeps what fits on the GPU; the layers it leaves in pinned RAM are "
                     "fetched a transformer block ahead, on a side stream")
         return "ComfyUI decides what stays on the GPU"
-    ahead = "; each block's weights fetched while the block before it runs" \
+    ahead = "; each block's weights fetched in one go as it starts" \
         if block_prefetch.available() and block_prefetch.enabled() else ""
     return f"ComfyUI's dynamic VRAM streams the weights that do not fit{ahead}"
 
