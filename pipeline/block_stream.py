@@ -290,7 +290,6 @@ class StreamRoom:
         if not full_load and dm is not None and attached(self) and 0 < lowvram_model_memory < self.model_size():
             room = SLOTS * block_bytes(dm)
             lowvram_model_memory = max(self.model.model_loaded_weight_memory, lowvram_model_memory - room, 1)
-        self._newbie_moved()
         try:
             return super().load(device_to, lowvram_model_memory, force_patch_weights, full_load, **kwargs)
         finally:
