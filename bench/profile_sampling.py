@@ -10,6 +10,7 @@ the CPU) and the CPU ops that fill the gaps.
 A variant is PRECISION[+compile][+batched|+separate]: the loader's precision (bf16, fp16, fp32, fp8, int8);
 +compile: the blocks compiled (pipeline/block_compile.py, as `compile: auto` does where the weights stay resident);
 +cppwrapper: the blocks' launchers in C++ (NEWBIE_CPP_WRAPPER);
++gpusigmas: the sampler compares its sigmas on the GPU every step, as ComfyUI has it (pipeline/host_sigmas.py off);
 +batched: the pack's batching of prompts of different lengths (pipeline/cfg_batch.py) forced on (by default it
 batches only a streamed DiT, and these models are resident); +separate: its wrapper removed.
 The warm run is timed unprofiled over --steps; the profile covers a run of --profile-steps (default 3), with
@@ -66,6 +67,7 @@ def main():
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--variants", default="bf16+compile,fp16+compile")
     ap.add_argument("--profile-steps", type=int, default=3, help="steps of the profiled run")
+    ap.add_argument("--warm", type=int, default=3, help="unprofiled warm runs (their median is reported)")
     ap.add_argument("--stacks", action="store_true", help="record Python stacks (host_read_sites; slow)")
     args = ap.parse_args()
     sys.path[:0] = [os.environ.get("COMFYUI_PATH", str(Path.home() / "comfy" / "ComfyUI")), str(REPO)]
@@ -98,6 +100,7 @@ def main():
         # the pack's batching of the prompt pair: by default (auto) only where the weights stream, and these
         # models are resident; +batched forces it, +separate removes it
         os.environ["NEWBIE_CFG_BATCH"] = "always" if "batched" in extras else "auto"
+        os.environ["NEWBIE_HOST_SIGMAS"] = "0" if "gpusigmas" in extras else "1"
         if "separate" in extras:
             patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, cfg_batch.WRAPPER_KEY)
         g = torch.Generator().manual_seed(5)
@@ -133,15 +136,19 @@ def main():
         sample(1)  # loads the model, compiles the blocks
         sync()
         r = {"first_run_s": round(time.perf_counter() - t, 2)}
-        timeline = []
-        t = time.perf_counter()
-        sample(2)
-        sync()
-        r["warm_run_s"] = round(time.perf_counter() - t, 3)
+        warm = []
+        for seed in range(2, 2 + args.warm):  # the last run's DiT calls give the call timeline
+            timeline = []
+            t = time.perf_counter()
+            sample(seed)
+            sync()
+            warm.append(round(time.perf_counter() - t, 3))
+        r["warm_runs_s"] = warm
+        r["warm_run_s"] = sorted(warm)[len(warm) // 2]
         r["warm_step_ms"] = round(r["warm_run_s"] * 1e3 / args.steps, 2)
         r.update(call_timeline(timeline, args.steps))
         timeline = None
-        print(f"[sampling] {variant}: warm run {r['warm_run_s']} s", flush=True)
+        print(f"[sampling] {variant}: warm runs {warm} s", flush=True)
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         # Python stacks on the ops (torch 2.9+) are costly: over a whole 25-step run on the full model the profile
         # did not finish in 9 minutes (run27), hence --stacks and a short profiled run (--profile-steps).
@@ -149,16 +156,18 @@ def main():
             if args.stacks else {}
         with torch.profiler.profile(activities=acts, **stacks) as prof:
             t = time.perf_counter()
-            sample(3, args.profile_steps)
+            sample(99, args.profile_steps)
             sync()
             wall = time.perf_counter() - t
         r.update(summarise(prof, args.profile_steps, wall))
-        r["dit_calls_per_step"] = round(len(calls) / (2 * args.steps + args.profile_steps), 2)
+        r["dit_calls_per_step"] = round(len(calls) / ((1 + args.warm) * args.steps + args.profile_steps), 2)
         r["dit_call_batch_sizes"] = sorted(set(calls))
         r.update(tables(prof, args.top, cuda))
         brief = {k: v for k, v in r.items() if not k.startswith("top_")}
         print(f"[sampling] {variant}: {json.dumps(brief)}\n{r['top_cpu']}", flush=True)
         results[variant] = r
+        args.out.mkdir(parents=True, exist_ok=True)  # after each variant: a call cut short keeps what it measured
+        (args.out / "profile_sampling.json").write_text(json.dumps(results, indent=1))
         mm.unload_all_models()
         del patcher
         gc.collect()
@@ -166,8 +175,6 @@ def main():
             torch.cuda.empty_cache()
         if "compile" in extras:
             torch._dynamo.reset()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "profile_sampling.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -196,6 +196,16 @@ COMMANDS = {
              "upstream-bf16@8,pack-bf16@8 --warm 3 --timeout 100",
     "run65": "(the next call on the same H100, a profile probe) python3 bench/run.py --configs pack-bf16@6 --warm 3 "
              "--timeout 100 --profile --profile-steps 4",
+    "run66": "(H100 80GB HBM3, torch 2.11, a new machine; the pack with pipeline/host_sigmas.py) "
+             "PYTHONPATH=$PYTHONPATH:$COMFYUI_PATH python3 -m devkit.host_sigmas_check; python3 "
+             "bench/profile_sampling.py --variants bf16+compile+gpusigmas,bf16+compile,fp8+compile+gpusigmas,"
+             "fp8+compile,bf16+compile+cppwrapper --steps 25 --profile-steps 2 --warm 3",
+    "run67": "(H100, a new machine) python3 bench/attention_backends.py --backends cudnn,cudnn-pad128,"
+             "cudnn-pad128-prepared,flash,flash-pad128-prepared; python3 bench/profile_sampling.py --variants "
+             "bf16+compile --steps 25 --profile-steps 1 --stacks --warm 1",
+    "run68": "(H100, a new machine) PYTHONPATH=$PYTHONPATH:$COMFYUI_PATH python3 -m devkit.host_sigmas_check; python3 "
+             "bench/run.py --configs upstream-gpu-only-native@none,pack-bf16@none,pack-bf16-gpusigmas@none,"
+             "pack-fp8@none,pack-fp8-gpusigmas@none --warm 3 --timeout 100",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }

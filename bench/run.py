@@ -103,6 +103,8 @@ SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_C
             "nostream": {"NEWBIE_BLOCK_STREAM": "0"},
             # a decode's eviction of a resident DiT copied out and back every image (pipeline/host_copies.py off)
             "nocopies": {"NEWBIE_HOST_COPIES": "0"},
+            # the sampler compares its sigmas on the GPU every step, as ComfyUI has it (pipeline/host_sigmas.py off)
+            "gpusigmas": {"NEWBIE_HOST_SIGMAS": "0"},
             # Inductor without its pool of compile worker processes: does starting that pool make the 6 s of
             # "Inductor" a first image pays with the cache filled (run45)? Compare a second server's cold image.
             "compile1": {"TORCHINDUCTOR_COMPILE_THREADS": "1"}}

@@ -1,0 +1,74 @@
+"""A sampling run without a host sync per step: the Euler-ancestral loop gets its noise levels on the CPU.
+
+ComfyUI moves the sampling run's sigmas to the GPU (`CFGGuider.outer_sample`), and k-diffusion's Euler-ancestral
+loop for flow models (`sample_euler_ancestral_RF`, which `sample_euler_ancestral` runs for them, and the pack's
+sampler node) asks `if sigmas[i + 1] == 0` at every step: a host read of a GPU value, which waits for the whole
+step to finish. The GPU then sits idle while the CPU issues the next step's first kernels, and a resident,
+compiled DiT is issued at about the pace the GPU runs it (bench/results/NOTES.md, runs 31, 48), so the CPU never
+gets back ahead within the step. Given the same sigmas on the CPU, that comparison and the step's coefficients are
+computed on the host, and the CPU runs ahead across steps.
+
+Nothing else changes: each step's arithmetic is the same float32 operations on 0-dim tensors, on the host instead
+of the GPU (IEEE float32 gives the same results for these: +, -, *, / and the square root that `** 0.5` becomes),
+and a 0-dim tensor multiplies a GPU tensor as a scalar. The model still gets its sigma on the GPU (`sigmas[i] *
+s_in`, s_in on the GPU). ComfyUI's `transformer_options["sample_sigmas"]` stays on the GPU.
+
+A SAMPLER_SAMPLE wrapper (ComfyUI's hook around a sampler's run) hands the sampler a CPU copy of the sigmas, only
+where every use of them is known to accept one:
+- the sampler function is one of SAMPLERS (flow-model Euler ancestral), and the model samples a flow (its
+  model_sampling is ComfyUI's CONST, for which `sample_euler_ancestral` runs the RF loop): other samplers reshape
+  sigmas against the latent (`append_dims`), which a CPU tensor cannot do with a GPU one;
+- no inpainting mask (KSamplerX0Inpaint passes the sigmas to mask functions of other nodes).
+Elsewhere the sigmas pass through as ComfyUI gave them. NEWBIE_HOST_SIGMAS=0 turns it off, for comparisons.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import env_switch
+
+WRAPPER_KEY = "newbie_host_sigmas"
+SAMPLERS = ("sample_euler_ancestral", "sample_euler_ancestral_RF")
+
+
+@functools.cache
+def _samplers() -> frozenset:
+    """The sampler functions that take CPU sigmas: k-diffusion's by name (those this ComfyUI has), and the pack's."""
+    import comfy.k_diffusion.sampling as kd
+
+    from . import sampling
+
+    return frozenset([getattr(kd, n) for n in SAMPLERS if hasattr(kd, n)] + [sampling.sample_euler_ancestral_rf])
+
+
+def _samples_a_flow(guider) -> bool:
+    import comfy.model_sampling
+
+    model_sampling = getattr(getattr(guider, "inner_model", None), "model_sampling", None)
+    return isinstance(model_sampling, comfy.model_sampling.CONST)
+
+
+def eligible(sampler, guider, denoise_mask, extra_args) -> bool:
+    """Whether every use of this sampler run's sigmas accepts them on the host (the rules in the module docstring)."""
+    if denoise_mask is not None or "denoise_mask_function" in (extra_args or {}).get("model_options", {}):
+        return False
+    return getattr(sampler, "sampler_function", None) in _samplers() and _samples_a_flow(guider)
+
+
+def _sample(executor, guider, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+            disable_pbar=False):
+    """SAMPLER_SAMPLE wrapper: the sampler's run, with its sigmas on the host where that is `eligible`."""
+    if (env_switch.switch("NEWBIE_HOST_SIGMAS", True) and eligible(executor.class_obj, guider, denoise_mask, extra_args)
+            and isinstance(sigmas, torch.Tensor) and sigmas.device.type != "cpu"):
+        sigmas = sigmas.cpu()  # one host read for the whole run
+    return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
+
+
+def attach(patcher) -> None:
+    """Hand flow-model Euler-ancestral runs of this model their sigmas on the host (replaces an earlier attach)."""
+    import comfy.patcher_extension as pe
+
+    patcher.remove_wrappers_with_key(pe.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY)
+    patcher.add_wrapper_with_key(pe.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY, _sample)
