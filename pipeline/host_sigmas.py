@@ -3,23 +3,31 @@
 ComfyUI moves the sampling run's sigmas to the GPU (`CFGGuider.outer_sample`), and k-diffusion's Euler-ancestral
 loop for flow models (`sample_euler_ancestral_RF`, which `sample_euler_ancestral` runs for them, and the pack's
 sampler node) asks `if sigmas[i + 1] == 0` at every step: a host read of a GPU value, which waits for the whole
-step to finish. The GPU then sits idle while the CPU issues the next step's first kernels, and a resident,
-compiled DiT is issued at about the pace the GPU runs it (bench/results/NOTES.md, runs 31, 48), so the CPU never
-gets back ahead within the step. Given the same sigmas on the CPU, that comparison and the step's coefficients are
-computed on the host, and the CPU runs ahead across steps.
+step to finish. The GPU then sits idle while the CPU issues the next step's first kernels. Given the same sigmas
+on the CPU, that comparison and the step's coefficients are computed on the host, and the CPU runs ahead across
+steps.
 
 Nothing else changes: each step's arithmetic is the same float32 operations on 0-dim tensors, on the host instead
 of the GPU (IEEE float32 gives the same results for these: +, -, *, / and the square root that `** 0.5` becomes),
 and a 0-dim tensor multiplies a GPU tensor as a scalar. The model still gets its sigma on the GPU (`sigmas[i] *
-s_in`, s_in on the GPU). ComfyUI's `transformer_options["sample_sigmas"]` stays on the GPU.
+s_in`, s_in on the GPU). ComfyUI's `transformer_options["sample_sigmas"]` stays on the GPU. Measured on an H100
+(bench/results/NOTES.md, runs 66-69): the latent bit-identical (the tiny DiT, bf16 and fp16); the resident,
+compiled bf16 DiT 4-5 % faster a warm image in the server (3.65 s against 3.86, run68; 3.60 against 3.76, run69),
+one stream sync a step fewer in-process (run66).
 
 A SAMPLER_SAMPLE wrapper (ComfyUI's hook around a sampler's run) hands the sampler a CPU copy of the sigmas, only
-where every use of them is known to accept one:
+where every use of them is known to accept one and where it was measured to pay:
 - the sampler function is one of SAMPLERS (flow-model Euler ancestral), and the model samples a flow (its
   model_sampling is ComfyUI's CONST, for which `sample_euler_ancestral` runs the RF loop): other samplers reshape
   sigmas against the latent (`append_dims`), which a CPU tensor cannot do with a GPU one;
-- no inpainting mask (KSamplerX0Inpaint passes the sigmas to mask functions of other nodes).
-Elsewhere the sigmas pass through as ComfyUI gave them. NEWBIE_HOST_SIGMAS=0 turns it off, for comparisons.
+- no inpainting mask (KSamplerX0Inpaint passes the sigmas to mask functions of other nodes);
+- the model runs compiled (ComfyUI's compile wrapper has set its options, `TORCH_COMPILE_KWARGS`: the pack's block
+  compile, or TorchCompileModel): that is where the CPU issues a step at about the GPU's pace and where the gain was
+  measured. Eager it is left off until measured: with the tiny eager DiT on an H100 the host run recorded more
+  stream syncs, not fewer (136 against 21 over 6 steps, devkit/host_sigmas_check.py, run66 and run68), for a reason
+  not found yet, and at a 6 GiB budget (streamed eager) the two were within the server's noise (run69).
+Elsewhere the sigmas pass through as ComfyUI gave them. NEWBIE_HOST_SIGMAS=0 turns it off, =always on for eager runs
+too (for comparisons).
 """
 from __future__ import annotations
 
@@ -50,9 +58,21 @@ def _samples_a_flow(guider) -> bool:
     return isinstance(model_sampling, comfy.model_sampling.CONST)
 
 
+def _compiled(model_options: dict) -> bool:
+    try:
+        from comfy_api.torch_helpers.torch_compile import TORCH_COMPILE_KWARGS
+    except ImportError:  # a ComfyUI without the compile helper compiles nothing through it
+        return False
+    return TORCH_COMPILE_KWARGS in model_options
+
+
 def eligible(sampler, guider, denoise_mask, extra_args) -> bool:
-    """Whether every use of this sampler run's sigmas accepts them on the host (the rules in the module docstring)."""
-    if denoise_mask is not None or "denoise_mask_function" in (extra_args or {}).get("model_options", {}):
+    """Whether every use of this sampler run's sigmas accepts them on the host and the run is one where that was
+    measured to pay (the rules in the module docstring)."""
+    model_options = (extra_args or {}).get("model_options", {})
+    if denoise_mask is not None or "denoise_mask_function" in model_options:
+        return False
+    if not (_compiled(model_options) or env_switch.value("NEWBIE_HOST_SIGMAS") == "always"):
         return False
     return getattr(sampler, "sampler_function", None) in _samplers() and _samples_a_flow(guider)
 

@@ -1,7 +1,7 @@
 """The sampler run gets its sigmas on the host where every use accepts them (pipeline/host_sigmas.py): through
 ComfyUI's own sampling on the tiny model, which runs the wrapper with ComfyUI's real guider and samplers. On a CPU
 the sigmas are on the host already, so the CPU tests check the decision and that the wrapper leaves a run as it
-was; the CUDA test (devkit/host_sigmas_check.py) checks the bit-identical latent and the syncs it saves."""
+was; the CUDA test (devkit/host_sigmas_check.py) checks the bit-identical latent (and reports the stream syncs)."""
 from __future__ import annotations
 
 import pytest
@@ -36,12 +36,32 @@ def _sample(patcher, cond, uncond, sampler, denoise_mask=None):
                                uncond, latent, seed=1, noise_mask=denoise_mask, disable_pbar=True)
 
 
+def test_compiled_flow_euler_ancestral_runs_are_eligible(tiny_dit, decisions, monkeypatch):
+    """Through ComfyUI's sampling: eager runs are left alone by default (not measured to pay), compiled ones (the
+    pack's block compile, here with Dynamo's eager backend) get host sigmas; `always` extends it to eager runs."""
+    import comfy.patcher_extension as pe
+
+    from pipeline import block_compile, host_sigmas
+
+    patcher, cfg = cfg_batch_errors.model(tiny_dit)
+    assert host_sigmas.WRAPPER_KEY in patcher.wrappers[pe.WrappersMP.SAMPLER_SAMPLE]
+    cond, uncond = cfg_batch_errors.prompts(cfg, 12, 5)
+    _sample(patcher, cond, uncond, "euler_ancestral")
+    monkeypatch.setenv("NEWBIE_HOST_SIGMAS", "always")
+    _sample(patcher, cond, uncond, "euler_ancestral")
+    monkeypatch.delenv("NEWBIE_HOST_SIGMAS")
+    block_compile.apply(patcher, backend="eager")
+    _sample(patcher, cond, uncond, "euler_ancestral")
+    assert decisions == [False, True, True]
+
+
 def test_the_loader_attaches_it_and_flow_euler_ancestral_runs_are_eligible(tiny_dit, decisions, monkeypatch):
     import comfy.patcher_extension as pe
     import comfy.samplers
 
     from pipeline import host_sigmas, sampling
 
+    monkeypatch.setenv("NEWBIE_HOST_SIGMAS", "always")  # eager, as if compiled (see the test above)
     patcher, cfg = cfg_batch_errors.model(tiny_dit)
     assert host_sigmas.WRAPPER_KEY in patcher.wrappers[pe.WrappersMP.SAMPLER_SAMPLE]
     cond, uncond = cfg_batch_errors.prompts(cfg, 12, 5)
@@ -78,9 +98,11 @@ def test_a_model_that_does_not_sample_a_flow_is_not_eligible(comfy_import_path):
     sampler = comfy.samplers.KSAMPLER(kd.sample_euler_ancestral)
     eps = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=comfy.model_sampling.EPS()))
     flow = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=comfy.model_sampling.CONST()))
-    assert host_sigmas.eligible(sampler, flow, None, {"model_options": {}})
-    assert not host_sigmas.eligible(sampler, eps, None, {"model_options": {}}), "SD's ancestral loop reshapes sigmas"
-    assert not host_sigmas.eligible(sampler, flow, None, {"model_options": {"denoise_mask_function": print}})
+    compiled = {"torch_compile_kwargs": {"backend": "inductor"}}
+    assert host_sigmas.eligible(sampler, flow, None, {"model_options": compiled})
+    assert not host_sigmas.eligible(sampler, flow, None, {"model_options": {}}), "eager: not measured to pay"
+    assert not host_sigmas.eligible(sampler, eps, None, {"model_options": compiled}), "SD's loop reshapes sigmas"
+    assert not host_sigmas.eligible(sampler, flow, None, {"model_options": {**compiled, "denoise_mask_function": print}})
 
 
 def test_the_wrapper_hands_the_sampler_host_sigmas_only_from_a_device(comfy_import_path, monkeypatch):
@@ -112,7 +134,7 @@ def test_the_wrapper_hands_the_sampler_host_sigmas_only_from_a_device(comfy_impo
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_on_a_gpu_the_latent_is_bit_identical_with_fewer_syncs():
+def test_on_a_gpu_the_latent_is_bit_identical():
     from devkit import host_sigmas_check
 
     for precision in ("bf16", "fp16"):
