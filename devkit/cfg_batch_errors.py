@@ -31,17 +31,22 @@ def prompts(cfg, positive: int, negative: int, seed: int = 5):
 
 
 @contextlib.contextmanager
-def batching(mode: str):
-    """The pack's batching mode (pipeline/cfg_batch.py `mode`: auto, always, off) for the duration."""
-    old = os.environ.get("NEWBIE_CFG_BATCH")
-    os.environ["NEWBIE_CFG_BATCH"] = mode
+def environ(name: str, value: str):
+    """The server-environment switch `name` (a NEWBIE_* variable) set to `value` for the duration."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("NEWBIE_CFG_BATCH", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["NEWBIE_CFG_BATCH"] = old
+            os.environ[name] = old
+
+
+def batching(mode: str):
+    """The pack's batching mode (pipeline/cfg_batch.py `mode`: auto, always, off) for the duration."""
+    return environ("NEWBIE_CFG_BATCH", mode)
 
 
 def sample(patcher, cond, uncond, steps: int = STEPS, mode: str = "always"):

@@ -9,9 +9,7 @@ prints a JSON verdict and exits non-zero where the latents differ (`--stacks`: w
 tests/unit/test_host_sigmas.py runs the same."""
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
 
 import torch
@@ -23,17 +21,9 @@ STACK_STEPS = 2  # with the profiler's Python stacks 6 steps took more than 90 s
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize")
 
 
-@contextlib.contextmanager
 def host_sigmas(on: bool):
-    old = os.environ.get("NEWBIE_HOST_SIGMAS")
-    os.environ["NEWBIE_HOST_SIGMAS"] = "always" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("NEWBIE_HOST_SIGMAS", None)
-        else:
-            os.environ["NEWBIE_HOST_SIGMAS"] = old
+    """Host sigmas for eager runs too (`always`: the tiny DiT runs eager), or off."""
+    return cfg_batch_errors.environ("NEWBIE_HOST_SIGMAS", "always" if on else "0")
 
 
 def run(patcher, cond, uncond, on: bool, sampler: str = "euler_ancestral",
