@@ -10,8 +10,17 @@ import pytest
 import torch
 
 from devkit import cfg_batch_errors, dit_calls
+from pipeline import block_stream
 
 pytestmark = [pytest.mark.host, pytest.mark.usefixtures("comfy_on_cpu")]
+COMFY_PINS = block_stream.comfy_pins
+
+
+@pytest.fixture(autouse=True)
+def pinned_as_on_a_gpu_host(monkeypatch):
+    """ComfyUI pins the layers a partial load leaves out on a GPU host; the CPU host runs with pinned memory off,
+    so its partial loads are read here as a GPU host's would be (their host layers count as pinned, `_on_host`)."""
+    monkeypatch.setattr(block_stream, "comfy_pins", lambda: True)
 
 CPU = torch.device("cpu")
 
@@ -198,12 +207,16 @@ def test_a_partial_load_leaves_room_for_two_blocks(tiny_dit, monkeypatch, offere
     monkeypatch.setattr(block_stream, "attached", lambda p: True)
     spy.load(CPU, values[offered], False, full)
     assert spy.seen == values[expected]
+    monkeypatch.setattr(block_stream, "comfy_pins", lambda: False)
+    spy.load(CPU, values[offered], False, full)
+    assert spy.seen == values[offered], "ComfyUI pins nothing: nothing streams, nothing is held back"
+    monkeypatch.setattr(block_stream, "comfy_pins", lambda: True)
     monkeypatch.setattr(block_stream, "attached", lambda p: False)
     spy.load(CPU, values[offered], False, full)
     assert spy.seen == values[offered], "without the streamer nothing is held back"
 
 
-def test_comfyui_loads_less_by_the_room_when_the_streamer_is_attached(tiny_dit):
+def test_comfyui_loads_less_by_the_room_when_the_streamer_is_attached(tiny_dit, monkeypatch):
     from pipeline import block_stream
 
     loaded = {}
@@ -259,6 +272,24 @@ def test_the_loader_streams_a_16_bit_dit_that_does_not_fit_itself_and_says_so(ti
     assert "a transformer block ahead" in loader._streaming(patcher)
     block_stream.detach(patcher)
     assert "ComfyUI decides what stays on the GPU" in loader._streaming(patcher)
+
+
+def test_without_comfyuis_pinned_memory_a_dit_that_does_not_fit_stays_on_dynamic_vram(monkeypatch):
+    """Only pinned host layers stream a block ahead; with ComfyUI's pinned memory off (--disable-pinned-memory) the
+    streamer would take none, and its patcher would hold its buffers' room back for nothing."""
+    import comfy.model_management as mm
+
+    from pipeline import block_stream, loader
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(block_stream, "comfy_pins", COMFY_PINS)  # ComfyUI's own setting, below
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", 8 * 2**30)
+    assert block_stream.available(cuda) and not loader.on_dynamic_vram("off", False, cuda, None)
+    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", -1)  # ComfyUI's value with pinned memory off
+    assert not block_stream.available(cuda)
+    assert loader.on_dynamic_vram("off", False, cuda, None), "dynamic VRAM, as before the streamer"
+    assert not block_stream.available(CPU)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (devkit/stream_check.py on the device)")
