@@ -325,7 +325,7 @@ def settle_weight_dtypes(model) -> int:
 def _streaming(patcher) -> str:
     """How a DiT that does not fit is streamed, for the report."""
     if not compat.is_dynamic(patcher):
-        if block_stream.attached(patcher):
+        if block_stream.attached(patcher) and block_stream.comfy_pins():
             return ("ComfyUI's non-dynamic patcher keeps what fits on the GPU; the layers it leaves in pinned RAM are "
                     "fetched a transformer block ahead, on a side stream")
         return "ComfyUI decides what stays on the GPU"

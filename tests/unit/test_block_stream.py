@@ -270,6 +270,9 @@ def test_the_loader_streams_a_16_bit_dit_that_does_not_fit_itself_and_says_so(ti
     monkeypatch.delenv("NEWBIE_BLOCK_STREAM")
     patcher, _ = cfg_batch_errors.model(tiny_dit)
     assert "a transformer block ahead" in loader._streaming(patcher)
+    monkeypatch.setattr(block_stream, "comfy_pins", lambda: False)
+    assert "ComfyUI decides what stays on the GPU" in loader._streaming(patcher), "nothing pinned: nothing ahead"
+    monkeypatch.setattr(block_stream, "comfy_pins", lambda: True)
     block_stream.detach(patcher)
     assert "ComfyUI decides what stays on the GPU" in loader._streaming(patcher)
 
