@@ -203,11 +203,13 @@ COMMANDS = {
     "run67": "(H100, a new machine) python3 bench/attention_backends.py --backends cudnn,cudnn-pad128,"
              "cudnn-pad128-prepared,flash,flash-pad128-prepared; python3 bench/profile_sampling.py --variants "
              "bf16+compile --steps 25 --profile-steps 1 --stacks --warm 1",
-    "run68": "(H100, a new machine; host sigmas then applied to eager runs too) PYTHONPATH=$PYTHONPATH:$COMFYUI_PATH python3 -m devkit.host_sigmas_check; python3 "
-             "bench/run.py --configs upstream-gpu-only-native@none,pack-bf16@none,pack-bf16-gpusigmas@none,"
-             "pack-fp8@none,pack-fp8-gpusigmas@none --warm 3 --timeout 100",
+    "run68": "(H100, a new machine; host sigmas then applied to eager runs too) "
+             "PYTHONPATH=$PYTHONPATH:$COMFYUI_PATH python3 -m devkit.host_sigmas_check; python3 bench/run.py "
+             "--configs upstream-gpu-only-native@none,pack-bf16@none,pack-bf16-gpusigmas@none,pack-fp8@none,"
+             "pack-fp8-gpusigmas@none --warm 3 --timeout 100",
     "run69": "(H100, a new machine, after two refused starts; host sigmas then applied to eager runs too, so "
-             "pack-bf16@6 is today's pack-bf16-hostsigmas@6; the check with the profiler's stacks ran out of its 90 s) PYTHONPATH=$PYTHONPATH:$COMFYUI_PATH python3 -m devkit.host_sigmas_check; python3 bench/run.py "
+             "pack-bf16@6 is today's pack-bf16-hostsigmas@6; the check with the profiler's stacks ran out of its 90 s) "
+             "PYTHONPATH=$PYTHONPATH:$COMFYUI_PATH python3 -m devkit.host_sigmas_check; python3 bench/run.py "
              "--configs pack-bf16@none,pack-bf16-gpusigmas@none,upstream-gpu-only-native@none,"
              "pack-bf16-gpusigmas@6,pack-bf16@6 --warm 3 --timeout 90",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
@@ -368,7 +370,8 @@ def budget_pairs(runs: dict) -> list[dict]:
             if pack and upstream:
                 p = min(pack, key=lambda r: r["warm"]["wall_s"])
                 u = min(upstream, key=lambda r: r["warm"]["wall_s"])
-                pairs.append({"budget": budget, "run": run, "pack": p["warm"]["wall_s"], "upstream": u["warm"]["wall_s"],
+                pairs.append({"budget": budget, "run": run, "pack": p["warm"]["wall_s"],
+                              "upstream": u["warm"]["wall_s"],
                               "upstream_config": u["config"], "pack_peak": p["warm"].get("peak_gib"),
                               "upstream_peak": u["warm"].get("peak_gib")})
                 break
@@ -434,7 +437,7 @@ def main():
         "",
     ]
     others = sorted({p.name.split("-", 1)[0] for p in RESULTS.glob("run*-*.json")} - set(runs),
-                    key=lambda r: (int("".join(c for c in r if c.isdigit()) or 0), r))  # profiles, checks
+                    key=lambda r: (_run_number(r), r))  # runs with profiles or checks only
     for run in list(current) + list(history) + others:
         parts.append(f"- **{run}**: `{COMMANDS.get(run, 'see bench/README.md')}`")
     parts += ["", "Weights: full-size random NewBie weights (`devkit/tiny_models.FULL`, bf16 files in ComfyUI's layout).",

@@ -28,8 +28,9 @@ restores every parameter in any case (a failing call too). The two buffers are r
 `StreamRoom` makes the pack's non-dynamic patchers leave it free when they load in part. Quantized layers (a
 QuantizedTensor or the pack's fp8/int8 tensors), unpinned host tensors and compiled blocks are left to ComfyUI's
 own cast. With ComfyUI's pinned memory off (`comfy_pins`) nothing would stream: the loader then leaves a DiT that
-does not fit to dynamic VRAM, and `StreamRoom` holds no room back. `NEWBIE_BLOCK_STREAM=0` in the server's environment turns it off: the loader then streams under
-ComfyUI's dynamic VRAM where the host has it (pipeline/block_prefetch.py), as before.
+does not fit to dynamic VRAM, and `StreamRoom` holds no room back. `NEWBIE_BLOCK_STREAM=0` in the server's
+environment turns it off: the loader then streams under ComfyUI's dynamic VRAM where the host has it
+(pipeline/block_prefetch.py), as before.
 """
 from __future__ import annotations
 

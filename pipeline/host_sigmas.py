@@ -23,9 +23,10 @@ where every use of them is known to accept one and where it was measured to pay:
 - no inpainting mask (KSamplerX0Inpaint passes the sigmas to mask functions of other nodes);
 - the model runs compiled (ComfyUI's compile wrapper has set its options, `TORCH_COMPILE_KWARGS`: the pack's block
   compile, or TorchCompileModel): that is where the step's GPU work is tight enough for the idle after each sync to
-  show, and where the gain was measured. Eager it is left off until measured: with the tiny eager DiT on an H100 the host run recorded more
-  stream syncs, not fewer (136 against 21 over 6 steps, devkit/host_sigmas_check.py, run66 and run68), for a reason
-  not found yet, and at a 6 GiB budget (streamed eager) the two were within the server's noise (run69).
+  show, and where the gain was measured. Eager it is left off until measured: with the tiny eager DiT on an H100
+  the host run recorded more stream syncs, not fewer (136 against 21 over 6 steps, devkit/host_sigmas_check.py,
+  run66 and run68), for a reason not found yet, and at a 6 GiB budget (streamed eager) the two were within the
+  server's noise (run69).
 Elsewhere the sigmas pass through as ComfyUI gave them. NEWBIE_HOST_SIGMAS=0 turns it off, =always on for eager runs
 too (for comparisons).
 """

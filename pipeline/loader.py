@@ -530,7 +530,8 @@ def _text_encoders_line(clip, gemma_cfg: dict, jina_cfg: dict, te_precision: str
 
 def on_dynamic_vram(compile: str, resident, device, fmt: str | None) -> bool:
     """Whether the DiT goes to ComfyUI's dynamic-VRAM patcher (where the host has one): only an eager DiT that does
-    not stay resident and that the block streamer does not take (a quantized one, the switch off, or a CPU)."""
+    not stay resident and that the block streamer does not take (a quantized one, the switch off, a CPU, or ComfyUI's
+    pinned memory off)."""
     streams_blocks = block_stream.available(device) and block_stream.enabled() and fmt is None
     return compile == "off" and not resident and not streams_blocks
 

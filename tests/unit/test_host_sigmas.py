@@ -102,7 +102,8 @@ def test_a_model_that_does_not_sample_a_flow_is_not_eligible(comfy_import_path):
     assert host_sigmas.eligible(sampler, flow, None, {"model_options": compiled})
     assert not host_sigmas.eligible(sampler, flow, None, {"model_options": {}}), "eager: not measured to pay"
     assert not host_sigmas.eligible(sampler, eps, None, {"model_options": compiled}), "SD's loop reshapes sigmas"
-    assert not host_sigmas.eligible(sampler, flow, None, {"model_options": {**compiled, "denoise_mask_function": print}})
+    masked = {**compiled, "denoise_mask_function": print}
+    assert not host_sigmas.eligible(sampler, flow, None, {"model_options": masked})
 
 
 def test_the_wrapper_hands_the_sampler_host_sigmas_only_from_a_device(comfy_import_path, monkeypatch):

@@ -38,7 +38,8 @@ def test_model_twin_is_the_same_dit_without_dynamic_vram(models_root, layout):
     factory, args = loaded.model.cached_patcher_init
     twin = factory(*args, disable_dynamic=True)
     assert isinstance(twin, comfy.model_patcher.ModelPatcher) and not compat.is_dynamic(twin)
-    assert type(twin) is vram_budget.resident_patcher_class(), "the pack's resident patcher (its evictions kept as host copies)"
+    assert type(twin) is vram_budget.resident_patcher_class(), \
+        "the pack's resident patcher (its evictions kept as host copies)"
     assert precision.state_of(twin) is precision.state_of(loaded.model), "the twin must share the fp16 path's state"
     cfg = {"cap_feat_dim": loaded.model.model.diffusion_model.cap_embedder[1].weight.shape[1],
            "clip_text_dim": loaded.model.model.diffusion_model.clip_text_pooled_proj[1].weight.shape[1]}
