@@ -29,6 +29,37 @@ def busy_and_gaps(intervals: list[tuple[float, float]]) -> dict:
             "gap_ms": round(sum(gaps) / 1e3, 2), "largest_gaps_ms": [round(g / 1e3, 2) for g in sorted(gaps)[-5:]]}
 
 
+def gap_neighbours(kernels: list[tuple[float, float, str]], steps: int, top: int = 8) -> dict:
+    """Which GPU work the idle time falls between: for each gap longer than GAP_US, the GPU operation that ended
+    last before it and the one that starts it, grouped by that pair (names cut to 50 characters) with their count
+    and idle ms per step; and all idle time per step, the gaps under GAP_US included (a kernel's launch latency
+    on the GPU, which no CPU speed removes), with the GPU operations per step by kind."""
+    if not kernels:
+        return {}
+    kernels = sorted(kernels)
+    pairs: dict[str, list[float]] = {}
+    idle = 0.0
+    cur_e, last = kernels[0][1], kernels[0][2]
+    for s, e, name in kernels[1:]:
+        if s > cur_e:
+            idle += s - cur_e
+            if s - cur_e > GAP_US:
+                pair = pairs.setdefault(f"{last[:50]} -> {name[:50]}", [0, 0.0])
+                pair[0] += 1
+                pair[1] += s - cur_e
+        if e >= cur_e:
+            cur_e, last = e, name
+    kinds: dict[str, int] = {}
+    for _, _, name in kernels:
+        kind = "memcpy" if name.startswith("Memcpy") else "memset" if name.startswith("Memset") else "kernel"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    ranked = sorted(pairs.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"idle_ms_per_step_all_gaps": round(idle / 1e3 / steps, 3),
+            "gpu_ops_per_step": {k: round(v / steps, 1) for k, v in sorted(kinds.items())},
+            "gap_pairs_per_step": {k: {"count": round(n / steps, 1), "ms": round(us / 1e3 / steps, 2)}
+                                   for k, (n, us) in ranked}}
+
+
 def read_sites(events, frames: int = 4) -> dict:
     """Where the host waits for the GPU: for each host read (item, is_nonzero) and each synchronising CUDA call
     (a stream sync, a blocking memcpy), the innermost Python frames outside torch of the nearest op with a stack
@@ -55,8 +86,8 @@ def summarise(prof, steps: int, wall_s: float) -> dict:
     from torch.autograd import DeviceType
 
     events = prof.events()
-    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
-    gpu = busy_and_gaps(kernels)
+    named = [(e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type == DeviceType.CUDA]
+    gpu = busy_and_gaps([(s, e) for s, e, _ in named])
     cpu_names = [e.name for e in events if e.device_type == DeviceType.CPU]
     syncs = {n: sum(1 for c in cpu_names if c.startswith(n)) for n in SYNC_CALLS}
     reads = {n: cpu_names.count(n) for n in HOST_READS}
@@ -65,7 +96,7 @@ def summarise(prof, steps: int, wall_s: float) -> dict:
             "gpu_idle_ms_per_step": round(gpu["gap_ms"] / steps, 2),
             "host_syncs_per_step": {k: round(v / steps, 2) for k, v in syncs.items() if v},
             "host_reads_per_step": {k: round(v / steps, 2) for k, v in reads.items() if v},
-            "host_read_sites": read_sites(events)}
+            "host_read_sites": read_sites(events), "gaps": gap_neighbours(named, steps)}
 
 
 def tables(prof, top: int, cuda: bool) -> dict:

@@ -29,6 +29,21 @@ def test_busy_time_merges_overlaps_and_counts_only_long_gaps():
     assert r["gaps_over_50us"] == 1 and r["gap_ms"] == pytest.approx(0.8), "the 10 us gap is launch jitter"
 
 
+def test_gap_neighbours_name_the_work_on_either_side_of_each_long_gap():
+    from devkit.profile_summary import gap_neighbours
+
+    ops = [(0, 100, "gemm"), (20, 120, "norm"),             # overlapping: the gap after them follows "norm"
+           (300, 400, "attention"), (410, 500, "Memset (Device)"),  # a 180 us gap, then a 10 us one
+           (700, 800, "gemm"), (1000, 1100, "attention")]   # two more long gaps
+    r = gap_neighbours(ops, steps=2)
+    pairs = r["gap_pairs_per_step"]
+    assert list(pairs) == ["Memset (Device) -> gemm", "gemm -> attention", "norm -> attention"], pairs
+    assert pairs["norm -> attention"] == {"count": 0.5, "ms": 0.09}
+    assert r["idle_ms_per_step_all_gaps"] == pytest.approx((180 + 10 + 200 + 200) / 1e3 / 2)
+    assert r["gpu_ops_per_step"] == {"kernel": 2.5, "memset": 0.5}
+    assert gap_neighbours([], steps=1) == {}
+
+
 def test_call_timeline_splits_gpu_time_into_calls_and_between():
     # two steps of two calls: each call issued in 3 ms of CPU, run in 5 ms of GPU, 1 ms apart within a step
     # and 4 ms apart across the step boundary
