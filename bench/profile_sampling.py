@@ -11,6 +11,9 @@ A variant is PRECISION[+compile][+batched|+separate]: the loader's precision (bf
 +compile: the blocks compiled (pipeline/block_compile.py, as `compile: auto` does where the weights stay resident);
 +cppwrapper: the blocks' launchers in C++ (NEWBIE_CPP_WRAPPER);
 +gpusigmas: the sampler compares its sigmas on the GPU every step, as ComfyUI has it (pipeline/host_sigmas.py off);
++graphs: the DiT's calls replayed as CUDA graphs (NEWBIE_CUDA_GRAPHS=1, pipeline/cuda_graphs.py; this process runs
+PyTorch's own allocator, as the graphs need); its log lines are kept in `cuda_graphs`. Until run75 this script's
+call counter sat inside the graphs' wrapper, which then declined every run: run75's `graphs` were not replayed;
 +batched: the pack's batching of prompts of different lengths (pipeline/cfg_batch.py) forced on (by default it
 batches only a streamed DiT, and these models are resident); +separate: its wrapper removed.
 The warm run is timed unprofiled over --steps; the profile covers a run of --profile-steps (default 3), with
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import sys
 import time
@@ -80,7 +84,7 @@ def main():
     import comfy.patcher_extension
     import comfy.sample
 
-    from pipeline import block_compile, cfg_batch, loader
+    from pipeline import block_compile, cfg_batch, cuda_graphs, loader
 
     spec = tiny_models.TINY if args.tiny else tiny_models.FULL
     dev = mm.get_torch_device()
@@ -90,6 +94,15 @@ def main():
     hw = (8, 8) if args.tiny else (128, 128)
     tokens = (min(args.tokens, 12), min(args.neg_tokens, 5)) if args.tiny else (args.tokens, args.neg_tokens)
     results = {}
+    graph_lines = []  # what pipeline/cuda_graphs.py logs (replays per run, a failed recording)
+
+    class GraphLog(logging.Handler):
+        def emit(self, record):
+            graph_lines.append(record.getMessage())
+
+    graph_log = logging.getLogger(cuda_graphs.__name__)
+    graph_log.setLevel(logging.INFO)
+    graph_log.addHandler(GraphLog())
     for variant in args.variants.split(","):
         prec, *extras = variant.split("+")
         parts = loader.NewBieParts(dict(base_sd), {}, {}, {}, None, None, {"dit": "random"})
@@ -101,6 +114,7 @@ def main():
         # models are resident; +batched forces it, +separate removes it
         os.environ["NEWBIE_CFG_BATCH"] = "always" if "batched" in extras else "auto"
         os.environ["NEWBIE_HOST_SIGMAS"] = "0" if "gpusigmas" in extras else "1"
+        os.environ["NEWBIE_CUDA_GRAPHS"] = "1" if "graphs" in extras else "0"
         if "separate" in extras:
             patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, cfg_batch.WRAPPER_KEY)
         g = torch.Generator().manual_seed(5)
@@ -131,6 +145,9 @@ def main():
             return out
 
         patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "bench_count", count_calls)
+        # attached again, so the graphs' wrapper stays the innermost: with the counter inside it, it would decline
+        cuda_graphs.attach(patcher)
+        graph_lines.clear()
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         t = time.perf_counter()
         sample(1)  # loads the model, compiles the blocks
@@ -162,6 +179,8 @@ def main():
         r.update(summarise(prof, args.profile_steps, wall))
         r["dit_calls_per_step"] = round(len(calls) / ((1 + args.warm) * args.steps + args.profile_steps), 2)
         r["dit_call_batch_sizes"] = sorted(set(calls))
+        if "graphs" in extras:
+            r["cuda_graphs"] = list(graph_lines)
         r.update(tables(prof, args.top, cuda))
         brief = {k: v for k, v in r.items() if not k.startswith("top_")}
         print(f"[sampling] {variant}: {json.dumps(brief)}\n{r['top_cpu']}", flush=True)

@@ -15,20 +15,19 @@ s_in`, s_in on the GPU). ComfyUI's `transformer_options["sample_sigmas"]` stays 
 compiled bf16 DiT 4-5 % faster a warm image in the server (3.65 s against 3.86, run68; 3.60 against 3.76, run69),
 one stream sync a step fewer in-process (run66).
 
-A SAMPLER_SAMPLE wrapper (ComfyUI's hook around a sampler's run) hands the sampler a CPU copy of the sigmas, only
-where every use of them is known to accept one and where it was measured to pay:
+A SAMPLER_SAMPLE wrapper (ComfyUI's hook around a sampler's run) hands the sampler a CPU copy of the sigmas where
+every use of them is known to accept one:
 - the sampler function is one of SAMPLERS (flow-model Euler ancestral), and the model samples a flow (its
   model_sampling is ComfyUI's CONST, for which `sample_euler_ancestral` runs the RF loop): other samplers reshape
   sigmas against the latent (`append_dims`), which a CPU tensor cannot do with a GPU one;
-- no inpainting mask (KSamplerX0Inpaint passes the sigmas to mask functions of other nodes);
-- the model runs compiled (ComfyUI's compile wrapper has set its options, `TORCH_COMPILE_KWARGS`: the pack's block
-  compile, or TorchCompileModel): that is where the step's GPU work is tight enough for the idle after each sync to
-  show, and where the gain was measured. Eager it is left off until measured: with the tiny eager DiT on an H100
-  the host run recorded more stream syncs, not fewer (136 against 21 over 6 steps, devkit/host_sigmas_check.py,
-  run66 and run68), for a reason not found yet, and at a 6 GiB budget (streamed eager) the two were within the
-  server's noise (run69).
-Elsewhere the sigmas pass through as ComfyUI gave them. NEWBIE_HOST_SIGMAS=0 turns it off, =always on for eager runs
-too (for comparisons).
+- no inpainting mask (KSamplerX0Inpaint passes the sigmas to mask functions of other nodes).
+Compiled and eager runs alike. Until run74 it was kept to compiled runs: the tiny eager DiT's check had recorded
+more stream syncs with host sigmas (136 against 21 over 6 steps, runs 66 and 68). The profiler's stacks (run72)
+showed 127 of those 136 in ComfyUI's `ModelPatcher.load`: the host run came first and loaded the model. Loaded
+beforehand (devkit/host_sigmas_check.py), the eager run waits once a step less, as the compiled one does: 15
+against 21 in bf16, 21 against 27 in fp16 (run74). What that is worth to an eager run's time was not seen: at a
+6 GiB budget (streamed eager) the two were within the server's noise (run69).
+Elsewhere the sigmas pass through as ComfyUI gave them. NEWBIE_HOST_SIGMAS=0 turns it off (for comparisons).
 """
 from __future__ import annotations
 
@@ -59,21 +58,11 @@ def _samples_a_flow(guider) -> bool:
     return isinstance(model_sampling, comfy.model_sampling.CONST)
 
 
-def _compiled(model_options: dict) -> bool:
-    try:
-        from comfy_api.torch_helpers.torch_compile import TORCH_COMPILE_KWARGS
-    except ImportError:  # a ComfyUI without the compile helper compiles nothing through it
-        return False
-    return TORCH_COMPILE_KWARGS in model_options
-
-
 def eligible(sampler, guider, denoise_mask, extra_args) -> bool:
-    """Whether every use of this sampler run's sigmas accepts them on the host and the run is one where that was
-    measured to pay (the rules in the module docstring)."""
+    """Whether every use of this sampler run's sigmas accepts them on the host (the rules in the module
+    docstring)."""
     model_options = (extra_args or {}).get("model_options", {})
     if denoise_mask is not None or "denoise_mask_function" in model_options:
-        return False
-    if not (_compiled(model_options) or env_switch.value("NEWBIE_HOST_SIGMAS") == "always"):
         return False
     return getattr(sampler, "sampler_function", None) in _samplers() and _samples_a_flow(guider)
 
