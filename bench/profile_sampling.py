@@ -11,9 +11,9 @@ A variant is PRECISION[+compile][+batched|+separate]: the loader's precision (bf
 +compile: the blocks compiled (pipeline/block_compile.py, as `compile: auto` does where the weights stay resident);
 +cppwrapper: the blocks' launchers in C++ (NEWBIE_CPP_WRAPPER);
 +gpusigmas: the sampler compares its sigmas on the GPU every step, as ComfyUI has it (pipeline/host_sigmas.py off);
-+graphs: the DiT's calls replayed as CUDA graphs (NEWBIE_CUDA_GRAPHS=1, pipeline/cuda_graphs.py; this process runs
-PyTorch's own allocator, as the graphs need); its log lines are kept in `cuda_graphs`. Until run75 this script's
-call counter sat inside the graphs' wrapper, which then declined every run: run75's `graphs` were not replayed;
++graphs: the DiT's calls replayed as CUDA graphs (NEWBIE_CUDA_GRAPHS=1, pipeline/cuda_graphs.py; this process
+runs PyTorch's own allocator, as the graphs need); their log lines are kept in `cuda_graphs`. Until run75 this
+script's call counter sat inside the graphs' wrapper, which then declined every run (run75 replayed none);
 +batched: the pack's batching of prompts of different lengths (pipeline/cfg_batch.py) forced on (by default it
 batches only a streamed DiT, and these models are resident); +separate: its wrapper removed.
 The warm run is timed unprofiled over --steps; the profile covers a run of --profile-steps (default 3), with

@@ -207,11 +207,28 @@ COMMANDS = {
              "PYTHONPATH=$PYTHONPATH:$COMFYUI_PATH python3 -m devkit.host_sigmas_check; python3 bench/run.py "
              "--configs upstream-gpu-only-native@none,pack-bf16@none,pack-bf16-gpusigmas@none,pack-fp8@none,"
              "pack-fp8-gpusigmas@none --warm 3 --timeout 100",
-    "run69": "(H100, a new machine, after two refused starts; host sigmas then applied to eager runs too, so "
-             "pack-bf16@6 is today's pack-bf16-hostsigmas@6; the check with the profiler's stacks ran out of its 90 s) "
+    "run69": "(H100, a new machine, after two refused starts; host sigmas then applied to eager runs too, as they are "
+             "again since run74; the check with the profiler's stacks ran out of its 90 s) "
              "PYTHONPATH=$PYTHONPATH:$COMFYUI_PATH python3 -m devkit.host_sigmas_check; python3 bench/run.py "
              "--configs pack-bf16@none,pack-bf16-gpusigmas@none,upstream-gpu-only-native@none,"
              "pack-bf16-gpusigmas@6,pack-bf16@6 --warm 3 --timeout 90",
+    "run70": "(H100 80GB HBM3, torch 2.11, a new machine; flash-attn-4 not installed) python3 "
+             "bench/profile_sampling.py --variants bf16+compile --steps 25 --profile-steps 2 --warm 3; python3 "
+             "bench/run.py --configs upstream-gpu-only-native@none,pack-bf16@none,pack-bf16-cdtune@none --warm 3 --timeout 100",
+    "run71": "(the same H100, two calls later: bash bench/fa4_install.sh stash, then source bench/fa4_install.sh; "
+             "flash-attn-4 4.0.0b40) python3 bench/run.py --configs upstream-gpu-only-native@none,pack-bf16@none,"
+             "pack-bf16-cudnn@none,pack-fp8@none --warm 3 --timeout 100 --restart",
+    "run72": "(H100, a new machine) PYTHONPATH=$PYTHONPATH:$COMFYUI_PATH python3 -m devkit.host_sigmas_check --stacks "
+             "(the check as of 14f9e55: the host run first, the model not loaded before it)",
+    "run73": "(the same H100, two calls later, flash-attn-4 installed as in run71) python3 bench/run.py --configs "
+             "upstream-gpu-only-native@none,pack-bf16@none --warm 5 --rounds 2 --timeout 100; python3 "
+             "bench/profile_sampling.py --variants bf16+compile --steps 25 --profile-steps 2 --warm 3",
+    "run74": "(H100, a new machine; the check loads the model first) PYTHONPATH=$PYTHONPATH:$COMFYUI_PATH python3 -m "
+             "devkit.host_sigmas_check; python3 bench/profile_sampling.py --variants "
+             "bf16+compile,bf16+compile+cppwrapper --steps 25 --profile-steps 2 --warm 3",
+    "run75": "(the same H100, the next call) NEWBIE_CUDA_GRAPHS=1 python3 bench/profile_sampling.py --variants "
+             "bf16+compile --steps 25 --profile-steps 2 --warm 3 (no graph replayed: the script's call counter sat "
+             "inside the graphs' wrapper; since fixed, `+graphs`)",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
