@@ -185,13 +185,17 @@ def read_text_encoders(paths: dict) -> NewBieParts:
     return with_single_files(parts, {p: paths[p] for p in ("gemma", "jina") if p not in in_folder})
 
 
-def reload_dit_patcher(paths: dict, precision: str, budget: int | None, fp16_state, disable_dynamic: bool = False):
+def reload_dit_patcher(paths: dict, precision: str, budget: int | None, fp16_state, dynamic: bool = True,
+                       disable_dynamic: bool = False):
     """ComfyUI's `cached_patcher_init` factory for the pack's MODEL, as its core loaders register one: the same
-    DiT built again from its file. ComfyUI calls it with disable_dynamic=True when a dynamic-VRAM model needs a
-    non-dynamic twin (hooked conditioning in the sampler, TorchCompileModel, MultiGPU); the twin shares the fp16
-    path's state, and clone() carries over the patches, wrappers and options."""
+    DiT built again from its file, on the kind of patcher the loader chose (`dynamic`). ComfyUI calls it with
+    disable_dynamic=True when a dynamic-VRAM model needs a non-dynamic twin (hooked conditioning in the sampler,
+    TorchCompileModel), and without it for a multi-GPU deep clone, which puts the fresh DiT in a patcher of the
+    original's class; the twin shares the fp16 path's state, and clone() carries over the patches, wrappers and
+    options."""
     parts = NewBieParts(read_dit(paths), {}, {}, {}, None, None, dict(paths))
-    patcher, *_ = build_model(parts, precision, budget=budget, dynamic=not disable_dynamic, fp16_state=fp16_state)
+    patcher, *_ = build_model(parts, precision, budget=budget, dynamic=dynamic and not disable_dynamic,
+                              fp16_state=fp16_state)
     return patcher
 
 
@@ -564,10 +568,10 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
     # layers are ComfyUI's quantized tensors, which the streamer leaves alone), the switch off, or a CPU: dynamic
     # VRAM streams it where the host has it, as before.
     resident = block_compile.weights_fit(weight_bytes, room)
-    model, unet_config, dtype, manual_cast = build_model(
-        parts, precision, budget=budget, dynamic=on_dynamic_vram(compile, resident, device, fmt))
+    dynamic = on_dynamic_vram(compile, resident, device, fmt)
+    model, unet_config, dtype, manual_cast = build_model(parts, precision, budget=budget, dynamic=dynamic)
     model.cached_patcher_init = (reload_dit_patcher, (dict(parts.paths), precision, budget,
-                                                      precision_mod.state_of(model)))
+                                                      precision_mod.state_of(model), dynamic))
     compiled = block_compile.apply(model) if compile == "blocks" else 0
     setattr(model.model, cfg_batch.SHARE_ATTR, streamed_share(weight_bytes, budget, activations=0) if budget
             else streamed_share(weight_bytes, room))

@@ -56,6 +56,17 @@ def comfy_on_cpu(comfy_import_path):
     tiny_models._comfy_cpu_safe()
 
 
+@pytest.fixture
+def dynamic_vram_layers(comfy_import_path, monkeypatch):
+    """ComfyUI's dynamic VRAM switched on (v0.33; a CPU host never turns it on): its layers are built without
+    weights and its core patcher is the dynamic one. Skips on a host without it (v0.8)."""
+    import comfy.memory_management
+
+    if not hasattr(comfy.memory_management, "aimdo_enabled"):
+        pytest.skip("this host has no dynamic VRAM (ComfyUI v0.8)")
+    monkeypatch.setattr(comfy.memory_management, "aimdo_enabled", True)
+
+
 @pytest.fixture(scope="module")
 def tiny_dit(comfy_import_path):
     """The tiny DiT's random fp32 state dict (seed 0), in memory."""

@@ -61,3 +61,21 @@ def test_clip_twin_holds_the_same_text_encoders(models_root, layout, te_precisio
         assert quantize.layer_formats(theirs) == quantize.layer_formats(ours) != {}
         assert f"{te_precision} ({quantize.DESCRIPTION[te_precision]})" in loaded.report
 
+
+
+def test_a_plain_reload_rebuilds_the_patcher_the_model_was_loaded_on(models_root, monkeypatch, request):
+    """ComfyUI's multi-GPU deep clone (`ModelPatcher.deepclone_multigpu`) calls the factory without disable_dynamic
+    and puts the fresh DiT in a patcher of the original's class: the factory must build the DiT as the loader did
+    (here compiled, so on the pack's non-dynamic patcher), also where dynamic VRAM is on, not on the core patcher
+    the original never used. With disable_dynamic it gives the non-dynamic twin as before."""
+    from pipeline import compat, loader
+
+    loaded = loader.load_newbie(loader.read_single_files(_paths(models_root, "single")), "bf16", compile="blocks")
+    assert not compat.is_dynamic(loaded.model) and type(loaded.model) is not compat.core_patcher_class()
+    factory, args = loaded.model.cached_patcher_init
+    dit = loader.read_dit(_paths(models_root, "single"))
+    request.getfixturevalue("dynamic_vram_layers")  # dynamic VRAM on from here (a CPU host never has it)
+    monkeypatch.setattr(loader, "read_dit", lambda paths: dict(dit))  # comfy-aimdo's file reader needs a GPU
+    again = factory(*args)
+    assert type(again) is type(loaded.model) and not compat.is_dynamic(again)
+    assert type(factory(*args, disable_dynamic=True)) is type(loaded.model)

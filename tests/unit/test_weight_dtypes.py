@@ -18,15 +18,6 @@ from devkit.dit_calls import dit_call
 pytestmark = pytest.mark.host
 
 
-@pytest.fixture
-def dynamic_vram_layers(comfy_import_path, monkeypatch):
-    import comfy.memory_management
-
-    if not hasattr(comfy.memory_management, "aimdo_enabled"):
-        pytest.skip("this host has no dynamic VRAM (ComfyUI v0.8)")
-    monkeypatch.setattr(comfy.memory_management, "aimdo_enabled", True)
-
-
 def _file_in(parts, dtype=torch.bfloat16):
     """The tiny model's parts with the DiT as a file in `dtype` holds it (NewBie's checkpoint is bf16)."""
     p = copy.copy(parts)
