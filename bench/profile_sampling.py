@@ -11,6 +11,8 @@ A variant is PRECISION[+compile][+batched|+separate]: the loader's precision (bf
 +compile: the blocks compiled (pipeline/block_compile.py, as `compile: auto` does where the weights stay resident);
 +cppwrapper: the blocks' launchers in C++ (NEWBIE_CPP_WRAPPER);
 +gpusigmas: the sampler compares its sigmas on the GPU every step, as ComfyUI has it (pipeline/host_sigmas.py off);
++hostconds: the conditioning copied to the GPU at every DiT call, as ComfyUI has it (pipeline/device_conds.py off;
+this script's conditioning is on the CPU, as a server's text encoders leave it);
 +graphs: the DiT's calls replayed as CUDA graphs (NEWBIE_CUDA_GRAPHS=1, pipeline/cuda_graphs.py; this process
 runs PyTorch's own allocator, as the graphs need); their log lines are kept in `cuda_graphs`. Until run75 this
 script's call counter sat inside the graphs' wrapper, which then declined every run (run75 replayed none);
@@ -41,17 +43,24 @@ sys.path.insert(0, str(REPO))
 from devkit.profile_summary import busy_and_gaps, read_sites, summarise, tables  # noqa: E402,F401 (tests use them)
 
 
-def call_timeline(marks: list, steps: int) -> dict:
+def call_timeline(marks: list, steps: int, run_s: float | None = None) -> dict:
     """The unprofiled warm run's DiT calls: how long the CPU takes to issue a call (Python to the last kernel
     launch) against how long the GPU takes to run it (CUDA events around the call), and the GPU time between the
     calls (the sampler's own work, and idle). A CPU that issues a call about as fast as the GPU runs it keeps
     the GPU waiting inside the call; GPU time between calls that exceeds the sampler's few small kernels is idle
-    after a host sync. Each entry: [cpu start, cpu end] or, on CUDA, [cpu start, cpu end, event start, event end]."""
+    after a host sync. With the run's time (`run_s`), also the CPU's time a step outside the calls: where a CPU
+    that issues calls faster than the GPU runs them yet spends as long a step as the GPU does waits for it (a host
+    sync outside the calls; run74: 43 ms a call in, 45 ms a step out). Each entry: [cpu start, cpu end] or, on
+    CUDA, [cpu start, cpu end, event start, event end]."""
     import statistics
 
     if not marks:
         return {}
-    out = {"cpu_issue_ms_per_call": round(statistics.median((m[1] - m[0]) * 1e3 for m in marks), 2)}
+    issue = [(m[1] - m[0]) * 1e3 for m in marks]
+    out = {"cpu_issue_ms_per_call": round(statistics.median(issue), 2),
+           "cpu_in_calls_ms_per_step": round(sum(issue) / steps, 2)}
+    if run_s is not None:
+        out["cpu_outside_calls_ms_per_step"] = round(run_s * 1e3 / steps - sum(issue) / steps, 2)
     if len(marks[0]) == 4:
         gpu = [m[2].elapsed_time(m[3]) for m in marks]
         between = [a[3].elapsed_time(b[2]) for a, b in zip(marks, marks[1:])]
@@ -115,6 +124,7 @@ def main():
         os.environ["NEWBIE_CFG_BATCH"] = "always" if "batched" in extras else "auto"
         os.environ["NEWBIE_HOST_SIGMAS"] = "0" if "gpusigmas" in extras else "1"
         os.environ["NEWBIE_CUDA_GRAPHS"] = "1" if "graphs" in extras else "0"
+        os.environ["NEWBIE_DEVICE_CONDS"] = "0" if "hostconds" in extras else "1"
         if "separate" in extras:
             patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, cfg_batch.WRAPPER_KEY)
         g = torch.Generator().manual_seed(5)
@@ -163,7 +173,7 @@ def main():
         r["warm_runs_s"] = warm
         r["warm_run_s"] = sorted(warm)[len(warm) // 2]
         r["warm_step_ms"] = round(r["warm_run_s"] * 1e3 / args.steps, 2)
-        r.update(call_timeline(timeline, args.steps))
+        r.update(call_timeline(timeline, args.steps, warm[-1]))  # the timeline is the last warm run's
         timeline = None
         print(f"[sampling] {variant}: warm runs {warm} s", flush=True)
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])

@@ -50,8 +50,8 @@ def gap_neighbours(kernels: list[tuple[float, float, str]], steps: int, top: int
         if e >= cur_e:
             cur_e, last = e, name
     kinds: dict[str, int] = {}
-    for _, _, name in kernels:
-        kind = "memcpy" if name.startswith("Memcpy") else "memset" if name.startswith("Memset") else "kernel"
+    for _, _, name in kernels:  # copies by direction and memory ("Memcpy HtoD (Pageable -> Device)")
+        kind = name if name.startswith("Memcpy") else "memset" if name.startswith("Memset") else "kernel"
         kinds[kind] = kinds.get(kind, 0) + 1
     ranked = sorted(pairs.items(), key=lambda kv: -kv[1][1])[:top]
     return {"idle_ms_per_step_all_gaps": round(idle / 1e3 / steps, 3),
@@ -81,6 +81,35 @@ def read_sites(events, frames: int = 4) -> dict:
     return dict(sorted(sites.items(), key=lambda kv: -kv[1]))
 
 
+def wait_sites(events, steps: int, frames: int = 4, top: int = 12) -> dict:
+    """Where the host waited and for how long: each synchronising CUDA call and host read (SYNC_CALLS, HOST_READS),
+    grouped by site, with its count and its own CPU time per step (the wait; a blocking cudaMemcpyAsync waits for
+    the GPU to reach the copy). A site is the innermost Python frames outside torch of the nearest op with a stack
+    (`--stacks`), or else the names of the ops the call was made in; a copy also names its direction where the
+    profile linked the GPU's memcpy to it ("Memcpy HtoD (Pageable -> Device)")."""
+    sites: dict[str, list[float]] = {}
+    for e in events:
+        if e.name not in HOST_READS[1:] and not e.name.startswith(SYNC_CALLS):
+            continue
+        op, chain = e.cpu_parent, []
+        while op is not None and not op.stack:
+            chain.append(op.name)
+            op = op.cpu_parent
+        if op is not None:
+            own = [f for f in op.stack if not f.startswith("torch/") and "/torch/" not in f
+                   and "built-in" not in f][:frames]
+            where = f"{op.name}: " + (" <- ".join(own) or "(torch internals)")
+        else:
+            where = " <- ".join(chain[:3]) or "(no op)"
+        kinds = sorted({k.name for k in getattr(e, "kernels", ()) or () if k.name.startswith("Memcpy")})
+        site = sites.setdefault(f"{e.name}{' [' + ', '.join(kinds) + ']' if kinds else ''} in {where}", [0, 0.0])
+        site[0] += 1
+        site[1] += e.self_cpu_time_total
+    ranked = sorted(sites.items(), key=lambda kv: -kv[1][1])[:top]
+    return {k: {"per_step": round(n / steps, 2), "wait_ms_per_step": round(us / 1e3 / steps, 2)}
+            for k, (n, us) in ranked}
+
+
 def summarise(prof, steps: int, wall_s: float) -> dict:
     """Per-step figures of one profiled sampling run."""
     from torch.autograd import DeviceType
@@ -96,7 +125,8 @@ def summarise(prof, steps: int, wall_s: float) -> dict:
             "gpu_idle_ms_per_step": round(gpu["gap_ms"] / steps, 2),
             "host_syncs_per_step": {k: round(v / steps, 2) for k, v in syncs.items() if v},
             "host_reads_per_step": {k: round(v / steps, 2) for k, v in reads.items() if v},
-            "host_read_sites": read_sites(events), "gaps": gap_neighbours(named, steps)}
+            "host_read_sites": read_sites(events), "host_wait_sites": wait_sites(events, steps),
+            "gaps": gap_neighbours(named, steps)}
 
 
 def tables(prof, top: int, cuda: bool) -> dict:

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from . import (block_compile, block_prefetch, block_stream, cfg_batch, checkpoint, compat, cuda_graphs, detect,
-               host_copies, host_sigmas, precision as precision_mod, prompt_limits, quantize, quantized_ops, sdpa,
-               te_quantize, vae_memory, vram_budget)
+               device_conds, host_copies, host_sigmas, precision as precision_mod, prompt_limits, quantize,
+               quantized_ops, sdpa, te_quantize, vae_memory, vram_budget)
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -290,6 +290,7 @@ def _finish_model(model_config, dit: dict, load_device, budget, dynamic: bool, f
     precision_mod.attach(patcher, fp16_state)
     cfg_batch.attach(patcher)
     host_sigmas.attach(patcher)
+    device_conds.attach(patcher)
     block_prefetch.attach(patcher)
     if not compat.is_dynamic(patcher):
         block_stream.attach(patcher)

@@ -34,14 +34,39 @@ def test_gap_neighbours_name_the_work_on_either_side_of_each_long_gap():
 
     ops = [(0, 100, "gemm"), (20, 120, "norm"),             # overlapping: the gap after them follows "norm"
            (300, 400, "attention"), (410, 500, "Memset (Device)"),  # a 180 us gap, then a 10 us one
-           (700, 800, "gemm"), (1000, 1100, "attention")]   # two more long gaps
+           (700, 800, "gemm"), (1000, 1100, "attention"),   # two more long gaps
+           (1100, 1110, "Memcpy HtoD (Pageable -> Device)")]
     r = gap_neighbours(ops, steps=2)
     pairs = r["gap_pairs_per_step"]
     assert list(pairs) == ["Memset (Device) -> gemm", "gemm -> attention", "norm -> attention"], pairs
     assert pairs["norm -> attention"] == {"count": 0.5, "ms": 0.09}
     assert r["idle_ms_per_step_all_gaps"] == pytest.approx((180 + 10 + 200 + 200) / 1e3 / 2)
-    assert r["gpu_ops_per_step"] == {"kernel": 2.5, "memset": 0.5}
+    assert r["gpu_ops_per_step"] == {"kernel": 2.5, "memset": 0.5, "Memcpy HtoD (Pageable -> Device)": 0.5}
     assert gap_neighbours([], steps=1) == {}
+
+
+def test_wait_sites_rank_where_the_host_waited_longest():
+    """Each sync or host read grouped by where it was made (the op with a Python stack, else the ops around it),
+    with the copy's direction where the profile linked it, ranked by the CPU time it waited."""
+    from types import SimpleNamespace as NS
+
+    from devkit.profile_summary import wait_sites
+
+    sampler = NS(name="aten::to", stack=["comfy/samplers.py(100): step", "torch/nn/x.py(1): f"], cpu_parent=None)
+    copy = NS(name="aten::copy_", stack=[], cpu_parent=sampler)
+    loose = NS(name="aten::item", stack=[], cpu_parent=None)
+    events = [NS(name="cudaMemcpyAsync", cpu_parent=copy, self_cpu_time_total=4000.0,
+                 kernels=[NS(name="Memcpy DtoH (Device -> Pageable)")]),
+              NS(name="cudaMemcpyAsync", cpu_parent=copy, self_cpu_time_total=2000.0,
+                 kernels=[NS(name="Memcpy DtoH (Device -> Pageable)")]),
+              NS(name="cudaStreamSynchronize", cpu_parent=NS(name="aten::_local_scalar_dense", stack=[],
+                                                               cpu_parent=loose), self_cpu_time_total=10.0),
+              NS(name="cudaLaunchKernel", cpu_parent=copy, self_cpu_time_total=9e9)]  # not a wait
+    r = wait_sites(events, steps=2)
+    assert list(r) == ["cudaMemcpyAsync [Memcpy DtoH (Device -> Pageable)] in aten::to: comfy/samplers.py(100): step",
+                       "cudaStreamSynchronize in aten::_local_scalar_dense <- aten::item"]
+    first = r["cudaMemcpyAsync [Memcpy DtoH (Device -> Pageable)] in aten::to: comfy/samplers.py(100): step"]
+    assert first == {"per_step": 1.0, "wait_ms_per_step": 3.0}
 
 
 def test_call_timeline_splits_gpu_time_into_calls_and_between():
@@ -49,13 +74,16 @@ def test_call_timeline_splits_gpu_time_into_calls_and_between():
     # and 4 ms apart across the step boundary
     starts = [0.0, 6.0, 15.0, 21.0]
     marks = [[10.0 * i, 10.0 * i + 0.003, Event(s), Event(s + 5.0)] for i, s in enumerate(starts)]
-    r = ps.call_timeline(marks, steps=2)
+    r = ps.call_timeline(marks, steps=2, run_s=0.030)
     assert r["cpu_issue_ms_per_call"] == pytest.approx(3.0)
+    assert r["cpu_in_calls_ms_per_step"] == pytest.approx(6.0)
+    assert r["cpu_outside_calls_ms_per_step"] == pytest.approx(15.0 - 6.0), "a 30 ms run of 2 steps"
     assert r["gpu_ms_per_call"] == pytest.approx(5.0)
     assert r["gpu_in_calls_ms_per_step"] == pytest.approx(10.0)
     assert r["gpu_between_calls_ms_per_step"] == pytest.approx((1 + 4 + 1) / 2)
 
 
 def test_call_timeline_on_a_cpu_has_only_the_issue_time():
-    assert ps.call_timeline([[0.0, 0.002], [1.0, 1.004]], steps=1) == {"cpu_issue_ms_per_call": 3.0}
+    assert ps.call_timeline([[0.0, 0.002], [1.0, 1.004]], steps=1) == {"cpu_issue_ms_per_call": 3.0,
+                                                                      "cpu_in_calls_ms_per_step": 6.0}
     assert ps.call_timeline([], steps=1) == {}
