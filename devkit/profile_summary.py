@@ -86,9 +86,9 @@ def read_sites(events, frames: int = 4) -> dict:
 def wait_sites(events, steps: int, frames: int = 4, top: int = 12) -> dict:
     """Where the host waited and for how long: each synchronising CUDA call and host read (SYNC_CALLS, HOST_READS,
     MAYBE_WAITS), grouped by site, with its count and its own CPU time per step (the wait; a blocking
-    cudaMemcpyAsync waits for the GPU to reach the copy). A site is the innermost Python frames outside torch of the nearest op with a stack
-    (`--stacks`), or else the names of the ops the call was made in; a copy also names its direction where the
-    profile linked the GPU's memcpy to it ("Memcpy HtoD (Pageable -> Device)")."""
+    cudaMemcpyAsync waits for the GPU to reach the copy). A site is the innermost Python frames outside torch of
+    the nearest op with a stack (`--stacks`), or else the names of the ops the call was made in; a copy also names
+    its direction where the profile linked the GPU's memcpy to it ("Memcpy HtoD (Pageable -> Device)")."""
     sites: dict[str, list[float]] = {}
     for e in events:
         if e.name not in HOST_READS[1:] and not e.name.startswith(SYNC_CALLS + MAYBE_WAITS):

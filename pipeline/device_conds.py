@@ -5,7 +5,7 @@ ComfyUI runs with --gpu-only), and `BaseModel._apply_model` copies it to the GPU
 (`cast_to_device`; for NewBie the Gemma caption, [1, L, 2560], converted to the model's dtype on the CPU first) and
 each extra conditioning (`convert_tensor`: the Jina pooled text). That is two host-to-device copies from pageable
 memory per call, 100 an image at 25 steps with CFG, each with its conversion on the CPU; a copy from pageable memory
-may also make the CPU wait for the GPU to reach it (CUDA gives no asynchrony for pageable memory). Upstream's best
+may also make the CPU wait for the GPU to reach it (CUDA promises no asynchrony for pageable memory). Upstream's best
 configuration in the bench, `--gpu-only`, has its conditioning on the GPU from the start.
 
 A SAMPLER_SAMPLE wrapper (the loader attaches it) hands the sampler a copy of the run's processed conditionings
