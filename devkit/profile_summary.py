@@ -34,8 +34,8 @@ def busy_and_gaps(intervals: list[tuple[float, float]]) -> dict:
 def gap_neighbours(kernels: list[tuple[float, float, str]], steps: int, top: int = 8) -> dict:
     """Which GPU work the idle time falls between: for each gap longer than GAP_US, the GPU operation that ended
     last before it and the one that starts it, grouped by that pair (names cut to 50 characters) with their count
-    and idle ms per step; and all idle time per step, the gaps under GAP_US included (a kernel's launch latency
-    on the GPU, which no CPU speed removes), with the GPU operations per step by kind."""
+    and idle ms per step; and all idle time per step, the gaps under GAP_US included (launch latency, or a CPU
+    behind the GPU), with the GPU operations per step by kind (copies by direction)."""
     if not kernels:
         return {}
     kernels = sorted(kernels)
