@@ -105,8 +105,6 @@ SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_C
             "nocopies": {"NEWBIE_HOST_COPIES": "0"},
             # the sampler compares its sigmas on the GPU every step, as ComfyUI has it (pipeline/host_sigmas.py off)
             "gpusigmas": {"NEWBIE_HOST_SIGMAS": "0"},
-            # ... and host sigmas for eager runs too (until run74 only compiled runs got them; now the default)
-            "hostsigmas": {"NEWBIE_HOST_SIGMAS": "always"},
             # Inductor without its pool of compile worker processes: does starting that pool make the 6 s of
             # "Inductor" a first image pays with the cache filled (run45)? Compare a second server's cold image.
             "compile1": {"TORCHINDUCTOR_COMPILE_THREADS": "1"},

@@ -62,6 +62,25 @@ def gap_neighbours(kernels: list[tuple[float, float, str]], steps: int, top: int
                                    for k, (n, us) in ranked}}
 
 
+def _is_wait(name: str, calls: tuple) -> bool:
+    """A host read (item, is_nonzero) or one of `calls` (prefixes of CUDA runtime calls)."""
+    return name in HOST_READS[1:] or name.startswith(calls)
+
+
+def _site(e, frames: int) -> tuple[str | None, list[str]]:
+    """Where event `e` was made: the nearest op with a Python stack from `e` up, as "op: its innermost frames
+    outside torch" (None where no op has one), and the names of the ops above `e` passed on the way."""
+    op, chain = e, []
+    while op is not None and not getattr(op, "stack", None):
+        if op is not e:
+            chain.append(op.name)
+        op = op.cpu_parent
+    if op is None:
+        return None, chain
+    own = [f for f in op.stack if not f.startswith("torch/") and "/torch/" not in f and "built-in" not in f][:frames]
+    return f"{op.name}: " + (" <- ".join(own) or "(torch internals)"), chain
+
+
 def read_sites(events, frames: int = 4) -> dict:
     """Where the host waits for the GPU: for each host read (item, is_nonzero) and each synchronising CUDA call
     (a stream sync, a blocking memcpy), the innermost Python frames outside torch of the nearest op with a stack
@@ -69,17 +88,12 @@ def read_sites(events, frames: int = 4) -> dict:
     site waited."""
     sites: dict[str, int] = {}
     for e in events:
-        if e.name not in HOST_READS[1:] and not e.name.startswith(SYNC_CALLS):
+        if not _is_wait(e.name, SYNC_CALLS):
             continue
-        op = e
-        while op is not None and not op.stack:
-            op = op.cpu_parent
-        if op is None:
-            continue
-        own = [f for f in op.stack if not f.startswith("torch/") and "/torch/" not in f
-               and "built-in" not in f][:frames]
-        key = f"{e.name} in {op.name}: " + (" <- ".join(own) or "(torch internals)")
-        sites[key] = sites.get(key, 0) + 1
+        where, _ = _site(e, frames)
+        if where is not None:
+            key = f"{e.name} in {where}"
+            sites[key] = sites.get(key, 0) + 1
     return dict(sorted(sites.items(), key=lambda kv: -kv[1]))
 
 
@@ -91,18 +105,10 @@ def wait_sites(events, steps: int, frames: int = 4, top: int = 12) -> dict:
     its direction where the profile linked the GPU's memcpy to it ("Memcpy HtoD (Pageable -> Device)")."""
     sites: dict[str, list[float]] = {}
     for e in events:
-        if e.name not in HOST_READS[1:] and not e.name.startswith(SYNC_CALLS + MAYBE_WAITS):
+        if not _is_wait(e.name, SYNC_CALLS + MAYBE_WAITS):
             continue
-        op, chain = e.cpu_parent, []
-        while op is not None and not op.stack:
-            chain.append(op.name)
-            op = op.cpu_parent
-        if op is not None:
-            own = [f for f in op.stack if not f.startswith("torch/") and "/torch/" not in f
-                   and "built-in" not in f][:frames]
-            where = f"{op.name}: " + (" <- ".join(own) or "(torch internals)")
-        else:
-            where = " <- ".join(chain[:3]) or "(no op)"
+        where, chain = _site(e, frames)
+        where = where or " <- ".join(chain[:3]) or "(no op)"
         kinds = sorted({k.name for k in getattr(e, "kernels", ()) or () if k.name.startswith("Memcpy")})
         site = sites.setdefault(f"{e.name}{' [' + ', '.join(kinds) + ']' if kinds else ''} in {where}", [0, 0.0])
         site[0] += 1

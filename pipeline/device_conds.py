@@ -40,11 +40,16 @@ def _movable(cond, device) -> bool:
             and tensor.device != device)
 
 
+def _has_model_conds(c) -> bool:
+    """A conditioning dict of ComfyUI's processed conditionings, with its model conditionings."""
+    return isinstance(c, dict) and isinstance(c.get("model_conds"), dict)
+
+
 def _entries(conds: dict):
     """Each conditioning dict of ComfyUI's processed conditionings ({"positive": [dict, ...], ...})."""
     for entries in conds.values():
         if isinstance(entries, list):
-            yield from (c for c in entries if isinstance(c, dict) and isinstance(c.get("model_conds"), dict))
+            yield from filter(_has_model_conds, entries)
 
 
 def bytes_to_move(conds: dict, device) -> int:
@@ -76,7 +81,7 @@ def on_device(conds: dict, device) -> dict:
             out[kind] = entries
             continue
         out[kind] = [{**c, "model_conds": {k: moved(v) for k, v in c["model_conds"].items()}}
-                     if isinstance(c, dict) and isinstance(c.get("model_conds"), dict) else c for c in entries]
+                     if _has_model_conds(c) else c for c in entries]
     return out
 
 
