@@ -13,11 +13,18 @@ The kernel is wrapped as the custom op `newbie::fa4_attention`, so a compiled bl
 known output shape instead of tracing into the DSL's launcher. Inputs and output are in FlashAttention's layout,
 [batch, tokens, heads, head size]; `attention` takes and returns SDPA's [batch, heads, tokens, head size] as
 transposed views, which is the memory order ComfyUI's Next-DiT already has, so nothing is copied.
+
+flash-attn-4 compiles its kernels in each new process. Its own on-disk cache of compiled kernels is off unless
+FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1; the pack turns it on before the package is imported (a value the user
+set is kept), as Inductor's caches are on by default, so a restarted server loads the kernels instead of compiling
+them again. The cache lives where flash-attn-4 puts it (FLASH_ATTENTION_CUTE_DSL_CACHE_DIR, by default a
+directory under the system's temporary directory, as Inductor's) and is keyed by the package's source.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 
@@ -25,6 +32,8 @@ log = logging.getLogger(__name__)
 
 DTYPES = (torch.float16, torch.bfloat16)
 OP_NAME = "newbie::fa4_attention"
+# flash-attn-4's switch for its on-disk kernel cache (read when flash_attn.cute is imported).
+CACHE_SWITCH = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
 
 
 _FAILED: list[BaseException] = []  # a runtime failure of the kernel: SDPA from then on, in this process
@@ -45,6 +54,7 @@ def kernel():
             return None
     except (ImportError, ValueError):
         return None
+    os.environ.setdefault(CACHE_SWITCH, "1")
     try:
         from flash_attn.cute.interface import flash_attn_func
     except ModuleNotFoundError as e:

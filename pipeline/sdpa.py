@@ -146,6 +146,6 @@ def describe(device: torch.device) -> str:
     first = first_backend(device)
     if first == "fa4":
         return (f"attention: FlashAttention-4 (flash-attn-4 {flash_attn4.version() or '?'}; its kernels compile "
-                "at the first sampling run; NEWBIE_SDPA=cudnn for PyTorch SDPA)")
+                "at the first sampling run and are kept in its on-disk cache; NEWBIE_SDPA=cudnn for PyTorch SDPA)")
     order = {"cudnn": "cuDNN first", "flash": "FlashAttention-2 first", None: "PyTorch's own order"}[first]
     return f"attention: PyTorch SDPA ({order})"

@@ -39,6 +39,14 @@ def fa4_double(monkeypatch):
     return calls
 
 
+@pytest.fixture(autouse=True)
+def cache_switch_kept(monkeypatch):
+    """Importing flash-attn-4 through the pack sets its cache switch in os.environ; each test starts without it
+    and leaves the environment as it found it."""
+    monkeypatch.setenv(flash_attn4.CACHE_SWITCH, "")
+    monkeypatch.delenv(flash_attn4.CACHE_SWITCH)
+
+
 def test_absent_here():
     """CI has no flash-attn-4: the route is never chosen and nothing is imported."""
     assert not flash_attn4.installed()
@@ -122,6 +130,24 @@ def test_an_install_that_imports_gives_its_function(fake_packages):
     (fake_packages / "flash_attn" / "cute" / "__init__.py").write_text("")
     (fake_packages / "flash_attn" / "cute" / "interface.py").write_text("def flash_attn_func(q, k, v):\n    pass\n")
     assert flash_attn4.kernel.__wrapped__().__name__ == "flash_attn_func"
+
+
+def test_its_kernel_cache_is_switched_on_before_it_is_imported_unless_the_user_chose(fake_packages, monkeypatch):
+    """flash-attn-4 reads its cache switch when flash_attn.cute is imported; the pack sets it first, keeping a
+    value the user set."""
+    (fake_packages / "flash_attn" / "cute").mkdir(parents=True)
+    (fake_packages / "flash_attn" / "__init__.py").write_text("")
+    (fake_packages / "flash_attn" / "cute" / "__init__.py").write_text("")
+    (fake_packages / "flash_attn" / "cute" / "interface.py").write_text(
+        "import os\nSEEN = os.environ.get('FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED')\n"
+        "def flash_attn_func(q, k, v):\n    pass\n")
+    for chosen, seen in ((None, "1"), ("0", "0")):
+        if chosen is not None:
+            monkeypatch.setenv(flash_attn4.CACHE_SWITCH, chosen)
+        for name in ("flash_attn.cute.interface", "flash_attn.cute", "flash_attn"):
+            sys.modules.pop(name, None)
+        assert flash_attn4.kernel.__wrapped__() is not None
+        assert sys.modules["flash_attn.cute.interface"].SEEN == seen
 
 
 def test_the_op_is_defined_once_a_process():
