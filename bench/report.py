@@ -229,6 +229,23 @@ COMMANDS = {
     "run75": "(the same H100, the next call) NEWBIE_CUDA_GRAPHS=1 python3 bench/profile_sampling.py --variants "
              "bf16+compile --steps 25 --profile-steps 2 --warm 3 (no graph replayed: the script's call counter sat "
              "inside the graphs' wrapper; since fixed, `+graphs`)",
+    "run76": "(H100, a new machine, cuDNN attention) python3 bench/profile_sampling.py --variants "
+             "bf16+compile,bf16+compile+hostconds,bf16+compile+graphs --steps 25 --profile-steps 2 --warm 3",
+    "run77": "(the same H100, the next call) python3 bench/run.py --configs upstream-gpu-only-native@none,"
+             "pack-bf16@none,pack-bf16-hostconds@none --warm 5 --rounds 2 --timeout 100",
+    "run78": "(the same H100, three calls later, flash-attn-4 installed as in run71) python3 bench/run.py --configs "
+             "upstream-gpu-only-native@none,pack-bf16@none,pack-bf16-cudnn@none --warm 5 --rounds 2 --timeout 100",
+    "run79": "(the same H100, the next call; flash-attn-4's on-disk cache off, as it then was) "
+             "TORCH_LOGS=dynamo,aot,inductor python3 bench/run.py --configs pack-bf16@none,pack-fp8@none --warm 3 "
+             "--timeout 100 --restart",
+    "run80": "(the same H100, the next call) python3 bench/profile_sampling.py --variants fp8+compile,bf16+compile "
+             "--steps 25 --profile-steps 2 --warm 3",
+    "run81": "(the same H100, the next call; nvidia-smi logged clocks beside it) python3 bench/run.py --configs "
+             "pack-fp8@none --warm 5 --timeout 100",
+    "run82": "(H100, a new machine, flash-attn-4 installed as in run71; c90dbbd: its on-disk kernel cache on) "
+             "python3 bench/run.py --configs pack-bf16@none,pack-bf16-fa4nocache@none --warm 3 --restart --timeout 100",
+    "run83": "(the same call, after run82) python3 bench/run.py --configs pack-fp8@none,pack-fp8-cudnn@none --warm 3 "
+             "--timeout 100 (the call's time ran out in pack-fp8-cudnn: pack-fp8 only)",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }

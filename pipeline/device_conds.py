@@ -17,8 +17,12 @@ model's dtype, now on the GPU, and a float32 to bf16 or fp16 conversion rounds t
 
 Left as they are: a run on the CPU, a run with ComfyUI's multi-GPU clones (each device gets its own copies there),
 and conditionings larger than MAX_BYTES together (a bounded cost; they are then copied per call as before).
-NEWBIE_DEVICE_CONDS=0 turns it off (for comparisons). Its speed effect is not measured yet (bench switch
-`hostconds`).
+NEWBIE_DEVICE_CONDS=0 turns it off (for comparisons; bench switch `hostconds`).
+
+What it measured (H100, bench/results/NOTES.md, sixteenth session): the warm bf16 image took 3.58 and 3.51 s
+against 3.66 s both rounds with the per-call copies (0.78x and 0.76x upstream's best against 0.80x, run77). In the
+sampler in-process the CPU spent 9 ms a step outside the DiT calls instead of 69, and a step took 128.3 against
+131.8 ms (run76): the CPU now waits for the GPU inside the calls, on a full launch queue, not before them.
 """
 from __future__ import annotations
 
