@@ -172,16 +172,22 @@ _SIZE_OFFSET = 2
 
 
 def _to_attention(executor, *args, **kwargs):
-    """DIFFUSION_MODEL wrapper: the per-sample padding (a keyword of the call) into the call's transformer_options,
-    with the number of image tokens, for the attention (pipeline/precision.py)."""
+    """DIFFUSION_MODEL wrapper: the per-sample padding (a keyword of the call) into a copy of the call's
+    transformer_options, with the number of image tokens, for the attention (pipeline/precision.py); None there
+    for a call without padding. The key is always there: where the attention inside the compiled blocks tested the
+    dict for a key it lacked, Dynamo guarded on the dict's length, and the main layers (before which ComfyUI adds
+    block_index and two more keys) compiled a graph of their own, the same as the noise refiner's (0.4 s of a
+    restarted server's first image with the caches filled, run79)."""
     pads = kwargs.pop(PAD_KEY, None)
+    entry = None
     if pads is not None and any(pads):
         markers = tuple(torch.empty(0, int(p) + _SIZE_OFFSET) for p in pads)
         for m in markers:
             torch._dynamo.maybe_mark_dynamic(m, 1)
-        opts = dict(kwargs.get("transformer_options") or {})
-        opts[PAD_KEY] = (markers, image_tokens(executor.class_obj, args[0]))
-        kwargs["transformer_options"] = opts
+        entry = (markers, image_tokens(executor.class_obj, args[0]))
+    opts = dict(kwargs.get("transformer_options") or {})
+    opts[PAD_KEY] = entry
+    kwargs["transformer_options"] = opts
     return executor(*args, **kwargs)
 
 
@@ -199,8 +205,9 @@ def split_by_padding(q, k, v, transformer_options, attention):
     carries no padding or is the image-only attention of the noise refiner (every other attention of the call has
     the caption in front: pad_captions refuses a padded caption as long as the image)."""
     # A membership test, not .get(): inside compiled blocks Dynamo then guards on the key alone, not on the
-    # dict's other entries (its block_index changes every block and would recompile each one).
-    if transformer_options is None or PAD_KEY not in transformer_options:
+    # dict's other entries (its block_index changes every block and would recompile each one). The key is there
+    # in every call through _to_attention, None without padding (a missing key made Dynamo guard the dict's length).
+    if transformer_options is None or PAD_KEY not in transformer_options or transformer_options[PAD_KEY] is None:
         return None
     markers, n_image = transformer_options[PAD_KEY]
     if len(markers) != q.shape[0] or q.shape[2] == n_image:

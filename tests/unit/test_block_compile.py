@@ -271,3 +271,29 @@ def test_cast_layers_own_their_cast_state(comfy_import_path):
     assert all(all(name in vars(m) for name in block_compile.CAST_STATE) for m in layers)
     assert layers[0].weight_function is not layers[1].weight_function, "each layer its own list"
     assert not any(m.comfy_cast_weights for m in layers)
+
+
+@pytest.mark.parametrize("mode", ["off", "always"])
+def test_a_first_sampling_run_compiles_three_graphs(tiny_dit, mode):
+    """A resident DiT's first sampling run, a prompt pair of two lengths run apart (`off`, what `auto` does for a
+    resident DiT) or padded into one call (`always`): the context refiner compiles for its first caption length
+    and again with the length dynamic, and one graph serves the noise refiner and the main layers. ComfyUI adds
+    keys to transformer_options before the main layers; while the attention tested that dict for a key it lacked,
+    Dynamo guarded on the dict's length and compiled the main layers once more (4 graphs; runs 70-82's logs)."""
+    from torch._dynamo.utils import counters
+
+    from devkit import cfg_batch_errors
+    from pipeline import block_compile
+
+    patcher, cfg = cfg_batch_errors.model(tiny_dit)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        block_compile.apply(patcher, backend="eager")  # the graphs Dynamo makes; Inductor's code is not the point
+        cond, uncond = cfg_batch_errors.prompts(cfg, 12, 5)
+        _, batches = cfg_batch_errors.sample(patcher, cond, uncond, steps=2, mode=mode)
+        assert set(batches) == ({1} if mode == "off" else {2})
+        assert block_compile.compiled_graph_count() == 3, dict(counters["stats"])
+        assert not dict(counters["graph_break"]), dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
