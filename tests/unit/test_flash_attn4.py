@@ -106,6 +106,14 @@ def fake_packages(tmp_path, monkeypatch):
         del sys.modules[name]
 
 
+def _fake_flash_attn_cute(root, interface_source: str) -> None:
+    """A `flash_attn` package with a `cute` subpackage whose `interface` module is `interface_source`."""
+    (root / "flash_attn" / "cute").mkdir(parents=True)
+    (root / "flash_attn" / "__init__.py").write_text("")
+    (root / "flash_attn" / "cute" / "__init__.py").write_text("")
+    (root / "flash_attn" / "cute" / "interface.py").write_text(interface_source)
+
+
 def test_flash_attention_2_alone_is_not_a_broken_install(fake_packages, caplog):
     (fake_packages / "flash_attn").mkdir()
     (fake_packages / "flash_attn" / "__init__.py").write_text("")
@@ -115,32 +123,22 @@ def test_flash_attention_2_alone_is_not_a_broken_install(fake_packages, caplog):
 
 
 def test_a_broken_install_is_logged(fake_packages, caplog):
-    (fake_packages / "flash_attn" / "cute").mkdir(parents=True)
-    (fake_packages / "flash_attn" / "__init__.py").write_text("")
-    (fake_packages / "flash_attn" / "cute" / "__init__.py").write_text("")
-    (fake_packages / "flash_attn" / "cute" / "interface.py").write_text("import cutlass_dsl_not_installed_here\n")
+    _fake_flash_attn_cute(fake_packages, "import cutlass_dsl_not_installed_here\n")
     with caplog.at_level("WARNING"):
         assert flash_attn4.kernel.__wrapped__() is None
     assert "flash-attn-4 is installed but does not load (ModuleNotFoundError" in caplog.text
 
 
 def test_an_install_that_imports_gives_its_function(fake_packages):
-    (fake_packages / "flash_attn" / "cute").mkdir(parents=True)
-    (fake_packages / "flash_attn" / "__init__.py").write_text("")
-    (fake_packages / "flash_attn" / "cute" / "__init__.py").write_text("")
-    (fake_packages / "flash_attn" / "cute" / "interface.py").write_text("def flash_attn_func(q, k, v):\n    pass\n")
+    _fake_flash_attn_cute(fake_packages, "def flash_attn_func(q, k, v):\n    pass\n")
     assert flash_attn4.kernel.__wrapped__().__name__ == "flash_attn_func"
 
 
 def test_its_kernel_cache_is_switched_on_before_it_is_imported_unless_the_user_chose(fake_packages, monkeypatch):
     """flash-attn-4 reads its cache switch when flash_attn.cute is imported; the pack sets it first, keeping a
     value the user set."""
-    (fake_packages / "flash_attn" / "cute").mkdir(parents=True)
-    (fake_packages / "flash_attn" / "__init__.py").write_text("")
-    (fake_packages / "flash_attn" / "cute" / "__init__.py").write_text("")
-    (fake_packages / "flash_attn" / "cute" / "interface.py").write_text(
-        "import os\nSEEN = os.environ.get('FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED')\n"
-        "def flash_attn_func(q, k, v):\n    pass\n")
+    _fake_flash_attn_cute(fake_packages, "import os\nSEEN = os.environ.get('FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED')\n"
+                                         "def flash_attn_func(q, k, v):\n    pass\n")
     for chosen, seen in ((None, "1"), ("0", "0")):
         if chosen is not None:
             monkeypatch.setenv(flash_attn4.CACHE_SWITCH, chosen)
