@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import (block_compile, block_prefetch, block_stream, cfg_batch, checkpoint, compat, cuda_graphs, detect,
-               device_conds, host_copies, host_sigmas, precision as precision_mod, prompt_limits, quantize,
+               device_conds, env_switch, host_copies, host_sigmas, precision as precision_mod, prompt_limits, quantize,
                quantized_ops, sdpa, te_quantize, vae_memory, vram_budget)
 from .errors import ModelFileError
 
@@ -261,7 +261,11 @@ def quantized_ops_for(fmt: str | None, device):
     if fmt == "int8" and quantized_ops.int8_matmuls_dequantised(device):
         return quantized_ops.traceable_int8_ops
     if fmt == "fp8":
-        return functools.partial(quantized_ops.traceable_fp8_ops, fp8_compute=quantized_ops.fp8_matmuls(device))
+        fp8_compute = quantized_ops.fp8_matmuls(device)
+        rowwise_w2 = env_switch.value("NEWBIE_FP8_W2") == "rowwise"
+        if rowwise_w2 and fp8_compute:
+            log.info("NewBie fp8: feed_forward.w2 multiplies in fp8 with its input scaled per row (NEWBIE_FP8_W2)")
+        return functools.partial(quantized_ops.traceable_fp8_ops, fp8_compute=fp8_compute, rowwise_w2=rowwise_w2)
     return None
 
 

@@ -21,7 +21,9 @@ LoRA patches and offloading stay ComfyUI's.
   (w2, `full_precision_matrix_mult`, see pipeline/quantize.py) multiplies in the compute dtype, as in ComfyUI.
   Scaling w2's input per tensor by its own amax instead (no host sync) and multiplying
   it in fp8 was measured and did not pay: compiled, its GEMMs took 6.6 ms less a call and the amax reduction and
-  scaling 10.7 ms more (0.101 s a call against 0.102, bench/results/run24-profile.json). Where the GPU has no
+  scaling 10.7 ms more (0.101 s a call against 0.102, bench/results/run24-profile.json). A scale per row instead
+  (`fp8_linear_rowwise`, opt-in with NEWBIE_FP8_W2=rowwise) needs no reduction across the tensor, so Inductor can
+  fuse it into the SwiGLU kernel that makes w2's input; not yet measured on a GPU. Where the GPU has no
   fp8 matmul (Ampere, Turing), and for w2, the weight is dequantised with plain ops (data times scale in the
   compute dtype, what comfy_kitchen's dequantize computes) and multiplied with one F.linear: what ComfyUI computes
   there, in a form compiled blocks take (ComfyUI's own dequantisation is an opaque custom op, 4.9 ms a call for
@@ -115,11 +117,13 @@ def fp8_matmuls(device) -> bool:
     return bool(mm.supports_fp8_compute(device))
 
 
-def traceable_fp8_ops(quant_config: dict, compute_dtype, fp8_compute: bool = True):
+def traceable_fp8_ops(quant_config: dict, compute_dtype, fp8_compute: bool = True, rowwise_w2: bool = False):
     """ComfyUI's mixed-precision operations whose fp8 layers multiply with plain tensor ops when their weight is
     resident (see the module docstring): with `fp8_compute` (the GPU multiplies fp8) the same arithmetic as
     ComfyUI's fp8 layer without an input scale; without it, and for layers marked full_precision_matrix_mult, the
-    weight dequantised to the input's dtype and one F.linear, as ComfyUI's layer computes it on such a GPU."""
+    weight dequantised to the input's dtype and one F.linear, as ComfyUI's layer computes it on such a GPU. With
+    `rowwise_w2` and `fp8_compute`, a bf16 input of a full_precision_matrix_mult layer is quantized with a scale per
+    row instead (`fp8_linear_rowwise`)."""
     import comfy.ops
 
     # What comfy.ops.pick_operations disables on a GPU without fp8 matmuls (every fp8 layer then multiplies in the
@@ -137,6 +141,8 @@ def traceable_fp8_ops(quant_config: dict, compute_dtype, fp8_compute: bool = Tru
                     return super().forward(input, *args, **kwargs)
                 weight = self.weight
                 if self._full_precision_mm:
+                    if rowwise_w2 and fp8_compute and input.dtype == torch.bfloat16:
+                        return fp8_linear_rowwise(input, weight._qdata, weight._params.scale, self.bias)
                     return fp8_linear_dequantised(input, weight._qdata, weight._params.scale, self.bias)
                 return fp8_linear(input, weight._qdata, weight._params.scale, self.bias,
                                   getattr(self, "input_scale", None))
@@ -167,3 +173,37 @@ def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Te
                            bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
     return out.reshape(*x.shape[:-1], weight_fp8.shape[0])
 
+
+
+# The smallest row amax a row-wise scale is taken from: an all-zero row then quantizes to zeros, never 0/0.
+_MIN_ROW_AMAX = 2.0 ** -24
+
+
+def fp8_linear_rowwise(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ (weight_fp8 * weight_scale).T + bias in x's dtype (bf16), x quantized to e4m3 with one scale per row
+    (the row's amax / 448, so no input is clamped): for an input without a bound, which a single unit scale would
+    clip (w2's SwiGLU product, see pipeline/quantize.py). Inside compiled blocks the amax, the scaling and the cast
+    are elementwise work Inductor can fuse into the kernel that makes x. Opt-in (NEWBIE_FP8_W2=rowwise) until
+    measured on a GPU."""
+    rows = x.reshape(-1, x.shape[-1])
+    amax = rows.abs().amax(dim=-1, keepdim=True).to(torch.float32).clamp(min=_MIN_ROW_AMAX)
+    scale_a = amax / _E4M3_MAX  # (rows, 1)
+    x8 = (rows.to(torch.float32) / scale_a).clamp(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn)
+    n = weight_fp8.shape[0]
+    scale_b = weight_scale.to(torch.float32).reshape(-1)
+    scale_b = (scale_b.expand(n) if scale_b.numel() == 1 else scale_b).reshape(1, n).contiguous()
+    out = rowwise_scaled_mm(x8, weight_fp8.t(), scale_a, scale_b, x.dtype)
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def rowwise_scaled_mm(a8: torch.Tensor, b8: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                      out_dtype) -> torch.Tensor:
+    """(a8 * scale_a) @ (b8 * scale_b) in `out_dtype`, scale_a (M, 1) and scale_b (1, N) in fp32: torch._scaled_mm's
+    row-wise form on CUDA; elsewhere (PyTorch's CPU kernel takes one scale per tensor only) the same product with
+    both operands dequantised to fp32, which is what the tests run."""
+    if a8.device.type == "cuda":
+        return torch._scaled_mm(a8, b8, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    return ((a8.to(torch.float32) * scale_a) @ (b8.to(torch.float32) * scale_b)).to(out_dtype)

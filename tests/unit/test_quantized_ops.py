@@ -122,6 +122,77 @@ def test_plain_fp8_dit_equals_comfys_fp8_dit(fp8_dit, fp8_matmuls, monkeypatch):
     assert stress.relative_error(out, ref) < 1e-6
 
 
+def test_rowwise_fp8_linear_keeps_every_row_to_e4m3_precision(comfy_import_path):
+    """w2's input has no bound: rows far apart in size, and values beyond e4m3's 448, each keep the relative
+    precision of e4m3 (3 mantissa bits) with a scale per row; an all-zero row gives zeros. The weight-only
+    dequantised product is the reference, so what is measured is the input's quantization alone."""
+    from pipeline import quantize, quantized_ops
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 96, generator=g) * 0.05
+    q, scale = quantize.quantize_weight(w, "fp8")
+    x = torch.randn(2, 5, 96, generator=g)
+    x[0, 0] *= 1e-4
+    x[0, 1] *= 1e4  # beyond 448: a unit scale would clip it
+    x[1, 2] = 0
+    x = x.to(torch.bfloat16)
+    ours = quantized_ops.fp8_linear_rowwise(x, q, scale, None)
+    ref = quantized_ops.fp8_linear_dequantised(x.float(), q, scale, None)
+    assert ours.shape == (2, 5, 48) and ours.dtype == torch.bfloat16
+    assert torch.count_nonzero(ours[1, 2]) == 0
+    errors = (ours.float() - ref).norm(dim=-1) / ref.norm(dim=-1).clamp(min=1e-30)
+    errors[1, 2] = 0
+    assert float(errors.max()) < 0.05, errors
+    # the same call through a unit per-tensor scale, ComfyUI's fp8 layer without an input scale, clips the big row
+    clipped = quantized_ops.fp8_linear(x.float(), q, scale, None)
+    assert stress.relative_error(clipped[0, 1], ref[0, 1]) > 0.5
+
+
+def test_rowwise_w2_is_switched_on_by_the_environment_only_with_fp8_matmuls(fp8_dit, monkeypatch):
+    """NEWBIE_FP8_W2=rowwise sends the w2 layers' bf16 input through fp8_linear_rowwise where the GPU multiplies
+    fp8, and changes nothing elsewhere; the DiT's output stays within e4m3's input precision of the default's."""
+    import comfy.model_management as mm
+
+    from pipeline import quantized_ops
+
+    outputs = {}
+    for fp8_matmuls, switch in ((True, None), (True, "rowwise"), (False, "rowwise")):
+        monkeypatch.setattr(mm, "supports_fp8_compute", lambda device=None, _v=fp8_matmuls: _v)
+        monkeypatch.setattr(mm, "unet_manual_cast", lambda *args, **kwargs: torch.bfloat16)  # a GPU's choice
+        if switch is None:
+            monkeypatch.delenv("NEWBIE_FP8_W2", raising=False)
+        else:
+            monkeypatch.setenv("NEWBIE_FP8_W2", switch)
+        ours, cfg = _build(fp8_dit)
+        calls = _count_calls(monkeypatch, quantized_ops, "fp8_linear_rowwise", "fp8_linear_dequantised")
+        outputs[fp8_matmuls, switch] = dit_call(ours, cfg)
+        n_w2 = sum(1 for m in ours.model.diffusion_model.modules() if getattr(m, "_full_precision_mm_config", False))
+        rowwise = n_w2 if (fp8_matmuls, switch) == (True, "rowwise") else 0
+        assert calls["fp8_linear_rowwise"] == rowwise, (fp8_matmuls, switch, calls)
+        monkeypatch.undo()
+        tiny_models._comfy_cpu_safe()
+    default, rowwise, without_fp8 = outputs[True, None], outputs[True, "rowwise"], outputs[False, "rowwise"]
+    assert 0 < stress.relative_error(rowwise, default) < 0.05
+    assert stress.relative_error(without_fp8, default) > 0, "without fp8 matmuls every layer is dequantised"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rowwise_scaled_mm_on_a_gpu_is_its_cpu_reference():
+    """torch._scaled_mm's row-wise form (CUDA, fp8 GPUs) against the dequantised product the CPU runs."""
+    from pipeline import quantized_ops
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no fp8 matmuls on this GPU")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = (torch.randn(64, 128, device="cuda", generator=g) * 100).to(torch.float8_e4m3fn)
+    b = (torch.randn(32, 128, device="cuda", generator=g) * 100).to(torch.float8_e4m3fn).t()
+    sa = torch.rand(64, 1, device="cuda", generator=g) + 0.5
+    sb = torch.rand(1, 32, device="cuda", generator=g) + 0.5
+    gpu = quantized_ops.rowwise_scaled_mm(a, b, sa, sb, torch.bfloat16)
+    cpu = quantized_ops.rowwise_scaled_mm(a.cpu(), b.cpu(), sa.cpu(), sb.cpu(), torch.bfloat16)
+    assert stress.relative_error(gpu.cpu().float(), cpu.float()) < 1e-2
+
+
 @pytest.mark.parametrize("precision", ["fp8", "int8"])
 def test_linear_dequantised_is_comfys_dequantisation(comfy_import_path, precision):
     """The plain-op dequantisation against ComfyUI's: fp8 as its cast path does it (cast to the compute dtype,
@@ -177,15 +248,19 @@ def test_a_weight_function_goes_to_comfys_forward(fp8_dit, int8_dit, fp8_compute
         assert not getattr(layer, plain)(x), precision
 
 
-@pytest.mark.parametrize("precision", ["fp8", "fp8-dequantised", "int8"])
+@pytest.mark.parametrize("precision", ["fp8", "fp8-dequantised", "fp8-rowwise", "int8"])
 def test_plain_quantized_blocks_compile_once_without_graph_breaks(precision, fp8_dit, int8_dit, hopper, monkeypatch):
-    """fp8 with fp8 matmuls, fp8 on a GPU without them (every layer dequantised), int8 on Hopper+."""
+    """fp8 with fp8 matmuls, fp8 on a GPU without them (every layer dequantised), fp8 with w2's input scaled per
+    row (NEWBIE_FP8_W2=rowwise), int8 on Hopper+."""
     import comfy.model_management as mm
     from torch._dynamo.utils import counters
 
     from pipeline import block_compile
 
-    monkeypatch.setattr(mm, "supports_fp8_compute", lambda device=None: precision == "fp8")
+    monkeypatch.setattr(mm, "supports_fp8_compute", lambda device=None: precision in ("fp8", "fp8-rowwise"))
+    if precision == "fp8-rowwise":
+        monkeypatch.setenv("NEWBIE_FP8_W2", "rowwise")
+        monkeypatch.setattr(mm, "unet_manual_cast", lambda *args, **kwargs: torch.bfloat16)
     patcher, cfg = _build(int8_dit if precision == "int8" else fp8_dit, precision=precision.split("-")[0])
     eager = {n: dit_call(patcher, cfg, dit_inputs(cfg, "cpu", (8, 8), n)) for n in (12, 20)}
     torch._dynamo.reset()
