@@ -482,7 +482,8 @@ def main():
               "memory but B + 0.6 GiB. Peak = the server process's `used_memory` from nvidia-smi every 50 ms. Stage "
               "times come from the websocket's `executing` events; it/s from its `progress` events, which arrive in "
               "bursts when the sampler keeps the server's CPU busy: for fp8 at about 10 it/s (sampling 2.51–2.65 s) the "
-              "column read 5.9–8.7 it/s (run81), so for fast configurations the sampling seconds are the witness.", ""]
+              "column read 5.9–8.7 it/s (run81), so for fast configurations the sampling seconds are the witness; "
+              "`steps / sampling s` is the sampling node's own rate (its work before the first step included).", ""]
     if current:
         parts += ["## NVIDIA H200: the pack against upstream in the same call", "",
                   "Each configuration on a fresh server: one cold image, then warm images with new seeds; the table "
