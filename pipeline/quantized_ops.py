@@ -174,7 +174,6 @@ def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Te
     return out.reshape(*x.shape[:-1], weight_fp8.shape[0])
 
 
-
 # The smallest row amax a row-wise scale is taken from: an all-zero row then quantizes to zeros, never 0/0.
 _MIN_ROW_AMAX = 2.0 ** -24
 
