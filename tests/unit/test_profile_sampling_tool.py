@@ -2,15 +2,11 @@
 and idle gaps from kernel intervals, and the unprofiled call timeline (CPU issue time against GPU time)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location(
-    "profile_sampling", Path(__file__).resolve().parents[2] / "bench" / "profile_sampling.py")
-ps = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(ps)
+import bench_scripts
+
+ps = bench_scripts.load("profile_sampling")
 
 
 class Event:

@@ -2,12 +2,9 @@
 the sampling node's own rate beside the progress events' it/s."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+import bench_scripts
 
-_SPEC = importlib.util.spec_from_file_location("ratios", Path(__file__).resolve().parents[2] / "bench" / "ratios.py")
-ratios = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(ratios)
+ratios = bench_scripts.load("ratios")
 
 
 def _r(config, kind, budget, wall, sampling, it_per_s, steps=25):

@@ -2,12 +2,9 @@
 an upstream configuration together, never a pack figure from one call against upstream's from another."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+import bench_scripts
 
-_SPEC = importlib.util.spec_from_file_location("report", Path(__file__).resolve().parents[2] / "bench" / "report.py")
-report = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(report)
+report = bench_scripts.load("report")
 
 
 def _r(config, budget, wall, peak=5.0):
