@@ -23,7 +23,9 @@ LoRA patches and offloading stay ComfyUI's.
   it in fp8 was measured and did not pay: compiled, its GEMMs took 6.6 ms less a call and the amax reduction and
   scaling 10.7 ms more (0.101 s a call against 0.102, bench/results/run24-profile.json). A scale per row instead
   (`fp8_linear_rowwise`, opt-in with NEWBIE_FP8_W2=rowwise) needs no reduction across the tensor, so Inductor can
-  fuse it into the SwiGLU kernel that makes w2's input; not yet measured on a GPU. Where the GPU has no
+  fuse it into the SwiGLU kernel that makes w2's input. With _scaled_mm's row-wise form it gained nothing (H100,
+  flash-attn-4, run86: w2's GEMM 12.3 against 16.8 ms a step, the SwiGLU kernel that now finds each row's amax
+  10.1 against 5.6 ms), so the GEMM now runs per tensor with the scales applied after it. Where the GPU has no
   fp8 matmul (Ampere, Turing), and for w2, the weight is dequantised with plain ops (data times scale in the
   compute dtype, what comfy_kitchen's dequantize computes) and multiplied with one F.linear: what ComfyUI computes
   there, in a form compiled blocks take (ComfyUI's own dequantisation is an opaque custom op, 4.9 ms a call for
@@ -183,26 +185,22 @@ def fp8_linear_rowwise(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: 
     """x @ (weight_fp8 * weight_scale).T + bias in x's dtype (bf16), x quantized to e4m3 with one scale per row
     (the row's amax / 448, so no input is clamped): for an input without a bound, which a single unit scale would
     clip (w2's SwiGLU product, see pipeline/quantize.py). Inside compiled blocks the amax, the scaling and the cast
-    are elementwise work Inductor can fuse into the kernel that makes x. Opt-in (NEWBIE_FP8_W2=rowwise) until
-    measured on a GPU."""
+    are elementwise work Inductor fuses into the kernel that makes x.
+
+    The GEMM itself runs with unit scales, in torch._scaled_mm's per-tensor form, and the row and weight scales
+    multiply its output after: Inductor fuses that product into the elementwise kernel that consumes the output
+    (the gate and the residual add). The row-wise form of _scaled_mm, which applies them in its epilogue, ran
+    cuBLAS's slower outer-vector-scaled kernel on an H100 (153 against about 95 us a call for a per-tensor GEMM
+    of the same size, bench/results/run86-profile_sampling.json). The unscaled product stays far inside bf16's
+    range (at most 448 * 448 * K)."""
     rows = x.reshape(-1, x.shape[-1])
     amax = rows.abs().amax(dim=-1, keepdim=True).to(torch.float32).clamp(min=_MIN_ROW_AMAX)
     scale_a = amax / _E4M3_MAX  # (rows, 1)
     x8 = (rows.to(torch.float32) / scale_a).clamp(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn)
     n = weight_fp8.shape[0]
-    scale_b = weight_scale.to(torch.float32).reshape(-1)
-    scale_b = (scale_b.expand(n) if scale_b.numel() == 1 else scale_b).reshape(1, n).contiguous()
-    out = rowwise_scaled_mm(x8, weight_fp8.t(), scale_a, scale_b, x.dtype)
+    unit = torch.ones((), device=x.device, dtype=torch.float32)
+    out = torch._scaled_mm(x8, weight_fp8.t(), scale_a=unit, scale_b=unit, out_dtype=x.dtype)
+    out = out.to(torch.float32) * (scale_a * weight_scale.to(torch.float32).reshape(1, -1))
     if bias is not None:
-        out = out + bias.to(x.dtype)
-    return out.reshape(*x.shape[:-1], n)
-
-
-def rowwise_scaled_mm(a8: torch.Tensor, b8: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
-                      out_dtype) -> torch.Tensor:
-    """(a8 * scale_a) @ (b8 * scale_b) in `out_dtype`, scale_a (M, 1) and scale_b (1, N) in fp32: torch._scaled_mm's
-    row-wise form on CUDA; elsewhere (PyTorch's CPU kernel takes one scale per tensor only) the same product with
-    both operands dequantised to fp32, which is what the tests run."""
-    if a8.device.type == "cuda":
-        return torch._scaled_mm(a8, b8, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
-    return ((a8.to(torch.float32) * scale_a) @ (b8.to(torch.float32) * scale_b)).to(out_dtype)
+        out = out + bias.to(torch.float32)
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
