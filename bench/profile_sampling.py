@@ -13,7 +13,8 @@ A variant is PRECISION[+compile][+batched|+separate]: the loader's precision (bf
 +gpusigmas: the sampler compares its sigmas on the GPU every step, as ComfyUI has it (pipeline/host_sigmas.py off);
 +hostconds: the conditioning copied to the GPU at every DiT call, as ComfyUI has it (pipeline/device_conds.py off;
 this script's conditioning is on the CPU, as a server's text encoders leave it);
-+w2rowwise: fp8's w2 multiplied in fp8 with its input scaled per row (NEWBIE_FP8_W2=rowwise, pipeline/quantized_ops.py);
++w2bf16: fp8's w2 multiplied in bf16 (NEWBIE_FP8_W2=bf16; by default it multiplies in fp8 with its input scaled per
+row, pipeline/quantized_ops.py, the `+w2rowwise` of runs 84-88);
 +graphs: the DiT's calls replayed as CUDA graphs (NEWBIE_CUDA_GRAPHS=1, pipeline/cuda_graphs.py; this process
 runs PyTorch's own allocator, as the graphs need); their log lines are kept in `cuda_graphs`. Until run75 this
 script's call counter sat inside the graphs' wrapper, which then declined every run (run75 replayed none);
@@ -115,7 +116,7 @@ def main():
     graph_log.addHandler(GraphLog())
     for variant in args.variants.split(","):
         prec, *extras = variant.split("+")
-        os.environ["NEWBIE_FP8_W2"] = "rowwise" if "w2rowwise" in extras else ""  # read when the model is built
+        os.environ["NEWBIE_FP8_W2"] = "bf16" if "w2bf16" in extras else ""  # read when the model is built
         parts = loader.NewBieParts(dict(base_sd), {}, {}, {}, None, None, {"dit": "random"})
         patcher, cfg, _, _ = loader.build_model(parts, prec, dynamic=False)
         if "compile" in extras:  # +cppwrapper: Inductor's C++ launchers (block_compile.inductor_options)
