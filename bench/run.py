@@ -96,7 +96,7 @@ CONFIGS = {
 # (pipeline/cfg_batch.py; by default where a quarter or more of the DiT streams) off or always on.
 SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_CFG_BATCH": "off"},
             "batched": {"NEWBIE_CFG_BATCH": "always"}, "flash": {"NEWBIE_SDPA": "flash"},
-            "cppwrapper": {"NEWBIE_CPP_WRAPPER": "1"}, "nographs": {"NEWBIE_CUDA_GRAPHS": "0"},
+            "cppwrapper": {"NEWBIE_CPP_WRAPPER": "1"}, "multikernel": {"NEWBIE_MULTI_KERNEL": "1"}, "nographs": {"NEWBIE_CUDA_GRAPHS": "0"},
             "cudnn": {"NEWBIE_SDPA": "cudnn"},
             # a DiT that does not fit streamed under ComfyUI's dynamic VRAM (with the block prefetch), as before the
             # block streamer of its non-dynamic patcher (pipeline/block_stream.py)

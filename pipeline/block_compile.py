@@ -182,10 +182,21 @@ def inductor_options(backend: str) -> dict | None:
     compiled block's launcher in C++ instead of Python (Inductor's `cpp_wrapper`). A resident step issues its
     kernels from Python at about the pace the GPU runs them (run31/32, bench/results/NOTES.md), so a cheaper
     launcher may close the GPU's gaps; it costs a C++ compiler and compile time at the first image. Off by
-    default until measured."""
-    if backend == "inductor" and env_switch.switch("NEWBIE_CPP_WRAPPER", False):
-        return {"cpp_wrapper": True}
-    return None
+    default until measured.
+
+    NEWBIE_MULTI_KERNEL=1 sets Inductor's `triton.multi_kernel`: a row reduction of up to 16384 elements then also
+    gets a persistent kernel, which reads each row once, and the faster of the two is chosen at the first run.
+    Without it rows over 1024 elements (the RMSNorms' 2304, fp8's w2 input's 9216) are reduced in a loop that
+    reads them twice; fp8's row-wise scaling of w2's input took 134 against 74 us a call for the SwiGLU kernel
+    alone (H100, run87). Off by default until measured; it compiles more kernels at the first image."""
+    if backend != "inductor":
+        return None
+    options = {}
+    if env_switch.switch("NEWBIE_CPP_WRAPPER", False):
+        options["cpp_wrapper"] = True
+    if env_switch.switch("NEWBIE_MULTI_KERNEL", False):
+        options["triton.multi_kernel"] = 1
+    return options or None
 
 
 # The attributes ComfyUI's cast layers read in their forward (comfy.ops.CastWeightBiasOp) that its loader sets on
