@@ -246,6 +246,22 @@ COMMANDS = {
              "python3 bench/run.py --configs pack-bf16@none,pack-bf16-fa4nocache@none --warm 3 --restart --timeout 100",
     "run83": "(the same call, after run82) python3 bench/run.py --configs pack-fp8@none,pack-fp8-cudnn@none --warm 3 "
              "--timeout 100 (the call's time ran out in pack-fp8-cudnn: pack-fp8 only)",
+    "run84": "(H100, a new machine, cuDNN attention; fad60de: one graph fewer, w2's row-wise GEMM in _scaled_mm's "
+             "row-wise form) python3 bench/run.py --configs pack-bf16@none,pack-fp8@none,pack-fp8-w2rowwise@none "
+             "--warm 3 --restart --timeout 100",
+    "run85": "(the same H100, the next call) python3 bench/quant_accuracy.py",
+    "run85r": "(the same call, after run85) NEWBIE_FP8_W2=rowwise python3 bench/quant_accuracy.py (w2 in "
+              "_scaled_mm's row-wise form, as in run84)",
+    "run86": "(the same H100, the next call, flash-attn-4 installed as in run71) python3 bench/profile_sampling.py "
+             "--variants fp8+compile,fp8+compile+w2rowwise,fp8+compile+w2rowwise+graphs --steps 25 --profile-steps 2 "
+             "--warm 3; python3 bench/run.py --configs pack-bf16@none,pack-fp8-w2rowwise@none --warm 3 --restart "
+             "--timeout 100",
+    "run87": "(H100, a new machine, flash-attn-4 installed as in run71; a02db7d: the row-wise w2 as a per-tensor GEMM with "
+             "its scales applied after) python3 bench/profile_sampling.py --variants fp8+compile,fp8+compile+w2rowwise "
+             "--steps 25 --profile-steps 2 --warm 3; python3 bench/run.py --configs pack-fp8@none,"
+             "pack-fp8-w2rowwise@none,upstream-gpu-only-native@none --warm 3 --timeout 100",
+    "run88": "(the same H100, the next call) python3 bench/profile_sampling.py --variants "
+             "fp8+compile+w2rowwise+graphs,fp8+compile+w2rowwise --steps 25 --profile-steps 2 --warm 5",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
