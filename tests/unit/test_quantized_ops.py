@@ -179,9 +179,10 @@ def test_rowwise_w2_is_the_default_with_fp8_matmuls_and_bf16_is_its_switch(fp8_d
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_rowwise_fp8_linear_on_a_gpu_is_the_cpus():
-    """The row-wise fp8 product on CUDA (cuBLAS's fp8 GEMM, the row scales applied after it) keeps every row to
-    e4m3's precision of the dequantised product, and matches the same function on the CPU (PyTorch's reference
-    fp8 kernel) but for the odd input rounded to the other neighbouring e4m3 value (one row of 96 at 1.8 % on an H100)."""
+    """The row-wise fp8 product on CUDA (cuBLAS's fp8 GEMM, the row scales applied after it) keeps every row within
+    e4m3's rounding of the dequantised product, and matches the same function on the CPU (PyTorch's reference
+    fp8 kernel) but for the odd input rounded to the other neighbouring e4m3 value (one row of 96 at 1.8 % on an
+    H100)."""
     from pipeline import quantize, quantized_ops
 
     if torch.cuda.get_device_capability() < (8, 9):
@@ -196,7 +197,8 @@ def test_rowwise_fp8_linear_on_a_gpu_is_the_cpus():
     def row_errors(out):
         return (out.cpu().float() - ref).norm(dim=-1) / ref.norm(dim=-1)
 
-    assert float(row_errors(gpu).max()) < 0.05, row_errors(gpu)
+    # e4m3's rounding bound (2^-4); the CPU's rows are within 3.3 % of the reference here
+    assert float(row_errors(gpu).max()) < 2.0 ** -4, row_errors(gpu)
     assert float(((gpu.cpu().float() - cpu.float()).norm(dim=-1) / ref.norm(dim=-1)).mean()) < 5e-3
 
 
