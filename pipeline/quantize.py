@@ -95,6 +95,8 @@ def quantize_state_dict(sd: dict, precision: str, layers: list[str] | None = Non
 # (attention.out the attention's convex mix of v); feed_forward.w2 takes the SwiGLU product silu(w1 x) * (w3 x),
 # which has no such bound (it is what overflows fp16, pipeline/precision.py). So w2 keeps its fp8 weight but
 # multiplies in the compute dtype (ComfyUI's `full_precision_matrix_mult`): a third of the FFN's matmul work.
+# That is what the saved file says, and what ComfyUI's own loader does with it; the pack's fp8 layers multiply it in
+# fp8 all the same, with a scale for each row of its input (pipeline/quantized_ops.py, `fp8_linear_rowwise`).
 _FULL_PRECISION_MM = (".feed_forward.w2",)
 
 
