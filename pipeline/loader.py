@@ -263,10 +263,8 @@ def quantized_ops_for(fmt: str | None, device):
     if fmt == "fp8":
         fp8_compute = quantized_ops.fp8_matmuls(device)
         rowwise_w2 = env_switch.value("NEWBIE_FP8_W2") != "bf16"
-        if fp8_compute:
-            log.info("NewBie fp8: feed_forward.w2 multiplies %s (NEWBIE_FP8_W2)",
-                     "in fp8 with its input scaled per row" if rowwise_w2 else "in bf16, its weight dequantised")
-        return functools.partial(quantized_ops.traceable_fp8_ops, fp8_compute=fp8_compute, rowwise_w2=rowwise_w2)
+        return functools.partial(quantized_ops.traceable_fp8_ops, fp8_compute=fp8_compute, rowwise_w2=rowwise_w2,
+                                 device=device)
     return None
 
 

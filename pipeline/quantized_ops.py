@@ -36,7 +36,11 @@ LoRA patches and offloading stay ComfyUI's.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 # Hopper (sm90) and newer: int8 layers multiply dequantised (see the module docstring).
 DEQUANTISED_INT8_FROM_CAPABILITY = (9, 0)
@@ -119,14 +123,24 @@ def fp8_matmuls(device) -> bool:
     return bool(mm.supports_fp8_compute(device))
 
 
-def traceable_fp8_ops(quant_config: dict, compute_dtype, fp8_compute: bool = True, rowwise_w2: bool = False):
+def traceable_fp8_ops(quant_config: dict, compute_dtype, fp8_compute: bool = True, rowwise_w2: bool = False,
+                      device=None):
     """ComfyUI's mixed-precision operations whose fp8 layers multiply with plain tensor ops when their weight is
     resident (see the module docstring): with `fp8_compute` (the GPU multiplies fp8) the same arithmetic as
     ComfyUI's fp8 layer without an input scale; without it, and for layers marked full_precision_matrix_mult, the
     weight dequantised to the input's dtype and one F.linear, as ComfyUI's layer computes it on such a GPU. With
     `rowwise_w2` and `fp8_compute`, a bf16 input of a full_precision_matrix_mult layer is quantized with a scale per
-    row instead (`fp8_linear_rowwise`)."""
+    row instead (`fp8_linear_rowwise`).
+
+    `device`, the load device, gets the GEMMs' unit scale once: made inside a compiled block, each layer call made
+    it again in a kernel of its own (`triton_poi_fused_ones`, about 300 launches a step, run87), where a tensor the
+    layers close over is one more input of the compiled graph."""
     import comfy.ops
+
+    unit = torch.ones((), dtype=torch.float32, device=device) if fp8_compute and device is not None else None
+    if fp8_compute:
+        log.info("NewBie fp8: feed_forward.w2 multiplies %s (NEWBIE_FP8_W2)",
+                 "in fp8 with its input scaled per row" if rowwise_w2 else "in bf16, its weight dequantised")
 
     # What comfy.ops.pick_operations disables on a GPU without fp8 matmuls (every fp8 layer then multiplies in the
     # compute dtype); the pack's operations replace pick_operations' choice, so they pass it on themselves.
@@ -144,10 +158,10 @@ def traceable_fp8_ops(quant_config: dict, compute_dtype, fp8_compute: bool = Tru
                 weight = self.weight
                 if self._full_precision_mm:
                     if rowwise_w2 and fp8_compute and input.dtype == torch.bfloat16:
-                        return fp8_linear_rowwise(input, weight._qdata, weight._params.scale, self.bias)
+                        return fp8_linear_rowwise(input, weight._qdata, weight._params.scale, self.bias, unit)
                     return fp8_linear_dequantised(input, weight._qdata, weight._params.scale, self.bias)
                 return fp8_linear(input, weight._qdata, weight._params.scale, self.bias,
-                                  getattr(self, "input_scale", None))
+                                  getattr(self, "input_scale", None), unit)
 
     return TraceableFp8Ops
 
@@ -160,13 +174,21 @@ def fp8_linear_dequantised(x: torch.Tensor, weight_fp8: torch.Tensor, weight_sca
     return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
+def unit_scale(x: torch.Tensor, unit: torch.Tensor | None = None) -> torch.Tensor:
+    """A float32 1 on x's device: `unit` where it is there already, else a new one."""
+    if unit is not None and unit.device == x.device:
+        return unit
+    return torch.ones((), device=x.device, dtype=torch.float32)
+
+
 def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-               input_scale: torch.Tensor | None = None) -> torch.Tensor:
+               input_scale: torch.Tensor | None = None, unit: torch.Tensor | None = None) -> torch.Tensor:
     """x @ (weight_fp8 * weight_scale).T + bias in x's dtype, x quantized to e4m3 per tensor (scale `input_scale`,
-    or 1): comfy_kitchen's quantize_per_tensor_fp8 and its fp8 linear, as plain ops."""
+    or 1): comfy_kitchen's quantize_per_tensor_fp8 and its fp8 linear, as plain ops. `unit`: a float32 1 to use
+    for the unit scale (see `traceable_fp8_ops`)."""
     rows = x.reshape(-1, x.shape[-1])
     if input_scale is None:
-        scale_a = torch.ones((), device=x.device, dtype=torch.float32)
+        scale_a = unit_scale(x, unit)
     else:
         scale_a = input_scale.to(device=x.device, dtype=torch.float32)
         rows = rows * (1.0 / scale_a).to(rows.dtype)
@@ -181,7 +203,7 @@ _MIN_ROW_AMAX = 2.0 ** -24
 
 
 def fp8_linear_rowwise(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
-                       bias: torch.Tensor | None) -> torch.Tensor:
+                       bias: torch.Tensor | None, unit: torch.Tensor | None = None) -> torch.Tensor:
     """x @ (weight_fp8 * weight_scale).T + bias in x's dtype (bf16), x quantized to e4m3 with one scale per row
     (the row's amax / 448, so no input is clamped): for an input without a bound, which a single unit scale would
     clip (w2's SwiGLU product, see pipeline/quantize.py). Inside compiled blocks the amax, the scaling and the cast
@@ -198,7 +220,7 @@ def fp8_linear_rowwise(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: 
     scale_a = amax / _E4M3_MAX  # (rows, 1)
     x8 = (rows.to(torch.float32) / scale_a).clamp(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn)
     n = weight_fp8.shape[0]
-    unit = torch.ones((), device=x.device, dtype=torch.float32)
+    unit = unit_scale(x, unit)
     out = torch._scaled_mm(x8, weight_fp8.t(), scale_a=unit, scale_b=unit, out_dtype=x.dtype)
     out = out.to(torch.float32) * (scale_a * weight_scale.to(torch.float32).reshape(1, -1))
     if bias is not None:

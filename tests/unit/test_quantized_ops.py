@@ -177,6 +177,39 @@ def test_rowwise_w2_is_the_default_with_fp8_matmuls_and_bf16_is_its_switch(fp8_d
     assert stress.relative_error(without_fp8, w2_bf16) > 0, "without fp8 matmuls every layer is dequantised"
 
 
+def test_fp8_layers_take_their_unit_scale_as_a_graph_input(fp8_dit, monkeypatch):
+    """The fp8 GEMMs' unit scale is made once on the load device, so a compiled block takes it as an input rather
+    than making it at every layer call (a kernel launch each on a GPU); a layer of operations built without a
+    device makes its own, as before."""
+    import comfy.model_management as mm
+
+    from pipeline import quantized_ops
+
+    monkeypatch.setattr(mm, "supports_fp8_compute", lambda device=None: True)
+    monkeypatch.setattr(mm, "unet_manual_cast", lambda *args, **kwargs: torch.bfloat16)
+    patcher, _ = _build(fp8_dit)
+    ffn = patcher.model.diffusion_model.layers[0].feed_forward
+    x = torch.randn(1, 7, ffn.w1.in_features, dtype=torch.bfloat16)
+
+    def traced_calls(module):
+        graphs = []
+        torch._dynamo.reset()
+        try:
+            torch.compile(module, backend=lambda gm, example: graphs.append(gm) or gm.forward)(x)
+        finally:
+            torch._dynamo.reset()
+        return [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+
+    calls = traced_calls(ffn)
+    assert calls.count(torch._scaled_mm) == 3, calls  # w1, w3, and w2 scaled per row
+    assert torch.ones not in calls, calls
+    without_device = quantized_ops.traceable_fp8_ops(patcher.model.model_config.quant_config, torch.bfloat16,
+                                                     rowwise_w2=True)
+    for name in ("w1", "w2", "w3"):
+        getattr(ffn, name).__class__ = without_device.Linear
+    assert torch.ones in traced_calls(ffn)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_rowwise_fp8_linear_on_a_gpu_is_the_cpus():
     """The row-wise fp8 product on CUDA (cuBLAS's fp8 GEMM, the row scales applied after it) keeps every row within
