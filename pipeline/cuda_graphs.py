@@ -1,4 +1,4 @@
-"""A resident DiT's calls replayed as CUDA graphs, within one sampling run (opt-in: NEWBIE_CUDA_GRAPHS=1).
+"""A resident DiT's calls replayed as CUDA graphs (opt-in: NEWBIE_CUDA_GRAPHS=1).
 
 Why it exists: a profile of one resident step (H200, bf16, compiled blocks; run31/32 in bench/results/NOTES.md)
 showed the CPU issuing kernels at about the pace the GPU ran them, roughly 0.9 ms of Inductor's Python launcher
@@ -30,9 +30,15 @@ How a call becomes a graph (a DIFFUSION_MODEL wrapper; `CallGraphs` holds one ru
   nodes in the call's transformer_options (Python code that runs inside the DiT), no other node's DIFFUSION_MODEL
   wrapper inside this one, and the pack's fp16 path in its fast mode (its recomputations run eagerly). Anything
   else runs as before, and so does everything after a recording failed (logged once a run).
-- All graphs of a run share one memory pool: the activations of about one call stay reserved while the run lasts
-  (about 0.1 GiB more peak in run36 and run38), and nothing is recorded unless ComfyUI reports 2 GiB free. The run's
-  graphs are released when the run ends, so nothing stale survives into the next one.
+- All graphs share one memory pool: the activations of about one call stay reserved (about 0.1 GiB more peak in
+  run36 and run38), and nothing is recorded unless ComfyUI reports 2 GiB free.
+- The graphs are kept from one sampling run to the next, so that a warm run replays every call: re-recorded at
+  each run, the two recordings cost what the replays saved (fp8 with flash-attn-4 on an H100: 2.446 s a run with
+  graphs against 2.381 s without, 46 of 50 calls replayed, bench/results/run88). A call of the next run meets its
+  recording through the same signature and weight addresses as any other; the sampling run's conditioning ids
+  (transformer_options["uuids"], new in every run) are left out of the signature, as nothing inside the DiT reads
+  them (ComfyUI's hooks and patches do, and graphs refuse calls that carry those). They are released when ComfyUI
+  detaches the model (unloads it), when its weights move, or when a recording fails.
 """
 from __future__ import annotations
 
@@ -46,8 +52,12 @@ log = logging.getLogger(__name__)
 
 WRAPPER_KEY = "newbie_cuda_graphs"
 RUN_ATTR = "newbie_call_graphs"  # the running sampling run's CallGraphs, on the DiT module
-# Distinct call signatures a run may record; a run whose calls keep changing shape stops recording beyond it.
+STORE_ATTR = "newbie_kept_graphs"  # the same CallGraphs, kept on the DiT module between runs
+# Distinct call signatures a run may record (a run whose calls keep changing shape stops recording beyond it), and
+# the most recordings kept: a run that needs room drops the least recently used of those it has not met.
 MAX_SIGNATURES = 8
+# transformer_options entries a sampling run sets anew that nothing inside the DiT reads (see the module docstring).
+_PER_RUN_OPTIONS = frozenset({"uuids"})
 # Free memory ComfyUI must report before a recording: twice what a 1024x1024 CFG call needs beside its weights.
 RECORD_ROOM = 2 * 1024 ** 3
 # CPU tensors up to this many elements are part of a signature by value (a replay would not read them again).
@@ -87,9 +97,10 @@ def flatten(obj, tensors: list, device_type: str = "cuda") -> object:
     return obj  # held by the signature, so an identity-compared object cannot be replaced by another at its address
 
 
-def _has_tensor(obj, device_type: str) -> bool:
+def _has_tensor(obj, device_type: str | None) -> bool:
+    """Whether `obj` holds a tensor on `device_type` (on any device for None)."""
     if isinstance(obj, torch.Tensor):
-        return obj.device.type == device_type
+        return device_type is None or obj.device.type == device_type
     if isinstance(obj, dict):
         return any(_has_tensor(v, device_type) for v in obj.values())
     if isinstance(obj, (list, tuple)):
@@ -206,8 +217,9 @@ class _Recording:
 
 
 class CallGraphs:
-    """One sampling run's graphs for one DiT: `call` runs a DiT call (an executor and its arguments) eagerly, on
-    the side stream, recorded, or replayed, as above. `why_eager` says why the last call ran eagerly, if it did."""
+    """One DiT's graphs, kept from run to run: `call` runs a DiT call (an executor and its arguments) eagerly, on
+    the side stream, recorded, or replayed, as above; `begin_run` starts a sampling run's counts. `why_eager` says
+    why the last call ran eagerly, if it did."""
 
     def __init__(self, backend, room=room_to_record):
         self.backend = backend
@@ -217,17 +229,26 @@ class CallGraphs:
         self.failed: str | None = None
         self.replays = 0
         self.why_eager: str | None = None
+        self.seen: set = set()  # the signatures this run has met
 
     def release(self):
         self.recordings.clear()
         self.addresses = None
+
+    def begin_run(self):
+        """A new sampling run: its counts start at zero, and a recording that failed in an earlier run may be tried
+        again (the failure released every recording)."""
+        self.failed = None
+        self.replays = 0
+        self.why_eager = None
+        self.seen = set()
 
     def call(self, executor, args: tuple, kwargs: dict):
         why = self.refusal(executor, kwargs)
         if why is None:
             try:
                 tensors: list = []
-                signature = flatten((args, kwargs), tensors, self.backend.device_type)
+                signature = flatten((args, _without_per_run_options(kwargs)), tensors, self.backend.device_type)
             except Unsupported as e:
                 why = f"{e} in the call's arguments"
         self.why_eager = why
@@ -241,11 +262,18 @@ class CallGraphs:
             self.release()
             self.addresses = addresses
         rec = self.recordings.get(signature)
-        if rec is None:
-            if len(self.recordings) >= MAX_SIGNATURES:
+        if signature not in self.seen:
+            if len(self.seen) >= MAX_SIGNATURES:
                 self.why_eager = f"more than {MAX_SIGNATURES} distinct calls in one run"
                 return executor(*args, **kwargs)
+            self.seen.add(signature)
+        if rec is None:
+            stale = [sig for sig in self.recordings if sig not in self.seen]  # least recently used first
+            for sig in stale[:len(self.recordings) - MAX_SIGNATURES + 1]:
+                del self.recordings[sig]
             rec = self.recordings[signature] = _Recording()
+        else:
+            self.recordings[signature] = self.recordings.pop(signature)  # the most recently used last
         rec.calls += 1
         if rec.graph is not None:
             for static, t in zip(rec.inputs, tensors):
@@ -298,6 +326,16 @@ class CallGraphs:
         return None
 
 
+def _without_per_run_options(kwargs: dict) -> dict:
+    """The call's keyword arguments as its signature sees them: transformer_options without the entries a sampling
+    run sets anew and the DiT does not read, where they hold no tensor."""
+    topts = kwargs.get("transformer_options")
+    if not isinstance(topts, dict) or not _PER_RUN_OPTIONS & topts.keys():
+        return kwargs
+    kept = {k: v for k, v in topts.items() if k not in _PER_RUN_OPTIONS or _has_tensor(v, None)}
+    return {**kwargs, "transformer_options": kept}
+
+
 def _graphed_call(executor, *args, **kwargs):
     """DIFFUSION_MODEL wrapper: the call through the running sampling run's graphs, where there are any."""
     run = getattr(executor.class_obj, RUN_ATTR, None)
@@ -337,27 +375,45 @@ def describe(patcher) -> str:
     if torch.cuda.is_available() and not native_allocator():
         return ("CUDA graphs: off (they need PyTorch's own CUDA allocator: start ComfyUI with --disable-cuda-malloc "
                 "to replay the DiT's calls as graphs)")
-    return ("CUDA graphs: each sampling run replays the DiT's calls as CUDA graphs from the third of a kind on, "
-            "while all its weights are on the GPU")
+    return ("CUDA graphs: the DiT's calls replayed as CUDA graphs from the third of a kind on, and kept for later "
+            "sampling runs while its weights stay where they are on the GPU")
 
 
 def _sampling_run(executor, *args, **kwargs):
-    """OUTER_SAMPLE wrapper: a sampling run with its own graphs, released when it ends."""
+    """OUTER_SAMPLE wrapper: a sampling run through the DiT's graphs, those kept from earlier runs or new ones."""
     patcher = executor.class_obj.model_patcher
     dm = patcher.model.diffusion_model
-    backend = backend_for(patcher.load_device) if graphable(patcher) and getattr(dm, RUN_ATTR, None) is None \
-        else None
-    if backend is None:
+    if not graphable(patcher) or getattr(dm, RUN_ATTR, None) is not None:
         return executor(*args, **kwargs)
-    run = CallGraphs(backend)
+    run = getattr(dm, STORE_ATTR, None)
+    if run is None:
+        backend = backend_for(patcher.load_device)
+        if backend is None:
+            return executor(*args, **kwargs)
+        run = CallGraphs(backend)
+        setattr(dm, STORE_ATTR, run)
+    run.begin_run()
     setattr(dm, RUN_ATTR, run)
     try:
         return executor(*args, **kwargs)
     finally:
         delattr(dm, RUN_ATTR)
-        run.release()
-        log.info("NewBie CUDA graphs: %d DiT calls replayed in this run%s", run.replays,
+        log.info("NewBie CUDA graphs: %d DiT calls replayed in this run (%d kept)%s", run.replays,
+                 sum(rec.graph is not None for rec in run.recordings.values()),
                  f" (recording failed: {run.failed})" if run.failed else "")
+
+
+def release(patcher, unpatch_all: bool = True) -> None:
+    """Drop the DiT's kept graphs and their memory: ComfyUI's ON_DETACH callback, where it unloads the model. A
+    detach that leaves the weights where they are (`unpatch_all` False: ComfyUI loading another patcher of the same
+    model, as each sampling run's clone does) keeps them."""
+    if not unpatch_all:
+        return
+    dm = patcher.model.diffusion_model
+    run = getattr(dm, STORE_ATTR, None)
+    if run is not None:
+        run.release()
+        delattr(dm, STORE_ATTR)
 
 
 def attach(patcher) -> None:
@@ -369,3 +425,5 @@ def attach(patcher) -> None:
     for kind, fn in ((pe.WrappersMP.OUTER_SAMPLE, _sampling_run), (pe.WrappersMP.DIFFUSION_MODEL, _graphed_call)):
         patcher.remove_wrappers_with_key(kind, WRAPPER_KEY)
         patcher.add_wrapper_with_key(kind, WRAPPER_KEY, fn)
+    patcher.remove_callbacks_with_key(pe.CallbacksMP.ON_DETACH, WRAPPER_KEY)
+    patcher.add_callback_with_key(pe.CallbacksMP.ON_DETACH, WRAPPER_KEY, release)

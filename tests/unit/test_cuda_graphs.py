@@ -274,7 +274,7 @@ def test_no_room_means_no_recording(tiny_dit):
 
 # ---- inside ComfyUI's sampler ------------------------------------------------------------------------------------
 
-def _sample(patcher, cond, uncond, steps: int):
+def _sample(patcher, cond, uncond, steps: int, seed: int = 1):
     """ComfyUI's sampler (euler_ancestral, CFG 5, seeded): (latent, batch size of each DiT call), counted by a
     forward pre-hook on the DiT, which sees every call and adds no wrapper of its own."""
     import comfy.sample
@@ -285,24 +285,27 @@ def _sample(patcher, cond, uncond, steps: int):
     try:
         latent = torch.zeros(1, 16, 8, 8)
         with cfg_batch_errors.batching("off"):
-            out = comfy.sample.sample(patcher, comfy.sample.prepare_noise(latent, 1), steps, 5.0, "euler_ancestral",
-                                      "simple", cond, uncond, latent, seed=1, disable_pbar=True)
+            out = comfy.sample.sample(patcher, comfy.sample.prepare_noise(latent, seed), steps, 5.0, "euler_ancestral",
+                                      "simple", cond, uncond, latent, seed=seed, disable_pbar=True)
     finally:
         hook.remove()
     return out, batches
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_a_sampling_run_replays_its_calls_and_gives_the_same_latent(tiny_dit, monkeypatch, precision):
-    """ComfyUI's own sampler (euler_ancestral, CFG 5, two prompts of different lengths, 6 steps): the run's
-    wrapper makes and releases the graphs, the later steps replay, and the latent is the eager one bit for bit.
-    The fp16 path keeps its per-call overflow check outside the graph."""
+def test_sampling_runs_replay_their_calls_keep_the_graphs_and_give_the_same_latents(tiny_dit, monkeypatch, precision):
+    """ComfyUI's own sampler (euler_ancestral, CFG 5, two prompts of different lengths, 6 steps): the first run
+    records cond and uncond at step 2 and replays steps 3..6; the next run, with another seed (and the new
+    conditioning ids ComfyUI gives every run), replays all its calls; each latent is the eager one bit for bit.
+    Unloading the model (ComfyUI's detach) releases the graphs, and the run after it records again. The fp16 path
+    keeps its per-call overflow check outside the graph."""
     from pipeline import cuda_graphs
 
     patcher, cfg = cfg_batch_errors.model(tiny_dit, precision)
+    dm = patcher.model.diffusion_model
     cond, uncond = cfg_batch_errors.prompts(cfg, 9, 4)
     monkeypatch.setenv("NEWBIE_CUDA_GRAPHS", "0")
-    eager, _ = _sample(patcher, cond, uncond, steps=6)
+    eager = {seed: _sample(patcher, cond, uncond, steps=6, seed=seed)[0] for seed in (1, 2, 3)}
     monkeypatch.setenv("NEWBIE_CUDA_GRAPHS", "1")
     backends, runs = [], []
     monkeypatch.setattr(cuda_graphs, "backend_for", lambda device: backends.append(Replaying()) or backends[-1])
@@ -313,14 +316,49 @@ def test_a_sampling_run_replays_its_calls_and_gives_the_same_latent(tiny_dit, mo
         return runs[-1]
 
     monkeypatch.setattr(cuda_graphs, "CallGraphs", keep)
-    graphed, batches = _sample(patcher, cond, uncond, steps=6)
+    graphed, batches = _sample(patcher, cond, uncond, steps=6, seed=1)
     assert batches == [1] * 12, "two calls a step"
     assert len(runs) == 1 and runs[0].failed is None, runs[0].failed
     assert (backends[0].records, runs[0].replays) == (2, 8), \
         f"cond and uncond recorded at step 2, replayed 3..6 ({runs[0].why_eager})"
-    assert not runs[0].recordings, "released when the run ended"
-    assert not hasattr(patcher.model.diffusion_model, cuda_graphs.RUN_ATTR)
-    assert torch.equal(graphed, eager)
+    assert torch.equal(graphed, eager[1])
+    assert len(runs[0].recordings) == 2 and getattr(dm, cuda_graphs.STORE_ATTR) is runs[0], "kept for the next run"
+    assert not hasattr(dm, cuda_graphs.RUN_ATTR)
+
+    graphed, _ = _sample(patcher, cond, uncond, steps=6, seed=2)
+    assert len(runs) == 1 and (backends[0].records, runs[0].replays) == (2, 12), runs[0].why_eager
+    assert torch.equal(graphed, eager[2])
+
+    patcher.detach()
+    assert not hasattr(dm, cuda_graphs.STORE_ATTR) and not runs[0].recordings, "released with the model"
+    graphed, _ = _sample(patcher, cond, uncond, steps=6, seed=3)
+    assert len(runs) == 2 and (backends[1].records, runs[1].replays) == (2, 8)
+    assert torch.equal(graphed, eager[3])
+
+
+def test_the_graphs_kept_make_room_for_a_later_runs_calls(tiny_dit):
+    """Recordings kept from earlier runs give way, the least recently used first, when a run meets new kinds of
+    call beyond MAX_SIGNATURES; what this run has met stays."""
+    from pipeline import cuda_graphs
+
+    patcher, cfg = cfg_batch_errors.model(tiny_dit)
+    backend = Replaying()
+    run = _run(patcher, backend)
+    try:
+        for tokens in range(4, 4 + cuda_graphs.MAX_SIGNATURES):  # a run of 8 kinds, each recorded
+            for seed in range(2):
+                dit_calls.dit_call(patcher, cfg, _inputs(cfg, seed, tokens=tokens))
+        assert len(run.recordings) == cuda_graphs.MAX_SIGNATURES == backend.records
+        kinds = list(run.recordings)
+        run.begin_run()
+        for seed in range(3):  # a new run: the earlier run's first kind, and a new kind
+            for tokens in (4, 40):
+                dit_calls.dit_call(patcher, cfg, _inputs(cfg, seed, tokens=tokens))
+    finally:
+        _end(patcher)
+    assert (backend.records, run.replays) == (cuda_graphs.MAX_SIGNATURES + 1, 3 + 1)
+    assert list(run.recordings)[:-2] == kinds[2:], "the least recently used kept kind (5 tokens) gave way"
+    assert list(run.recordings)[-2] == kinds[0]
 
 
 def test_the_loader_attaches_it_innermost_and_reports_it(tiny_dit, monkeypatch):
@@ -352,4 +390,4 @@ def test_no_graphs_under_the_cuda_malloc_async_allocator(tiny_dit, monkeypatch):
     monkeypatch.setattr(patcher, "load_device", torch.device("cuda"))
     assert "--disable-cuda-malloc" in cuda_graphs.describe(patcher)
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
-    assert cuda_graphs.describe(patcher).startswith("CUDA graphs: each sampling run replays")
+    assert cuda_graphs.describe(patcher).startswith("CUDA graphs: the DiT's calls replayed")
