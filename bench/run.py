@@ -96,7 +96,9 @@ CONFIGS = {
 # (pipeline/cfg_batch.py; by default where a quarter or more of the DiT streams) off or always on.
 SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_CFG_BATCH": "off"},
             "batched": {"NEWBIE_CFG_BATCH": "always"}, "flash": {"NEWBIE_SDPA": "flash"},
-            "cppwrapper": {"NEWBIE_CPP_WRAPPER": "1"}, "multikernel": {"NEWBIE_MULTI_KERNEL": "1"}, "nographs": {"NEWBIE_CUDA_GRAPHS": "0"},
+            "cppwrapper": {"NEWBIE_CPP_WRAPPER": "1"}, "nographs": {"NEWBIE_CUDA_GRAPHS": "0"},
+            # Inductor's multi_kernel: persistent row reductions where faster (pipeline/block_compile.py)
+            "multikernel": {"NEWBIE_MULTI_KERNEL": "1"},
             "cudnn": {"NEWBIE_SDPA": "cudnn"},
             # a DiT that does not fit streamed under ComfyUI's dynamic VRAM (with the block prefetch), as before the
             # block streamer of its non-dynamic patcher (pipeline/block_stream.py)
@@ -115,7 +117,8 @@ SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_C
             "hostconds": {"NEWBIE_DEVICE_CONDS": "0"},
             # flash-attn-4 without its on-disk kernel cache, as before the pack switched it on (pipeline/flash_attn4.py)
             "fa4nocache": {"FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED": "0"},
-            # fp8's w2 multiplied in fp8, its input scaled per row (pipeline/quantized_ops.py fp8_linear_rowwise)
+            # fp8's w2 multiplied in fp8, its input scaled per row (pipeline/quantized_ops.py fp8_linear_rowwise; the
+            # default since run87), or in bf16 as before
             "w2rowwise": {"NEWBIE_FP8_W2": "rowwise"}, "w2bf16": {"NEWBIE_FP8_W2": "bf16"}}
 CONFIG_ENV = {f"pack-{p}-{switch}": env for p in ("fp16", "bf16", "fp8", "int8") for switch, env in SWITCHES.items()}
 CONFIGS.update({name: ("pack", name.split("-")[1], [], "auto") for name in CONFIG_ENV})
