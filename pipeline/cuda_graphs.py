@@ -268,9 +268,11 @@ class CallGraphs:
                 return executor(*args, **kwargs)
             self.seen.add(signature)
         if rec is None:
-            stale = [sig for sig in self.recordings if sig not in self.seen]  # least recently used first
-            for sig in stale[:len(self.recordings) - MAX_SIGNATURES + 1]:
-                del self.recordings[sig]
+            excess = len(self.recordings) + 1 - MAX_SIGNATURES
+            if excess > 0:
+                stale = [sig for sig in self.recordings if sig not in self.seen]  # least recently used first
+                for sig in stale[:excess]:
+                    del self.recordings[sig]
             rec = self.recordings[signature] = _Recording()
         else:
             self.recordings[signature] = self.recordings.pop(signature)  # the most recently used last

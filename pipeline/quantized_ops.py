@@ -18,15 +18,17 @@ LoRA patches and offloading stay ComfyUI's.
   tensor ops -- input clamped to e4m3's range with scale 1 (ComfyUI's default without an `input_scale`), one
   torch._scaled_mm with the weight's fp8 data and scale -- for a resident weight without weight functions; every
   other case (weights streamed, cast or patched per call) goes to ComfyUI's forward. The FFN's down projection
-  (w2, `full_precision_matrix_mult`, see pipeline/quantize.py) multiplies in the compute dtype, as in ComfyUI.
-  Scaling w2's input per tensor by its own amax instead (no host sync) and multiplying
-  it in fp8 was measured and did not pay: compiled, its GEMMs took 6.6 ms less a call and the amax reduction and
-  scaling 10.7 ms more (0.101 s a call against 0.102, bench/results/run24-profile.json). A scale per row instead
-  (`fp8_linear_rowwise`, opt-in with NEWBIE_FP8_W2=rowwise) needs no reduction across the tensor, so Inductor can
-  fuse it into the SwiGLU kernel that makes w2's input. With _scaled_mm's row-wise form it gained nothing (H100,
-  flash-attn-4, run86: w2's GEMM 12.3 against 16.8 ms a step, the SwiGLU kernel that now finds each row's amax
-  10.1 against 5.6 ms), so the GEMM now runs per tensor with the scales applied after it. Where the GPU has no
-  fp8 matmul (Ampere, Turing), and for w2, the weight is dequantised with plain ops (data times scale in the
+  (w2, `full_precision_matrix_mult`, see pipeline/quantize.py) takes an input without a bound, and ComfyUI
+  multiplies it in the compute dtype. Scaling w2's input per tensor by its own amax instead (no host sync) and
+  multiplying it in fp8 was measured and did not pay: compiled, its GEMMs took 6.6 ms less a call and the amax
+  reduction and scaling 10.7 ms more (0.101 s a call against 0.102, bench/results/run24-profile.json). A scale per
+  row (`fp8_linear_rowwise`) needs no reduction across the tensor, so Inductor fuses it into the SwiGLU kernel that
+  makes w2's input. With _scaled_mm's row-wise form it gained nothing (H100, flash-attn-4, run86: w2's GEMM 12.3
+  against 16.8 ms a step, the SwiGLU kernel that now finds each row's amax 10.1 against 5.6 ms); with the GEMM per
+  tensor and the scales applied after it, the GPU's step fell from 90.1 to 85.9 ms and the image from 2.80 to
+  2.74 s (run87), so that is the default for a bf16 input where the GPU multiplies fp8 (NEWBIE_FP8_W2=bf16 keeps
+  ComfyUI's way; the error against fp32 0.0285 against 0.0278, run85). Where the GPU has no fp8 matmul (Ampere,
+  Turing), and for w2 otherwise, the weight is dequantised with plain ops (data times scale in the
   compute dtype, what comfy_kitchen's dequantize computes) and multiplied with one F.linear: what ComfyUI computes
   there, in a form compiled blocks take (ComfyUI's own dequantisation is an opaque custom op, 4.9 ms a call for
   w2 alone on an H200, run22).
