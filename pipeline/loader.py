@@ -512,7 +512,9 @@ def _weights_line(patcher, precision: str, dtype, compute: str) -> str:
         return f"weights {_dtype_name(dtype)}, {size}; compute {compute}"
     n = len(quantize.layer_formats(sd))
     if precision == "fp8" and mm.supports_fp8_compute(patcher.load_device):
-        run = "fp8 matmuls"
+        w2_bf16 = env_switch.value("NEWBIE_FP8_W2") == "bf16"
+        run = "fp8 matmuls, " + ("feed_forward.w2 in bf16 (NEWBIE_FP8_W2=bf16)" if w2_bf16
+                                 else "feed_forward.w2's bf16 input scaled per row")
     elif precision == "int8" and not quantized_ops.int8_matmuls_dequantised(patcher.load_device):
         run = "int8 matmuls (activations quantized per row)"
     else:

@@ -99,8 +99,9 @@ def _count_calls(monkeypatch, module, *names) -> dict:
 
 @pytest.mark.parametrize("fp8_matmuls", [True, False], ids=["fp8-matmul-gpu", "gpu-without-fp8-matmul"])
 def test_plain_fp8_dit_equals_comfys_fp8_dit(fp8_dit, fp8_matmuls, monkeypatch):
-    """With fp8 matmuls (Ada, Hopper) every fp8 layer but w2 multiplies in fp8, w2 dequantised; without them
-    (Ampere, Turing: this CPU as it is) every layer is dequantised; either way exactly ComfyUI's arithmetic."""
+    """With fp8 matmuls (Ada, Hopper) every fp8 layer but w2 multiplies in fp8, w2 dequantised (its input is fp32
+    here, the CPU's compute dtype; a bf16 one is scaled per row, see the row-wise tests); without them (Ampere,
+    Turing: this CPU as it is) every layer is dequantised; either way exactly ComfyUI's arithmetic."""
     import comfy.model_management as mm
 
     from pipeline import quantized_ops
@@ -175,6 +176,25 @@ def test_rowwise_w2_is_the_default_with_fp8_matmuls_and_bf16_is_its_switch(fp8_d
     rowwise, w2_bf16, without_fp8 = outputs[True, None], outputs[True, "bf16"], outputs[False, None]
     assert 0 < stress.relative_error(rowwise, w2_bf16) < 0.05
     assert stress.relative_error(without_fp8, w2_bf16) > 0, "without fp8 matmuls every layer is dequantised"
+
+
+@pytest.mark.parametrize("w2", [None, "bf16"])
+def test_the_loader_report_says_how_fp8_multiplies_w2(models_root, monkeypatch, w2):
+    import comfy.model_management as mm
+
+    from devkit import tiny_models
+    from pipeline import loader
+
+    monkeypatch.setattr(mm, "supports_fp8_compute", lambda device=None: True)
+    if w2 is None:
+        monkeypatch.delenv("NEWBIE_FP8_W2", raising=False)
+    else:
+        monkeypatch.setenv("NEWBIE_FP8_W2", w2)
+    paths = {part: models_root / pattern.format(name=tiny_models.TINY.name)
+             for part, pattern in tiny_models.SINGLE_FILE_NAMES.items()}
+    report = loader.load_newbie(loader.read_single_files(paths), "fp8", compile="off").report
+    expected = "feed_forward.w2 in bf16 (NEWBIE_FP8_W2=bf16)" if w2 else "feed_forward.w2's bf16 input scaled per row"
+    assert "fp8 matmuls, " + expected in report, report
 
 
 def test_fp8_layers_take_their_unit_scale_as_a_graph_input(fp8_dit, monkeypatch):
