@@ -43,8 +43,8 @@ class NewBieLoader(io.ComfyNode):
                                        "included); bf16 needs Ampere or newer; fp32 doubles memory. fp8 (scaled "
                                        "e4m3) and int8 hold the blocks' matrices in 1 byte per weight through "
                                        "ComfyUI's quantized format (fp8 matmuls on GPUs that have them); they "
-                                       "quantize a 16-bit file at load, or load a file saved quantized as it is. "
-                                       "CPU-tested, not yet GPU-measured."),
+                                       "quantize a 16-bit file at load, or load a file saved quantized as it is "
+                                       "(speeds and peaks by card size: the README's VRAM guide)."),
                 io.Combo.Input("text_encoder_precision", options=loader.TE_PRECISIONS, default="auto",
                                tooltip="Precision of Gemma-3 and Jina. 'auto' lets ComfyUI choose for this GPU. "
                                        "fp8 (scaled e4m3) and int8 hold Gemma-3's decoder layers in 1 byte per "
