@@ -126,15 +126,19 @@ CONFIG_ENV["pack-bf16-native-nographs"] = SWITCHES["nographs"]
 # CUDA graphs on (opt-in), with Dynamo's recompile reasons in the server log
 CONFIG_ENV.update({f"pack-{p}-native-graphs": {"NEWBIE_CUDA_GRAPHS": "1", "TORCH_LOGS": "recompiles"}
                    for p in ("fp8", "bf16", "fp16")})
+# pack-PRECISION-teFORMAT: Gemma-3's decoder layers quantized too (the loader's text_encoder_precision), for the text
+# encoders' stage and the peak at a budget
+TE_PRECISIONS = {f"pack-{p}-te{te}": te for p in ("fp16", "bf16", "fp8", "int8") for te in ("fp8", "int8")}
+CONFIGS.update({name: ("pack", name.split("-")[1], [], "auto") for name in TE_PRECISIONS})
 
 
 def graph(kind: str, precision: str | None, names: dict, seed: int, width: int, height: int, steps: int,
           sampler: str = "euler_ancestral", compiled: bool = False, compile_mode: str = "auto",
-          profile: dict | None = None) -> dict:
+          profile: dict | None = None, te_precision: str = "auto") -> dict:
     if kind == "pack":
         nodes = {"1": {"class_type": "NewBieLoader", "inputs": {
             "diffusion_model": names["dit"], "gemma": names["gemma"], "jina": names["jina"], "vae": names["vae"],
-            "precision": precision, "text_encoder_precision": "auto", "compile": compile_mode}}}
+            "precision": precision, "text_encoder_precision": te_precision, "compile": compile_mode}}}
         model, clip, vae = ["1", 0], ["1", 1], ["1", 2]
     else:
         nodes = {
@@ -241,7 +245,8 @@ def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -
         result["server_start_s"] = round(time.perf_counter() - t, 2)
         trace = GpuMemoryTrace(server.proc.pid)
         if name.endswith("-warmup"):
-            g = graph(kind, precision, names, 1, args.width, args.height, args.steps)
+            g = graph(kind, precision, names, 1, args.width, args.height, args.steps,
+                      te_precision=TE_PRECISIONS.get(name, "auto"))
             warm_graph = {k: g[k] for k in ("1", "2", "3")}
             warm_graph["10"] = {"class_type": "NewBieVRAMWarmup", "inputs": {
                 "model": ["1", 0], "width": args.width, "height": args.height, "batch_size": 1, "steps": 2,
@@ -256,7 +261,8 @@ def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -
             # the profiled image samples --profile-steps: summarising a profile of 25 steps took 28-88 s (run50)
             steps = args.profile_steps if run == "profiled" else args.steps
             g = graph(kind, precision, names, seed, args.width, args.height, steps, args.sampler,
-                      compiled=name == "upstream-compile", compile_mode=compile_mode or "off", profile=profile)
+                      compiled=name == "upstream-compile", compile_mode=compile_mode or "off", profile=profile,
+                      te_precision=TE_PRECISIONS.get(name, "auto"))
             a = trace.mark()
             t = time.perf_counter()
             try:
@@ -294,7 +300,8 @@ def restarted_image(server, kind, precision, names, compile_mode, args, name) ->
     server.start()
     out = {"server_start_s": round(time.perf_counter() - t, 2)}
     g = graph(kind, precision, names, 99, args.width, args.height, args.steps, args.sampler,
-              compiled=name == "upstream-compile", compile_mode=compile_mode or "off")
+              compiled=name == "upstream-compile", compile_mode=compile_mode or "off",
+              te_precision=TE_PRECISIONS.get(name, "auto"))
     t = time.perf_counter()
     try:
         entry, events = server.run_with_events(g, timeout=args.timeout)
