@@ -188,13 +188,16 @@ def inductor_options(backend: str) -> dict | None:
     gets a persistent kernel, which reads each row once, and the faster of the two is chosen at the first run.
     Without it rows over 1024 elements (the RMSNorms' 2304, fp8's w2 input's 9216) are reduced in a loop that
     reads them twice; fp8's row-wise scaling of w2's input took 134 against 74 us a call for the SwiGLU kernel
-    alone (H100, run87). Off by default until measured; it compiles more kernels at the first image."""
+    alone (H100, run87). NEWBIE_MULTI_KERNEL=2 forces the persistent kernels (Inductor's debugging mode 2). Off by
+    default until measured; it compiles more kernels at the first image."""
     if backend != "inductor":
         return None
     options = {}
     if env_switch.switch("NEWBIE_CPP_WRAPPER", False):
         options["cpp_wrapper"] = True
-    if env_switch.switch("NEWBIE_MULTI_KERNEL", False):
+    if env_switch.value("NEWBIE_MULTI_KERNEL") == "2":
+        options["triton.multi_kernel"] = 2
+    elif env_switch.switch("NEWBIE_MULTI_KERNEL", False):
         options["triton.multi_kernel"] = 1
     return options or None
 
