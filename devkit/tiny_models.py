@@ -233,11 +233,16 @@ def _save(sd: dict, path: Path, metadata: dict | None = None) -> None:
     tmp.replace(path)
 
 
+def single_file_paths(root: Path, spec: ModelSpec = TINY) -> dict[str, Path]:
+    """Where ComfyUI's single-file layout under `root` holds each part of `spec`'s model."""
+    return {part: Path(root) / pattern.format(name=spec.name) for part, pattern in SINGLE_FILE_NAMES.items()}
+
+
 def write_single_files(root: Path, spec: ModelSpec = TINY, sds: dict | None = None,
                        device: str = "cpu") -> dict[str, Path]:
     """Write ComfyUI's single-file layout under `root` (diffusion_models/, text_encoders/, vae/)."""
     root = Path(root)
-    paths = {part: root / pattern.format(name=spec.name) for part, pattern in SINGLE_FILE_NAMES.items()}
+    paths = single_file_paths(root, spec)
     stamp = root / f".{spec.name}.{spec.fingerprint()}.single"
     if stamp.exists() and all(p.exists() for p in paths.values()):
         return paths

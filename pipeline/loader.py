@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import (block_compile, block_prefetch, block_stream, cfg_batch, checkpoint, compat, cuda_graphs, detect,
-               device_conds, env_switch, host_copies, host_sigmas, precision as precision_mod, prompt_limits, quantize,
+               device_conds, host_copies, host_sigmas, precision as precision_mod, prompt_limits, quantize,
                quantized_ops, sdpa, te_quantize, vae_memory, vram_budget)
 from .errors import ModelFileError
 
@@ -262,9 +262,8 @@ def quantized_ops_for(fmt: str | None, device):
         return quantized_ops.traceable_int8_ops
     if fmt == "fp8":
         fp8_compute = quantized_ops.fp8_matmuls(device)
-        rowwise_w2 = env_switch.value("NEWBIE_FP8_W2") != "bf16"
-        return functools.partial(quantized_ops.traceable_fp8_ops, fp8_compute=fp8_compute, rowwise_w2=rowwise_w2,
-                                 device=device)
+        return functools.partial(quantized_ops.traceable_fp8_ops, fp8_compute=fp8_compute,
+                                 rowwise_w2=quantized_ops.rowwise_w2(), device=device)
     return None
 
 
@@ -512,9 +511,8 @@ def _weights_line(patcher, precision: str, dtype, compute: str) -> str:
         return f"weights {_dtype_name(dtype)}, {size}; compute {compute}"
     n = len(quantize.layer_formats(sd))
     if precision == "fp8" and mm.supports_fp8_compute(patcher.load_device):
-        w2_bf16 = env_switch.value("NEWBIE_FP8_W2") == "bf16"
-        run = "fp8 matmuls, " + ("feed_forward.w2 in bf16 (NEWBIE_FP8_W2=bf16)" if w2_bf16
-                                 else "feed_forward.w2's bf16 input scaled per row")
+        run = "fp8 matmuls, " + ("feed_forward.w2's bf16 input scaled per row" if quantized_ops.rowwise_w2()
+                                 else "feed_forward.w2 in bf16 (NEWBIE_FP8_W2=bf16)")
     elif precision == "int8" and not quantized_ops.int8_matmuls_dequantised(patcher.load_device):
         run = "int8 matmuls (activations quantized per row)"
     else:

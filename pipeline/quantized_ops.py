@@ -42,6 +42,8 @@ import logging
 
 import torch
 
+from . import env_switch
+
 log = logging.getLogger(__name__)
 
 # Hopper (sm90) and newer: int8 layers multiply dequantised (see the module docstring).
@@ -116,6 +118,12 @@ def int8_linear_dequantised(x: torch.Tensor, weight_int8: torch.Tensor, weight_s
         scale = scale.reshape(-1, 1)
     weight = (weight_int8.to(torch.float32) * scale).to(x.dtype)
     return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def rowwise_w2() -> bool:
+    """Whether fp8's w2 multiplies in fp8 with its input scaled per row (the default) rather than in bf16, as
+    ComfyUI does (NEWBIE_FP8_W2=bf16)."""
+    return env_switch.value("NEWBIE_FP8_W2") != "bf16"
 
 
 def fp8_matmuls(device) -> bool:

@@ -190,8 +190,7 @@ def test_the_loader_report_says_how_fp8_multiplies_w2(models_root, monkeypatch, 
         monkeypatch.delenv("NEWBIE_FP8_W2", raising=False)
     else:
         monkeypatch.setenv("NEWBIE_FP8_W2", w2)
-    paths = {part: models_root / pattern.format(name=tiny_models.TINY.name)
-             for part, pattern in tiny_models.SINGLE_FILE_NAMES.items()}
+    paths = tiny_models.single_file_paths(models_root)
     report = loader.load_newbie(loader.read_single_files(paths), "fp8", compile="off").report
     expected = "feed_forward.w2 in bf16 (NEWBIE_FP8_W2=bf16)" if w2 else "feed_forward.w2's bf16 input scaled per row"
     assert "fp8 matmuls, " + expected in report, report

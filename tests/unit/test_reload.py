@@ -16,8 +16,7 @@ def _paths(models_root, layout: str) -> dict:
 
     if layout == "folder":
         return {"folder": models_root / "diffusers" / tiny_models.TINY.name}
-    return {part: models_root / pattern.format(name=tiny_models.TINY.name)
-            for part, pattern in tiny_models.SINGLE_FILE_NAMES.items()}
+    return tiny_models.single_file_paths(models_root)
 
 
 def _load(models_root, layout: str, precision: str, te_precision: str = "auto"):
@@ -60,7 +59,6 @@ def test_clip_twin_holds_the_same_text_encoders(models_root, layout, te_precisio
     if te_precision in quantize.FORMATS:  # the twin is the quantized Gemma again, not a 16-bit one
         assert quantize.layer_formats(theirs) == quantize.layer_formats(ours) != {}
         assert f"{te_precision} ({quantize.DESCRIPTION[te_precision]})" in loaded.report
-
 
 
 def test_a_plain_reload_rebuilds_the_patcher_the_model_was_loaded_on(models_root, monkeypatch, request):
