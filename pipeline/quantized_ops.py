@@ -38,13 +38,9 @@ LoRA patches and offloading stay ComfyUI's.
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from . import env_switch
-
-log = logging.getLogger(__name__)
 
 # Hopper (sm90) and newer: int8 layers multiply dequantised (see the module docstring).
 DEQUANTISED_INT8_FROM_CAPABILITY = (9, 0)
@@ -148,9 +144,6 @@ def traceable_fp8_ops(quant_config: dict, compute_dtype, fp8_compute: bool = Tru
     import comfy.ops
 
     unit = torch.ones((), dtype=torch.float32, device=device) if fp8_compute and device is not None else None
-    if fp8_compute:
-        log.info("NewBie fp8: feed_forward.w2 multiplies %s (NEWBIE_FP8_W2)",
-                 "in fp8 with its input scaled per row" if rowwise_w2 else "in bf16, its weight dequantised")
 
     # What comfy.ops.pick_operations disables on a GPU without fp8 matmuls (every fp8 layer then multiplies in the
     # compute dtype); the pack's operations replace pick_operations' choice, so they pass it on themselves.
