@@ -57,6 +57,16 @@ def comfy_on_cpu(comfy_import_path):
 
 
 @pytest.fixture
+def comfy_device_is_the_cpu(comfy_import_path, monkeypatch):
+    """ComfyUI's torch device is the CPU for this test, on a machine with CUDA too: for tests of the CPU's
+    arithmetic and of CPU stand-ins, which a GPU machine would otherwise build and sample on the GPU in bf16."""
+    import comfy.model_management as mm
+    import torch
+
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cpu"))
+
+
+@pytest.fixture
 def dynamic_vram_layers(comfy_import_path, monkeypatch):
     """ComfyUI's dynamic VRAM switched on (v0.33; a CPU host never turns it on): its layers are built without
     weights and its core patcher is the dynamic one. Skips on a host without it (v0.8)."""

@@ -16,7 +16,7 @@ import torch
 
 from devkit import cfg_batch_errors, dit_calls
 
-pytestmark = [pytest.mark.host, pytest.mark.usefixtures("comfy_on_cpu")]
+pytestmark = [pytest.mark.host, pytest.mark.usefixtures("comfy_on_cpu", "comfy_device_is_the_cpu")]
 
 
 class Replaying:

@@ -82,7 +82,19 @@ def test_fp8_linear_is_comfys_fp8_layer_in_plain_ops(comfy_import_path, input_sc
     theirs = torch.nn.functional.linear(QuantizedTensor.from_float(x.reshape(-1, 96), layout, scale=s), weight, bias)
     ours = quantized_ops.fp8_linear(x, q, scale, bias, s)
     assert ours.shape == (2, 7, 64)
-    torch.testing.assert_close(ours.reshape(-1, 64), theirs, rtol=0, atol=0)
+    tolerance = 0 if _comfy_multiplies_as_we_do() else 1e-4
+    torch.testing.assert_close(ours.reshape(-1, 64), theirs, rtol=tolerance, atol=tolerance)
+
+
+def _comfy_multiplies_as_we_do() -> bool:
+    """Whether ComfyUI's fp8 layer multiplies with torch._scaled_mm, as the pack's does. Where PyTorch has
+    torch.nn.functional.scaled_mm (2.10 and newer), comfy_kitchen takes that, and its CPU result differs in the
+    last bits: up to 5e-5 relative on the device machine's torch 2.11 (tests/unit/test_quantized_ops.py there)."""
+    try:
+        from comfy_kitchen import scaled_mm_v2
+    except ImportError:
+        return True
+    return not scaled_mm_v2.has_scaled_mm_v2()
 
 
 def _count_calls(monkeypatch, module, *names) -> dict:
@@ -98,6 +110,7 @@ def _count_calls(monkeypatch, module, *names) -> dict:
 
 
 @pytest.mark.parametrize("fp8_matmuls", [True, False], ids=["fp8-matmul-gpu", "gpu-without-fp8-matmul"])
+@pytest.mark.usefixtures("comfy_device_is_the_cpu")
 def test_plain_fp8_dit_equals_comfys_fp8_dit(fp8_dit, fp8_matmuls, monkeypatch):
     """With fp8 matmuls (Ada, Hopper) every fp8 layer but w2 multiplies in fp8, w2 dequantised (its input is fp32
     here, the CPU's compute dtype; a bf16 one is scaled per row, see the row-wise tests); without them (Ampere,
@@ -120,7 +133,7 @@ def test_plain_fp8_dit_equals_comfys_fp8_dit(fp8_dit, fp8_matmuls, monkeypatch):
     assert "TraceableFp8Ops" in type(ours.model.diffusion_model.layers[0].attention.qkv).__qualname__
     assert "TraceableFp8Ops" not in type(theirs.model.diffusion_model.layers[0].attention.qkv).__qualname__
     ref = dit_call(theirs, cfg)
-    assert stress.relative_error(out, ref) < 1e-6
+    assert stress.relative_error(out, ref) < (1e-6 if _comfy_multiplies_as_we_do() or not fp8_matmuls else 1e-4)
 
 
 def test_rowwise_fp8_linear_keeps_every_row_to_e4m3_precision(comfy_import_path):
@@ -196,6 +209,7 @@ def test_the_loader_report_says_how_fp8_multiplies_w2(models_root, monkeypatch, 
     assert "fp8 matmuls, " + expected in report, report
 
 
+@pytest.mark.usefixtures("comfy_device_is_the_cpu")
 def test_fp8_layers_take_their_unit_scale_as_a_graph_input(fp8_dit, monkeypatch):
     """The fp8 GEMMs' unit scale is made once on the load device, so a compiled block takes it as an input rather
     than making it at every layer call (a kernel launch each on a GPU); a layer of operations built without a
