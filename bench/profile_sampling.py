@@ -10,8 +10,7 @@ the CPU) and the CPU ops that fill the gaps.
 A variant is PRECISION[+compile][+batched|+separate]: the loader's precision (bf16, fp16, fp32, fp8, int8);
 +compile: the blocks compiled (pipeline/block_compile.py, as `compile: auto` does where the weights stay resident);
 +cppwrapper: the blocks' launchers in C++ (NEWBIE_CPP_WRAPPER);
-+multikernel: Inductor's multi_kernel, persistent row reductions where faster (NEWBIE_MULTI_KERNEL=1); +persistent:
-always persistent (NEWBIE_MULTI_KERNEL=2);
++multikernel and +persistent (run89): Inductor's multi_kernel, a switch since removed (pipeline/block_compile.py);
 +gpusigmas: the sampler compares its sigmas on the GPU every step, as ComfyUI has it (pipeline/host_sigmas.py off);
 +hostconds: the conditioning copied to the GPU at every DiT call, as ComfyUI has it (pipeline/device_conds.py off;
 this script's conditioning is on the CPU, as a server's text encoders leave it);
@@ -123,8 +122,6 @@ def main():
         patcher, cfg, _, _ = loader.build_model(parts, prec, dynamic=False)
         if "compile" in extras:  # +cppwrapper: Inductor's C++ launchers (block_compile.inductor_options)
             os.environ["NEWBIE_CPP_WRAPPER"] = "1" if "cppwrapper" in extras else "0"
-            multi_kernel = "2" if "persistent" in extras else "1" if "multikernel" in extras else "0"
-            os.environ["NEWBIE_MULTI_KERNEL"] = multi_kernel
             block_compile.apply(patcher)
         # the pack's batching of the prompt pair: by default (auto) only where the weights stream, and these
         # models are resident; +batched forces it, +separate removes it

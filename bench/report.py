@@ -262,6 +262,15 @@ COMMANDS = {
              "pack-fp8-w2rowwise@none,upstream-gpu-only-native@none --warm 3 --timeout 100",
     "run88": "(the same H100, the next call) python3 bench/profile_sampling.py --variants "
              "fp8+compile+w2rowwise+graphs,fp8+compile+w2rowwise --steps 25 --profile-steps 2 --warm 5",
+    "run89": "(H100, a new machine, cuDNN attention; 68d0ca7) python3 bench/profile_sampling.py --variants "
+             "fp8+compile,fp8+compile+multikernel,fp8+compile+multikernel+graphs,fp8+compile+graphs,"
+             "fp8+compile+persistent,bf16+compile,bf16+compile+multikernel --steps 25 --profile-steps 2 --warm 5 "
+             "(the third variant failed loading its multi-kernel graph from the FX graph cache, which ended the "
+             "script: the first two only)",
+    "run90": "(the same H100, two calls later, flash-attn-4 installed as in run71) python3 bench/run.py --configs "
+             "upstream-gpu-only-native@none,pack-fp8-native@none,pack-fp8-native-graphs@none --warm 5 --timeout 100",
+    "run91": "(the same H100, the next call) python3 bench/run.py --configs upstream-bf16@8,pack-fp8@8,"
+             "pack-fp8-tefp8@8,pack-fp8-teint8@8 --warm 3 --timeout 150",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }

@@ -97,8 +97,6 @@ CONFIGS = {
 SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_CFG_BATCH": "off"},
             "batched": {"NEWBIE_CFG_BATCH": "always"}, "flash": {"NEWBIE_SDPA": "flash"},
             "cppwrapper": {"NEWBIE_CPP_WRAPPER": "1"}, "nographs": {"NEWBIE_CUDA_GRAPHS": "0"},
-            # Inductor's multi_kernel: persistent row reductions where faster (pipeline/block_compile.py)
-            "multikernel": {"NEWBIE_MULTI_KERNEL": "1"}, "persistent": {"NEWBIE_MULTI_KERNEL": "2"},
             "cudnn": {"NEWBIE_SDPA": "cudnn"},
             # a DiT that does not fit streamed under ComfyUI's dynamic VRAM (with the block prefetch), as before the
             # block streamer of its non-dynamic patcher (pipeline/block_stream.py)

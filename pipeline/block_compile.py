@@ -184,21 +184,15 @@ def inductor_options(backend: str) -> dict | None:
     launcher may close the GPU's gaps; it costs a C++ compiler and compile time at the first image. Off by
     default until measured.
 
-    NEWBIE_MULTI_KERNEL=1 sets Inductor's `triton.multi_kernel`: a row reduction of up to 16384 elements then also
-    gets a persistent kernel, which reads each row once, and the faster of the two is chosen at the first run.
-    Without it rows over 1024 elements (the RMSNorms' 2304, fp8's w2 input's 9216) are reduced in a loop that
-    reads them twice; fp8's row-wise scaling of w2's input took 134 against 74 us a call for the SwiGLU kernel
-    alone (H100, run87). NEWBIE_MULTI_KERNEL=2 forces the persistent kernels (Inductor's debugging mode 2). Off by
-    default until measured; it compiles more kernels at the first image."""
+    Inductor's `triton.multi_kernel` (persistent row reductions, which read a row once) was tried for fp8's SwiGLU
+    kernel that finds each row's amax and did not pay: the persistent kernel took 141.7 against 138.7 us a call,
+    the image 2.499 against 2.518 s in-process, and a graph with multi-kernels failed to load from the FX graph
+    cache (torch 2.11: triton's JITFunction without its hash lock, H100, run89), so there is no switch for it."""
     if backend != "inductor":
         return None
     options = {}
     if env_switch.switch("NEWBIE_CPP_WRAPPER", False):
         options["cpp_wrapper"] = True
-    if env_switch.value("NEWBIE_MULTI_KERNEL") == "2":
-        options["triton.multi_kernel"] = 2
-    elif env_switch.switch("NEWBIE_MULTI_KERNEL", False):
-        options["triton.multi_kernel"] = 1
     return options or None
 
 
