@@ -271,6 +271,12 @@ COMMANDS = {
              "upstream-gpu-only-native@none,pack-fp8-native@none,pack-fp8-native-graphs@none --warm 5 --timeout 100",
     "run91": "(the same H100, the next call) python3 bench/run.py --configs upstream-bf16@8,pack-fp8@8,"
              "pack-fp8-tefp8@8,pack-fp8-teint8@8 --warm 3 --timeout 150",
+    "run92": "(H100, a new machine, cuDNN attention; 6d9cb22) python3 bench/run.py --configs pack-fp8@none,pack-fp8@8 "
+             "--warm 3 --profile --timeout 150 (the profiles did not come back from the machine)",
+    "run92b": "(the same call, after run92) python3 bench/run.py --configs pack-bf16-native@none,"
+              "pack-bf16-native-graphs@none --warm 3 --timeout 100",
+    "run93": "(the same H100, the next call) python3 bench/run.py --configs upstream-bf16@8,pack-fp8@8,"
+             "pack-fp8-tefp8@8,pack-int8@8 --warm 3 --timeout 120",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }

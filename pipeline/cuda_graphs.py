@@ -12,6 +12,9 @@ What it measured (H200, medians of 3 warm images, each pair in one call; bench/r
   3.44 s against 3.24 s (the two recordings of a run cost more than the replays saved). The GPU, not the launches, bounds a step there: the graphs are bit-identical
   (bench/results/run35-sampling_accuracy.json) and no faster. So they are off unless switched on, for GPUs
   paired with a slow CPU, where launches may bound a step (unmeasured).
+- Kept from one sampling run to the next, so that a warm run replays all 50 calls (H100, medians of 5 and 3 warm
+  images): fp8 with flash-attn-4 2.68 s against 2.74 s, its sampling 2.30 against 2.42 s (run90); bf16 with cuDNN
+  3.48 against 3.50 s (run92). Still off by default: a few percent for fp8, and a server started differently.
 - They need PyTorch's own CUDA allocator (ComfyUI's --disable-cuda-malloc; `native_allocator`).
 
 How a call becomes a graph (a DIFFUSION_MODEL wrapper; `CallGraphs` holds one run's graphs):
