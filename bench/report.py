@@ -272,7 +272,7 @@ COMMANDS = {
     "run91": "(the same H100, the next call) python3 bench/run.py --configs upstream-bf16@8,pack-fp8@8,"
              "pack-fp8-tefp8@8,pack-fp8-teint8@8 --warm 3 --timeout 150",
     "run92": "(H100, a new machine, cuDNN attention; 6d9cb22) python3 bench/run.py --configs pack-fp8@none,pack-fp8@8 "
-             "--warm 3 --profile --timeout 150 (the profiles did not come back from the machine)",
+             "--warm 3 --profile --timeout 150 (the profiles' summaries in the results)",
     "run92b": "(the same call, after run92) python3 bench/run.py --configs pack-bf16-native@none,"
               "pack-bf16-native-graphs@none --warm 3 --timeout 100",
     "run93": "(the same H100, the next call) python3 bench/run.py --configs upstream-bf16@8,pack-fp8@8,"
