@@ -1,0 +1,149 @@
+"""fp8's w2 input, made by one hand-written Triton kernel against the kernel Inductor fuses for it now.
+
+The pack multiplies fp8's feed_forward.w2 in fp8 with its bf16 input scaled per row (pipeline/quantized_ops.py,
+`fp8_linear_rowwise`). Inside a compiled block Inductor fuses the SwiGLU product, each row's amax, the scaling and
+the e4m3 cast into one kernel; on an H100 it took 138.7 us a call (4096 + caption rows of 9216, run89), 10 ms of a
+step, where reading the two bf16 inputs once and writing the fp8 output is about 66 us at 3 TB/s. Its source (run92)
+runs one program a row in two loops: the amax, then the same inputs read again to scale them. At that speed the
+second read seems to come from HBM, not L2.
+
+This kernel runs a fixed grid of a few programs per SM, each looping over its rows, so that the rows in flight (and
+with them what the second pass reads again) stay a few MB, well inside L2. It is an experiment, not used by the
+pack: this script times it against Inductor's kernel for the same function at NewBie's size and checks that both
+give the same bytes. If it pays, the pack's FeedForward would call it (it needs w1's and w3's outputs, which only
+the FFN as a whole sees).
+
+    python3 bench/swiglu_kernel.py --out $OUT            # CUDA: times and agreement, OUT/swiglu_kernel.json
+
+On a CPU its arithmetic is tested under Triton's interpreter (tests/unit/test_swiglu_kernel.py), writing the scaled
+values in fp32: the interpreter's own e4m3 conversion (Triton 3.5) does not carry a rounding into the exponent.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+E4M3_MAX = 448.0
+MIN_ROW_AMAX = 2.0 ** -24  # as pipeline/quantized_ops.py: an all-zero row quantizes to zeros
+
+
+@triton.jit
+def _swiglu_rowwise_kernel(g_ptr, u_ptr, out_ptr, scale_ptr, rows, COLS: tl.constexpr, ITERS: tl.constexpr,
+                           BLOCK: tl.constexpr, MIN_AMAX: tl.constexpr, QMAX: tl.constexpr):
+    """Rows pid, pid + programs, ...: h = silu(g) * u in fp32; the row's scale amax(|h|) / QMAX; out = h / scale,
+    clamped to +-QMAX, in out's dtype. The loop counts are compile-time constants (Triton's interpreter needs
+    them so); ITERS is the rows per program, rounded up."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    for i in range(0, ITERS):
+        row = pid + i * programs
+        live = row < rows
+        base = row.to(tl.int64) * COLS
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, COLS, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = (offs < COLS) & live
+            g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(g * tl.sigmoid(g) * u))
+        scale = tl.maximum(tl.max(amax, axis=0), MIN_AMAX) / QMAX
+        tl.store(scale_ptr + row, scale, mask=live)
+        for start in range(0, COLS, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = (offs < COLS) & live
+            g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            q = tl.minimum(tl.maximum(g * tl.sigmoid(g) * u / scale, -QMAX), QMAX)
+            tl.store(out_ptr + base + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def swiglu_rowwise(g: torch.Tensor, u: torch.Tensor, programs: int, block: int = 4096, num_warps: int = 8,
+                   out_dtype=torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(silu(g) * u scaled per row and cast to out_dtype, the row scales (rows, 1) in fp32) for 2-D contiguous g, u,
+    on `programs` programs."""
+    rows, cols = g.shape
+    assert u.shape == g.shape and g.is_contiguous() and u.is_contiguous()
+    out = torch.empty(rows, cols, dtype=out_dtype, device=g.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=g.device)
+    programs = max(1, min(programs, rows))
+    _swiglu_rowwise_kernel[(programs,)](g, u, out, scale, rows, COLS=cols, ITERS=triton.cdiv(rows, programs),
+                                        BLOCK=min(block, triton.next_power_of_2(cols)), MIN_AMAX=MIN_ROW_AMAX,
+                                        QMAX=E4M3_MAX, num_warps=num_warps)
+    return out, scale
+
+
+def reference(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the pack computes today (ComfyUI's SwiGLU in the input's dtype, then fp8_linear_rowwise's scaling);
+    compiled, this is the kernel Inductor fuses."""
+    h = torch.nn.functional.silu(g) * u
+    amax = h.abs().amax(dim=-1, keepdim=True).to(torch.float32).clamp(min=MIN_ROW_AMAX)
+    scale = amax / E4M3_MAX
+    return (h.to(torch.float32) / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def _time_us(fn, iters: int = 50, repeats: int = 5) -> list[float]:
+    """Microseconds a call, `repeats` times over `iters` back-to-back calls (CUDA events)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / iters)
+    return times
+
+
+def _agreement(ours, theirs) -> dict:
+    """How far our (values, scales) are from Inductor's: differing fp8 bytes and the scales' largest relative
+    difference (Inductor takes the amax of the bf16-rounded product, this kernel of the fp32 one)."""
+    (q, s), (q_ref, s_ref) = ours, theirs
+    differ = (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean().item()
+    return {"fp8_bytes_differing": differ,
+            "scale_max_rel_diff": ((s - s_ref).abs() / s_ref).max().item(),
+            "dequantised_rel_err": ((q.float() * s - q_ref.float() * s_ref).norm()
+                                    / (q_ref.float() * s_ref).norm()).item()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rows", type=int, default=4096 + 300, help="tokens of a 1024² call with its caption")
+    ap.add_argument("--cols", type=int, default=9216, help="NewBie's FFN width")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    g = torch.randn(args.rows, args.cols, device="cuda", dtype=torch.bfloat16) * 2
+    u = torch.randn(args.rows, args.cols, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(reference)
+    theirs = compiled(g, u)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": args.rows,
+              "cols": args.cols, "moved_MB": (2 * 2 + 1) * args.rows * args.cols / 1e6,
+              "inductor_us": statistics.median(_time_us(lambda: compiled(g, u))), "ours": []}
+    for per_sm in (1, 2, 4, 8):
+        for block, warps in ((2048, 4), (4096, 8), (8192, 16)):
+            run = lambda: swiglu_rowwise(g, u, sms * per_sm, block, warps)  # noqa: E731
+            times = _time_us(run)
+            result["ours"].append({"programs_per_sm": per_sm, "block": block, "num_warps": warps,
+                                   "us": statistics.median(times), "us_range": [min(times), max(times)],
+                                   **_agreement(run(), theirs)})
+            print(json.dumps(result["ours"][-1]), flush=True)
+    best = min(result["ours"], key=lambda r: r["us"])
+    result["best"] = best
+    print(f"Inductor {result['inductor_us']:.1f} us, ours {best['us']:.1f} us "
+          f"({best['programs_per_sm']} a SM, block {best['block']})", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "swiglu_kernel.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
