@@ -188,12 +188,9 @@ def inductor_options(backend: str) -> dict | None:
     kernel that finds each row's amax and did not pay: the persistent kernel took 141.7 against 138.7 us a call,
     the image 2.499 against 2.518 s in-process, and a graph with multi-kernels failed to load from the FX graph
     cache (torch 2.11: triton's JITFunction without its hash lock, H100, run89), so there is no switch for it."""
-    if backend != "inductor":
-        return None
-    options = {}
-    if env_switch.switch("NEWBIE_CPP_WRAPPER", False):
-        options["cpp_wrapper"] = True
-    return options or None
+    if backend == "inductor" and env_switch.switch("NEWBIE_CPP_WRAPPER", False):
+        return {"cpp_wrapper": True}
+    return None
 
 
 # The attributes ComfyUI's cast layers read in their forward (comfy.ops.CastWeightBiasOp) that its loader sets on
