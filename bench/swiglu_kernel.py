@@ -23,14 +23,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-E4M3_MAX = 448.0
-MIN_ROW_AMAX = 2.0 ** -24  # as pipeline/quantized_ops.py: an all-zero row quantizes to zeros
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline import quantized_ops  # noqa: E402
+
+# the pack's own bounds (pipeline/quantized_ops.py): e4m3's largest value, and the smallest row amax a scale is taken
+# from, so that an all-zero row quantizes to zeros
+E4M3_MAX = quantized_ops._E4M3_MAX
+MIN_ROW_AMAX = quantized_ops._MIN_ROW_AMAX
 
 
 @triton.jit
@@ -81,10 +87,7 @@ def swiglu_rowwise(g: torch.Tensor, u: torch.Tensor, programs: int, block: int =
 def reference(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What the pack computes today (ComfyUI's SwiGLU in the input's dtype, then fp8_linear_rowwise's scaling);
     compiled, this is the kernel Inductor fuses."""
-    h = torch.nn.functional.silu(g) * u
-    amax = h.abs().amax(dim=-1, keepdim=True).to(torch.float32).clamp(min=MIN_ROW_AMAX)
-    scale = amax / E4M3_MAX
-    return (h.to(torch.float32) / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+    return quantized_ops.rowwise_e4m3(torch.nn.functional.silu(g) * u)
 
 
 def _time_us(fn, iters: int = 50, repeats: int = 5) -> list[float]:

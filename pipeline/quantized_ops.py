@@ -205,6 +205,14 @@ def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Te
 _MIN_ROW_AMAX = 2.0 ** -24
 
 
+def rowwise_e4m3(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D `rows` quantized to e4m3 with one scale per row, the row's amax / 448: (the fp8 values, the scales
+    (rows, 1) in float32)."""
+    amax = rows.abs().amax(dim=-1, keepdim=True).to(torch.float32).clamp(min=_MIN_ROW_AMAX)
+    scale = amax / _E4M3_MAX
+    return (rows.to(torch.float32) / scale).clamp(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
 def fp8_linear_rowwise(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
                        bias: torch.Tensor | None, unit: torch.Tensor | None = None) -> torch.Tensor:
     """x @ (weight_fp8 * weight_scale).T + bias in x's dtype (bf16), x quantized to e4m3 with one scale per row
@@ -218,10 +226,7 @@ def fp8_linear_rowwise(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: 
     cuBLAS's slower outer-vector-scaled kernel on an H100 (153 against about 95 us a call for a per-tensor GEMM
     of the same size, bench/results/run86-profile_sampling.json). The unscaled product stays far inside bf16's
     range (at most 448 * 448 * K)."""
-    rows = x.reshape(-1, x.shape[-1])
-    amax = rows.abs().amax(dim=-1, keepdim=True).to(torch.float32).clamp(min=_MIN_ROW_AMAX)
-    scale_a = amax / _E4M3_MAX  # (rows, 1)
-    x8 = (rows.to(torch.float32) / scale_a).clamp(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn)
+    x8, scale_a = rowwise_e4m3(x.reshape(-1, x.shape[-1]))
     n = weight_fp8.shape[0]
     unit = unit_scale(x, unit)
     out = torch._scaled_mm(x8, weight_fp8.t(), scale_a=unit, scale_b=unit, out_dtype=x.dtype)
