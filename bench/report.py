@@ -268,7 +268,9 @@ COMMANDS = {
              "(the third variant failed loading its multi-kernel graph from the FX graph cache, which ended the "
              "script: the first two only)",
     "run90": "(the same H100, two calls later, flash-attn-4 installed as in run71) python3 bench/run.py --configs "
-             "upstream-gpu-only-native@none,pack-fp8-native@none,pack-fp8-native-graphs@none --warm 5 --timeout 100",
+             "upstream-gpu-only-native@none,pack-fp8-native@none,pack-fp8-native-graphs@none --warm 5 --timeout 100 "
+             "(before it, in the same call, python3 -m pytest tests/unit/test_quantized_ops.py "
+             "tests/unit/test_cuda_graphs.py: run90-pytest.log)",
     "run91": "(the same H100, the next call) python3 bench/run.py --configs upstream-bf16@8,pack-fp8@8,"
              "pack-fp8-tefp8@8,pack-fp8-teint8@8 --warm 3 --timeout 150",
     "run92": "(H100, a new machine, cuDNN attention; 6d9cb22) python3 bench/run.py --configs pack-fp8@none,pack-fp8@8 "

@@ -89,7 +89,7 @@ def test_fp8_linear_is_comfys_fp8_layer_in_plain_ops(comfy_import_path, input_sc
 def _comfy_multiplies_as_we_do() -> bool:
     """Whether ComfyUI's fp8 layer multiplies with torch._scaled_mm, as the pack's does. Where PyTorch has
     torch.nn.functional.scaled_mm (2.10 and newer), comfy_kitchen takes that, and its CPU result differs in the
-    last bits: up to 5e-5 relative with torch 2.11 on the device machine (run89)."""
+    last bits: up to 5e-5 relative with torch 2.11 on the device machine (bench/results/run90-pytest.log)."""
     try:
         from comfy_kitchen import scaled_mm_v2
     except ImportError:
