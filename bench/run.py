@@ -275,8 +275,6 @@ def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -
         trace.stop()
         if profile and Path(profile["out"]).exists():
             result["profile"] = json.loads(Path(profile["out"]).read_text())
-            (args.out / "profiles").mkdir(parents=True, exist_ok=True)
-            (args.out / "profiles" / f"{name}-{budget}.json").write_text(Path(profile["out"]).read_text())
         result["trace"] = trace.samples[::4]
         result["warm"] = summarise([result[r] for r, _ in runs[1:] if r in result and "wall_s" in result[r]])
         if args.restart:
@@ -362,7 +360,7 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="use the tiny model (smoke test)")
     ap.add_argument("--profile", action="store_true",
                     help="after the warm runs, one more image whose sampling run is profiled inside the server "
-                         "(devkit/profile_nodes; OUT/profiles/CONFIG-BUDGET.json)")
+                         "(devkit/profile_nodes; its summary is the configuration's `profile` in results.json)")
     ap.add_argument("--profile-steps", type=int, default=4, help="steps of the profiled image")
     ap.add_argument("--restart", action="store_true",
                     help="after the warm runs, restart the server and time one more image (compile caches kept)")
