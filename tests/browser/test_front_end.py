@@ -150,13 +150,15 @@ def test_xml_box_marks_the_first_error_as_you_type_and_clears_when_fixed(front_e
     page, server = front_end.page, front_end.server
     _add_xml_node(page)
     page.wait(f"{STATUS} && {STATUS}.dataset.state === 'info'", timeout=10)  # empty prompt
-    page.type("[data-test-target=xml-text]", MALFORMED)
-    # Typing is character by character: wait until the whole prompt is in and the check has run on all of it
-    # (an intermediate state such as a lone '<' is also an error, at line 1).
-    page.wait(f"{TEXT}.value === {json.dumps(MALFORMED)} && {STATUS}.dataset.state === 'error' && "
-              f"{STATUS}.dataset.line === '3'", timeout=10)
     with pytest.raises(PromptError) as server_error:
         parse_prompt(MALFORMED)
+    page.type("[data-test-target=xml-text]", MALFORMED)
+    # Typing is character by character: wait until the whole prompt is in and the check has run on all of it. An
+    # intermediate state is an error too, at line 1 for a lone '<', and at the same line and column for the
+    # unfinished "</clot" (a loaded CI machine caught that one), so the wait is for the message as well.
+    page.wait(f"{TEXT}.value === {json.dumps(MALFORMED)} && {STATUS}.dataset.state === 'error' && "
+              f"{STATUS}.dataset.line === '3' && "
+              f"{STATUS}.textContent === {json.dumps(chr(0x2717) + ' ' + str(server_error.value))}", timeout=10)
     assert (page.eval(f"{STATUS}.dataset.line"), page.eval(f"{STATUS}.dataset.column")) == ("3", "24")
     assert page.eval(f"{STATUS}.textContent") == f"\u2717 {server_error.value}", "the editor must say what the server says"
     assert page.eval("document.querySelector('[data-test-target=xml-text]').classList.contains('newbie-xml-invalid')")
@@ -178,8 +180,10 @@ def test_xml_box_marks_the_first_error_as_you_type_and_clears_when_fixed(front_e
 
     page.press("Control+A")
     page.type("[data-test-target=xml-text]", FIXED)
-    page.wait(f"{TEXT}.value === {json.dumps(FIXED)} && {STATUS}.dataset.state === 'ok'", timeout=10)
-    assert page.eval(f"{STATUS}.textContent") == "\u2713 well-formed XML: 1 character"
+    well_formed = "\u2713 well-formed XML: 1 character"
+    page.wait(f"{TEXT}.value === {json.dumps(FIXED)} && {STATUS}.dataset.state === 'ok' && "
+              f"{STATUS}.textContent === {json.dumps(well_formed)}", timeout=10)  # the check on the whole text
+    assert page.eval(f"{STATUS}.textContent") == well_formed
     assert not page.eval("document.querySelector('[data-test-target=xml-text]').classList.contains('newbie-xml-invalid')")
 
 
