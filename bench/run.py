@@ -117,7 +117,8 @@ SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_C
             "fa4nocache": {"FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED": "0"},
             # fp8's w2 multiplied in fp8, its input scaled per row (pipeline/quantized_ops.py fp8_linear_rowwise; the
             # default since run87), or in bf16 as before
-            "w2rowwise": {"NEWBIE_FP8_W2": "rowwise"}, "w2bf16": {"NEWBIE_FP8_W2": "bf16"}}
+            "w2rowwise": {"NEWBIE_FP8_W2": "rowwise"}, "w2bf16": {"NEWBIE_FP8_W2": "bf16"},
+            "w2kernel": {"NEWBIE_FP8_W2": "kernel"}}
 CONFIG_ENV = {f"pack-{p}-{switch}": env for p in ("fp16", "bf16", "fp8", "int8") for switch, env in SWITCHES.items()}
 CONFIGS.update({name: ("pack", name.split("-")[1], [], "auto") for name in CONFIG_ENV})
 CONFIG_ENV["pack-bf16-native-nographs"] = SWITCHES["nographs"]

@@ -7,15 +7,14 @@ step, where reading the two bf16 inputs once and writing the fp8 output is about
 runs one program a row in two loops: the amax, then the same inputs read again to scale them. At that speed the
 second read seems to come from HBM, not L2.
 
-This kernel runs a fixed grid of a few programs per SM, each looping over its rows, so that the rows in flight (and
-with them what the second pass reads again) stay a few MB, well inside L2. It is an experiment, not used by the
-pack: this script times it against Inductor's kernel for the same function at NewBie's size and checks that both
-give the same bytes. If it pays, the pack's FeedForward would call it (it needs w1's and w3's outputs, which only
-the FFN as a whole sees).
+The pack's kernel (pipeline/swiglu_fp8.py, NEWBIE_FP8_W2=kernel) runs a fixed grid of a few programs per SM, each
+looping over its rows, so that the rows in flight (and with them what the second pass reads again) stay a few MB,
+well inside L2. This script times it against Inductor's kernel for the same function at NewBie's size over grid and
+block settings, and the pack's op as the feed-forward calls it, and checks that they give the same bytes.
 
     python3 bench/swiglu_kernel.py --out $OUT            # CUDA: times and agreement, OUT/swiglu_kernel.json
 
-On a CPU its arithmetic is tested under Triton's interpreter (tests/unit/test_swiglu_kernel.py), writing the scaled
+On a CPU its arithmetic is tested under Triton's interpreter (tests/unit/test_swiglu_fp8.py), writing the scaled
 values in fp32: the interpreter's own e4m3 conversion (Triton 3.5) does not carry a rounding into the exponent.
 """
 from __future__ import annotations
@@ -27,61 +26,15 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
-import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import quantized_ops  # noqa: E402
-
-# the pack's own bounds (pipeline/quantized_ops.py): e4m3's largest value, and the smallest row amax a scale is taken
-# from, so that an all-zero row quantizes to zeros
-E4M3_MAX = quantized_ops._E4M3_MAX
-MIN_ROW_AMAX = quantized_ops._MIN_ROW_AMAX
+from pipeline import quantized_ops, swiglu_fp8  # noqa: E402
 
 
-@triton.jit
-def _swiglu_rowwise_kernel(g_ptr, u_ptr, out_ptr, scale_ptr, rows, COLS: tl.constexpr, ITERS: tl.constexpr,
-                           BLOCK: tl.constexpr, MIN_AMAX: tl.constexpr, QMAX: tl.constexpr):
-    """Rows pid, pid + programs, ...: h = silu(g) * u in fp32; the row's scale amax(|h|) / QMAX; out = h / scale,
-    clamped to +-QMAX, in out's dtype. The loop counts are compile-time constants (Triton's interpreter needs
-    them so); ITERS is the rows per program, rounded up."""
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    for i in range(0, ITERS):
-        row = pid + i * programs
-        live = row < rows
-        base = row.to(tl.int64) * COLS
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, COLS, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            mask = (offs < COLS) & live
-            g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(g * tl.sigmoid(g) * u))
-        scale = tl.maximum(tl.max(amax, axis=0), MIN_AMAX) / QMAX
-        tl.store(scale_ptr + row, scale, mask=live)
-        for start in range(0, COLS, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            mask = (offs < COLS) & live
-            g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(g * tl.sigmoid(g) * u / scale, -QMAX), QMAX)
-            tl.store(out_ptr + base + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def swiglu_rowwise(g: torch.Tensor, u: torch.Tensor, programs: int, block: int = 4096, num_warps: int = 8,
-                   out_dtype=torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
-    """(silu(g) * u scaled per row and cast to out_dtype, the row scales (rows, 1) in fp32) for 2-D contiguous g, u,
-    on `programs` programs."""
-    rows, cols = g.shape
-    assert u.shape == g.shape and g.is_contiguous() and u.is_contiguous()
-    out = torch.empty(rows, cols, dtype=out_dtype, device=g.device)
-    scale = torch.empty(rows, 1, dtype=torch.float32, device=g.device)
-    programs = max(1, min(programs, rows))
-    _swiglu_rowwise_kernel[(programs,)](g, u, out, scale, rows, COLS=cols, ITERS=triton.cdiv(rows, programs),
-                                        BLOCK=min(block, triton.next_power_of_2(cols)), MIN_AMAX=MIN_ROW_AMAX,
-                                        QMAX=E4M3_MAX, num_warps=num_warps)
-    return out, scale
+def swiglu_rowwise(g, u, programs, block=swiglu_fp8.BLOCK, num_warps=swiglu_fp8.NUM_WARPS,
+                   out_dtype=torch.float8_e4m3fn):
+    """The pack's kernel (pipeline/swiglu_fp8.py) on `programs` programs."""
+    return swiglu_fp8.launch(g, u, programs, block, num_warps, out_dtype)
 
 
 def reference(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,13 +89,19 @@ def main():
     swiglu = torch.compile(lambda a, b: torch.nn.functional.silu(a) * b)
     result["inductor_swiglu_only_us"] = statistics.median(_time_us(lambda: swiglu(g, u)))
     for per_sm in (1, 2, 4, 8):
-        for block, warps in ((2048, 4), (4096, 8), (8192, 16)):
+        for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 16)):  # 1024 divides 9216
             run = lambda: swiglu_rowwise(g, u, sms * per_sm, block, warps)  # noqa: E731
             times = _time_us(run)
             result["ours"].append({"programs_per_sm": per_sm, "block": block, "num_warps": warps,
                                    "us": statistics.median(times), "us_range": [min(times), max(times)],
                                    **_agreement(run(), theirs)})
             print(json.dumps(result["ours"][-1]), flush=True)
+    # the pack's op as the feed-forward calls it (its default launch, through the custom op's dispatch)
+    op = lambda: swiglu_fp8.swiglu_rowwise_e4m3(g, u)  # noqa: E731
+    result["pack_op"] = {"programs_per_sm": swiglu_fp8.PROGRAMS_PER_SM, "block": swiglu_fp8.BLOCK,
+                         "num_warps": swiglu_fp8.NUM_WARPS, "us": statistics.median(_time_us(op)),
+                         **_agreement(op(), theirs)}
+    print("pack op", json.dumps(result["pack_op"]), flush=True)
     best = min(result["ours"], key=lambda r: r["us"])
     result["best"] = best
     print(f"Inductor {result['inductor_us']:.1f} us (its SwiGLU alone {result['inductor_swiglu_only_us']:.1f} us), "

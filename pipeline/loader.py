@@ -17,7 +17,7 @@ import torch
 
 from . import (block_compile, block_prefetch, block_stream, cfg_batch, checkpoint, compat, cuda_graphs, detect,
                device_conds, host_copies, host_sigmas, precision as precision_mod, prompt_limits, quantize,
-               quantized_ops, sdpa, te_quantize, vae_memory, vram_budget)
+               quantized_ops, sdpa, swiglu_fp8, te_quantize, vae_memory, vram_budget)
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -294,6 +294,8 @@ def _finish_model(model_config, dit: dict, load_device, budget, dynamic: bool, f
     host_sigmas.attach(patcher)
     device_conds.attach(patcher)
     block_prefetch.attach(patcher)
+    if quantized_ops.w2_kernel() and swiglu_fp8.usable(load_device):
+        swiglu_fp8.attach(patcher)
     if not compat.is_dynamic(patcher):
         block_stream.attach(patcher)
     cuda_graphs.attach(patcher)  # last: the innermost DIFFUSION_MODEL wrapper
@@ -511,8 +513,10 @@ def _weights_line(patcher, precision: str, dtype, compute: str) -> str:
         return f"weights {_dtype_name(dtype)}, {size}; compute {compute}"
     n = len(quantize.layer_formats(sd))
     if precision == "fp8" and mm.supports_fp8_compute(patcher.load_device):
-        run = "fp8 matmuls, " + ("feed_forward.w2's bf16 input scaled per row" if quantized_ops.rowwise_w2()
-                                 else "feed_forward.w2 in bf16 (NEWBIE_FP8_W2=bf16)")
+        run = "fp8 matmuls, " + ("feed_forward.w2 in bf16 (NEWBIE_FP8_W2=bf16)" if not quantized_ops.rowwise_w2()
+                                 else "feed_forward.w2's bf16 input scaled per row"
+                                 + (" by the pack's SwiGLU kernel (NEWBIE_FP8_W2=kernel)"
+                                    if quantized_ops.w2_kernel() else ""))
     elif precision == "int8" and not quantized_ops.int8_matmuls_dequantised(patcher.load_device):
         run = "int8 matmuls (activations quantized per row)"
     else:

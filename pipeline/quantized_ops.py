@@ -122,6 +122,12 @@ def rowwise_w2() -> bool:
     return env_switch.value("NEWBIE_FP8_W2") != "bf16"
 
 
+def w2_kernel() -> bool:
+    """Whether fp8's row-scaled w2 input comes from the pack's SwiGLU kernel (NEWBIE_FP8_W2=kernel,
+    pipeline/swiglu_fp8.py) rather than from the kernel Inductor fuses."""
+    return env_switch.value("NEWBIE_FP8_W2") == "kernel"
+
+
 def fp8_matmuls(device) -> bool:
     """Whether `device` multiplies in fp8 (ComfyUI's own test, `supports_fp8_compute`: Ada, Hopper and newer)."""
     import comfy.model_management as mm
@@ -155,12 +161,25 @@ def traceable_fp8_ops(quant_config: dict, compute_dtype, fp8_compute: bool = Tru
             def _plain_fp8(self, input) -> bool:
                 return getattr(self, "quant_format", None) == FP8_FORMAT and _plain(self, input)
 
+            def takes_rowwise_fp8(self, input) -> bool:
+                """Whether this layer multiplies a bf16 `input` in fp8 with a scale per row (w2, see
+                `fp8_linear_rowwise`), so that it can take that input quantized already (`forward_rowwise_fp8`)."""
+                return (rowwise_w2 and fp8_compute and input.dtype == torch.bfloat16 and self._plain_fp8(input)
+                        and self._full_precision_mm)
+
+            def forward_rowwise_fp8(self, x8, scale_a):
+                """The layer's output (bf16, 2-D) for an input quantized already: e4m3 rows `x8` and their float32
+                scales (rows, 1)."""
+                weight = self.weight
+                return fp8_matmul_rowwise(x8, scale_a, weight._qdata, weight._params.scale, self.bias, unit,
+                                          torch.bfloat16)
+
             def forward(self, input, *args, **kwargs):
                 if not self._plain_fp8(input):
                     return super().forward(input, *args, **kwargs)
                 weight = self.weight
                 if self._full_precision_mm:
-                    if rowwise_w2 and fp8_compute and input.dtype == torch.bfloat16:
+                    if self.takes_rowwise_fp8(input):
                         return fp8_linear_rowwise(input, weight._qdata, weight._params.scale, self.bias, unit)
                     return fp8_linear_dequantised(input, weight._qdata, weight._params.scale, self.bias)
                 return fp8_linear(input, weight._qdata, weight._params.scale, self.bias,
@@ -227,10 +246,17 @@ def fp8_linear_rowwise(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: 
     of the same size, bench/results/run86-profile_sampling.json). The unscaled product stays far inside bf16's
     range (at most 448 * 448 * K)."""
     x8, scale_a = rowwise_e4m3(x.reshape(-1, x.shape[-1]))
-    n = weight_fp8.shape[0]
-    unit = unit_scale(x, unit)
-    out = torch._scaled_mm(x8, weight_fp8.t(), scale_a=unit, scale_b=unit, out_dtype=x.dtype)
+    out = fp8_matmul_rowwise(x8, scale_a, weight_fp8, weight_scale, bias, unit, x.dtype)
+    return out.reshape(*x.shape[:-1], weight_fp8.shape[0])
+
+
+def fp8_matmul_rowwise(x8: torch.Tensor, scale_a: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
+                       bias: torch.Tensor | None, unit: torch.Tensor | None, out_dtype) -> torch.Tensor:
+    """(x8 * scale_a) @ (weight_fp8 * weight_scale).T + bias in out_dtype, for 2-D e4m3 rows x8 with float32 scales
+    (rows, 1): the GEMM of `fp8_linear_rowwise`."""
+    unit = unit_scale(x8, unit)
+    out = torch._scaled_mm(x8, weight_fp8.t(), scale_a=unit, scale_b=unit, out_dtype=out_dtype)
     out = out.to(torch.float32) * (scale_a * weight_scale.to(torch.float32).reshape(1, -1))
     if bias is not None:
         out = out + bias.to(torch.float32)
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    return out.to(out_dtype)

@@ -1,0 +1,148 @@
+"""pipeline/swiglu_fp8.py: the hand-written kernel for fp8's w2 input (NEWBIE_FP8_W2=kernel), which
+bench/swiglu_kernel.py times against Inductor's. On the CPU its arithmetic runs under Triton's interpreter, which decides at import, hence the
+subprocess; on a GPU its fp8 output is held to the error of the pack's own formula."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import quantized_ops, swiglu_fp8
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_INTERPRETED = r"""
+import json, sys, torch
+sys.path.insert(0, {root!r})
+from pipeline import quantized_ops, swiglu_fp8
+g = torch.Generator().manual_seed(0)
+rows, cols = 7, 300  # a tail of 44 columns past the 2 blocks of 128; 3 programs: 2 dead rows in the last pass
+a = torch.randn(rows, cols, generator=g, dtype=torch.bfloat16) * 3
+b = torch.randn(rows, cols, generator=g, dtype=torch.bfloat16)
+a[2], b[5] = 0, b[5] * 1e4  # an all-zero row; a row far beyond e4m3's 448
+out, scale = swiglu_fp8.launch(a, b, programs=3, block=128, num_warps=4, out_dtype=torch.float32)
+h = torch.nn.functional.silu(a.float()) * b.float()
+want_scale = h.abs().amax(-1, keepdim=True).clamp(min=quantized_ops._MIN_ROW_AMAX) / quantized_ops._E4M3_MAX
+want = (h / want_scale).clamp(-quantized_ops._E4M3_MAX, quantized_ops._E4M3_MAX)
+print(json.dumps({{
+    "scale_rel": ((scale - want_scale).abs() / want_scale).max().item(),
+    "value_abs": (out - want).abs().max().item(),
+    "row_max": out.abs().amax(-1).tolist(),
+    "zero_row": out[2].abs().max().item(),
+}}))
+"""
+
+
+def test_the_kernel_scales_each_row_by_its_amax_under_the_interpreter():
+    """silu(g) * u in fp32, each row's scale its amax / 448, the values divided by it: every live row then reaches
+    448 exactly, a row of zeros stays zero, and the column tail and the rows past the last are masked."""
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED.format(root=str(ROOT))], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert r["scale_rel"] < 1e-6, r
+    assert r["value_abs"] < 1e-3, r  # of values up to 448: fp32 rounding of the sigmoid and the division
+    assert r["zero_row"] == 0.0
+    assert [m for i, m in enumerate(r["row_max"]) if i != 2] == pytest.approx([448.0] * 6, rel=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the device machine)")
+def test_the_kernels_fp8_is_as_close_to_fp32_as_the_packs_formula():
+    """On a GPU, the e4m3 output dequantised is as close to the fp32 product as the pack's formula (the kernel
+    Inductor fuses today), whose product is rounded to bf16 first."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(300, 9216, generator=g, device="cuda", dtype=torch.bfloat16) * 2
+    b = torch.randn(300, 9216, generator=g, device="cuda", dtype=torch.bfloat16)
+    h = torch.nn.functional.silu(a.float()) * b.float()
+
+    def error(q, scale):
+        return ((q.float() * scale - h).norm() / h.norm()).item()
+
+    ours = error(*swiglu_fp8.swiglu_rowwise_e4m3(a, b))
+    theirs = error(*quantized_ops.rowwise_e4m3(torch.nn.functional.silu(a) * b))
+    assert ours < 0.05 and ours <= theirs * 1.05 + 1e-3, (ours, theirs)
+
+
+@pytest.fixture
+def kernel_mode(comfy_import_path, monkeypatch):
+    """NEWBIE_FP8_W2=kernel on a GPU that multiplies fp8, on the CPU: the kernel replaced by its formula in fp32
+    (what the interpreter test holds the kernel to), so that the feed-forward's patch runs here."""
+    from devkit import tiny_models
+
+    tiny_models._comfy_cpu_safe()
+    import comfy.model_management as mm
+
+    monkeypatch.setenv("NEWBIE_FP8_W2", "kernel")
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(mm, "supports_fp8_compute", lambda device=None: True)
+    monkeypatch.setattr(mm, "unet_manual_cast", lambda *args, **kwargs: torch.bfloat16)  # a GPU's choice
+    monkeypatch.setattr(swiglu_fp8, "usable", lambda device: True)
+    monkeypatch.setattr(swiglu_fp8, "_kernel_runs_on", lambda t: True)
+    calls = []
+
+    def formula(g, u):
+        calls.append(g.shape)
+        return quantized_ops.rowwise_e4m3(torch.nn.functional.silu(g.float()) * u.float())
+
+    monkeypatch.setattr(swiglu_fp8, "swiglu_rowwise_e4m3", formula)
+    return calls
+
+
+def _tiny_fp8_patcher():
+    from devkit import tiny_models
+    from pipeline import loader, quantize
+
+    dit = tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.bfloat16)
+    parts = loader.NewBieParts(quantize.quantize_state_dict(dit, "fp8"), {}, {}, {}, None, None, {"dit": "tiny-fp8"})
+    patcher, cfg, _, _ = loader.build_model(parts, "fp8", dynamic=False)
+    return patcher, cfg
+
+
+@pytest.mark.host
+def test_kernel_mode_patches_every_feed_forward_and_keeps_the_rowwise_output(kernel_mode, monkeypatch):
+    """With NEWBIE_FP8_W2=kernel every NextDiT feed-forward (refiners and main layers) gets the fused forward
+    through ComfyUI's object patches: patched, each w2 input comes from the kernel and the DiT's output stays within
+    the bf16 rounding of the product of the default row-wise path's; unpatched, ComfyUI's forward is back."""
+    from devkit import stress
+    from devkit.dit_calls import dit_call
+
+    patcher, cfg = _tiny_fp8_patcher()
+    ffs = [m for m in patcher.model.diffusion_model.modules() if type(m).__name__ == "FeedForward"]
+    keys = [k for k in patcher.object_patches if k.endswith("feed_forward.forward")]
+    assert ffs and len(keys) == len(ffs), (len(ffs), keys)
+    default = dit_call(patcher, cfg)  # object patches apply only when ComfyUI patches the model
+    assert kernel_mode == []
+    patcher.patch_model()
+    try:
+        assert all(isinstance(ff.forward, swiglu_fp8.FusedFeedForward) for ff in ffs)
+        fused = dit_call(patcher, cfg)
+    finally:
+        patcher.unpatch_model()
+    assert len(kernel_mode) == len(ffs), (len(ffs), kernel_mode)  # one DiT call: each feed-forward once
+    assert 0 < stress.relative_error(fused, default) < 0.02
+    assert not any(isinstance(ff.forward, swiglu_fp8.FusedFeedForward) for ff in ffs)
+    assert dit_call(patcher, cfg).equal(default)
+
+
+@pytest.mark.host
+@pytest.mark.parametrize("switch", [None, "bf16"])
+def test_without_kernel_mode_no_feed_forward_is_patched(comfy_import_path, monkeypatch, switch):
+    from devkit import tiny_models
+
+    tiny_models._comfy_cpu_safe()
+    import comfy.model_management as mm
+
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(mm, "supports_fp8_compute", lambda device=None: True)
+    monkeypatch.setattr(swiglu_fp8, "usable", lambda device: True)
+    if switch is None:
+        monkeypatch.delenv("NEWBIE_FP8_W2", raising=False)
+    else:
+        monkeypatch.setenv("NEWBIE_FP8_W2", switch)
+    patcher, _ = _tiny_fp8_patcher()
+    assert not [k for k in patcher.object_patches if k.endswith("feed_forward.forward")]
