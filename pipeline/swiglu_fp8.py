@@ -93,16 +93,21 @@ def launch(g: torch.Tensor, u: torch.Tensor, programs: int, block: int = BLOCK, 
     return out, scale
 
 
+def _programs(device: torch.device) -> int:
+    """The grid: PROGRAMS_PER_SM programs on each SM of a GPU (a few, for Triton's interpreter on a CPU)."""
+    return _sm_count(device.index or 0) * PROGRAMS_PER_SM if device.type == "cuda" else 3
+
+
 @functools.cache
-def _programs(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count * PROGRAMS_PER_SM
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def swiglu_rowwise_e4m3(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """silu(g) * u for 2-D bf16 g and u on a GPU, quantized to e4m3 with one scale per row: (the fp8 values, the
     scales (rows, 1) in float32), as `quantized_ops.rowwise_e4m3(silu(g) * u)` but with the product kept in fp32."""
-    return launch(g.contiguous(), u.contiguous(), _programs(g.device.index or 0))
+    return launch(g.contiguous(), u.contiguous(), _programs(g.device))
 
 
 @swiglu_rowwise_e4m3.register_fake
