@@ -73,7 +73,7 @@ def _kernel():
     return swiglu_rowwise_kernel
 
 
-def launch(g: torch.Tensor, u: torch.Tensor, programs: int, block: int = BLOCK, num_warps: int = NUM_WARPS,
+def launch(g: torch.Tensor, u: torch.Tensor, programs: int, block: int, num_warps: int,
            out_dtype=torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """(silu(g) * u scaled per row and cast to out_dtype, the row scales (rows, 1) in float32) for 2-D contiguous
     g and u of one shape, on `programs` programs (Triton's grid)."""
@@ -107,7 +107,7 @@ def _sm_count(device_index: int) -> int:
 def swiglu_rowwise_e4m3(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """silu(g) * u for 2-D bf16 g and u on a GPU, quantized to e4m3 with one scale per row: (the fp8 values, the
     scales (rows, 1) in float32), as `quantized_ops.rowwise_e4m3(silu(g) * u)` but with the product kept in fp32."""
-    return launch(g.contiguous(), u.contiguous(), _programs(g.device))
+    return launch(g.contiguous(), u.contiguous(), _programs(g.device), BLOCK, NUM_WARPS)
 
 
 @swiglu_rowwise_e4m3.register_fake
