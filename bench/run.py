@@ -88,6 +88,10 @@ CONFIGS = {
     "pack-fp8-native-graphs": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     "pack-bf16-native-graphs": ("pack", "bf16", ["--disable-cuda-malloc"], "auto"),
     "pack-fp16-native-graphs": ("pack", "fp16", ["--disable-cuda-malloc"], "auto"),
+    # fp8's w2 input from the pack's SwiGLU kernel (NEWBIE_FP8_W2=kernel, pipeline/swiglu_fp8.py), without and with
+    # the kept CUDA graphs
+    "pack-fp8-native-w2kernel": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
+    "pack-fp8-native-graphs-w2kernel": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     # A fresh server that first runs a NewBieVRAMWarmup graph (timed separately), then the real job.
     "pack-fp16-warmup": ("pack", "fp16", [], "auto"),
 }
@@ -125,6 +129,8 @@ CONFIG_ENV["pack-bf16-native-nographs"] = SWITCHES["nographs"]
 # CUDA graphs on (opt-in), with Dynamo's recompile reasons in the server log
 CONFIG_ENV.update({f"pack-{p}-native-graphs": {"NEWBIE_CUDA_GRAPHS": "1", "TORCH_LOGS": "recompiles"}
                    for p in ("fp8", "bf16", "fp16")})
+CONFIG_ENV["pack-fp8-native-w2kernel"] = SWITCHES["w2kernel"]
+CONFIG_ENV["pack-fp8-native-graphs-w2kernel"] = {**CONFIG_ENV["pack-fp8-native-graphs"], **SWITCHES["w2kernel"]}
 # pack-PRECISION-teFORMAT: Gemma-3's decoder layers quantized too (the loader's text_encoder_precision), for the text
 # encoders' stage and the peak at a budget
 TE_PRECISIONS = {f"pack-{p}-te{te}": te for p in ("fp16", "bf16", "fp8", "int8") for te in ("fp8", "int8")}
@@ -320,6 +326,7 @@ LOG_EVENTS = {  # what the server log says about memory, compile and the fp16 pa
     "graph_failed": "recording a DiT call failed",
     "fa4": "attention: FlashAttention-4",  # the loader chose flash-attn-4 (pipeline/sdpa.py)
     "fa4_unloadable": "flash-attn-4 is installed but does not load",
+    "swiglu_kernel": "make w2's input with the pack's SwiGLU kernel",  # one line per model built with it
 }
 
 
