@@ -122,7 +122,9 @@ SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_C
             # fp8's w2 multiplied in fp8, its input scaled per row (pipeline/quantized_ops.py fp8_linear_rowwise; the
             # default since run87), or in bf16 as before
             "w2rowwise": {"NEWBIE_FP8_W2": "rowwise"}, "w2bf16": {"NEWBIE_FP8_W2": "bf16"},
-            "w2kernel": {"NEWBIE_FP8_W2": "kernel"}}
+            "w2kernel": {"NEWBIE_FP8_W2": "kernel"},
+            # fp8 GEMMs accumulating in the tensor cores' accumulator (use_fast_accum, pipeline/quantized_ops.py)
+            "fastaccum": {"NEWBIE_FP8_ACCUM": "fast"}}
 CONFIG_ENV = {f"pack-{p}-{switch}": env for p in ("fp16", "bf16", "fp8", "int8") for switch, env in SWITCHES.items()}
 CONFIGS.update({name: ("pack", name.split("-")[1], [], "auto") for name in CONFIG_ENV})
 CONFIG_ENV["pack-bf16-native-nographs"] = SWITCHES["nographs"]
@@ -131,6 +133,14 @@ CONFIG_ENV.update({f"pack-{p}-native-graphs": {"NEWBIE_CUDA_GRAPHS": "1", "TORCH
                    for p in ("fp8", "bf16", "fp16")})
 CONFIG_ENV["pack-fp8-native-w2kernel"] = SWITCHES["w2kernel"]
 CONFIG_ENV["pack-fp8-native-graphs-w2kernel"] = {**CONFIG_ENV["pack-fp8-native-graphs"], **SWITCHES["w2kernel"]}
+# both, and fast accumulation with them
+CONFIG_ENV["pack-fp8-native-graphs-w2kernel-fastaccum"] = {**CONFIG_ENV["pack-fp8-native-graphs-w2kernel"],
+                                                           **SWITCHES["fastaccum"]}
+CONFIGS["pack-fp8-native-graphs-w2kernel-fastaccum"] = CONFIGS["pack-fp8-native-graphs-w2kernel"]
+CONFIG_ENV["pack-fp8-native-fastaccum"] = SWITCHES["fastaccum"]
+CONFIGS["pack-fp8-native-fastaccum"] = CONFIGS["pack-fp8-native"]
+CONFIG_ENV["pack-fp8-native-w2kernel-fastaccum"] = {**SWITCHES["w2kernel"], **SWITCHES["fastaccum"]}
+CONFIGS["pack-fp8-native-w2kernel-fastaccum"] = CONFIGS["pack-fp8-native"]
 # pack-PRECISION-teFORMAT: Gemma-3's decoder layers quantized too (the loader's text_encoder_precision), for the text
 # encoders' stage and the peak at a budget
 TE_PRECISIONS = {f"pack-{p}-te{te}": te for p in ("fp16", "bf16", "fp8", "int8") for te in ("fp8", "int8")}

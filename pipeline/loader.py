@@ -263,7 +263,8 @@ def quantized_ops_for(fmt: str | None, device):
     if fmt == "fp8":
         fp8_compute = quantized_ops.fp8_matmuls(device)
         return functools.partial(quantized_ops.traceable_fp8_ops, fp8_compute=fp8_compute,
-                                 rowwise_w2=quantized_ops.rowwise_w2(), device=device)
+                                 rowwise_w2=quantized_ops.rowwise_w2(), device=device,
+                                 fast_accum=quantized_ops.fast_accumulation())
     return None
 
 
@@ -517,6 +518,8 @@ def _weights_line(patcher, precision: str, dtype, compute: str) -> str:
                                  else "feed_forward.w2's bf16 input scaled per row"
                                  + (" by the pack's SwiGLU kernel (NEWBIE_FP8_W2=kernel)"
                                     if quantized_ops.w2_kernel() else ""))
+        if quantized_ops.fast_accumulation():
+            run += ", fast accumulation (NEWBIE_FP8_ACCUM=fast)"
     elif precision == "int8" and not quantized_ops.int8_matmuls_dequantised(patcher.load_device):
         run = "int8 matmuls (activations quantized per row)"
     else:

@@ -128,6 +128,13 @@ def w2_kernel() -> bool:
     return env_switch.value("NEWBIE_FP8_W2") == "kernel"
 
 
+def fast_accumulation() -> bool:
+    """Whether fp8 GEMMs accumulate in the tensor cores' own accumulator (`use_fast_accum`, NEWBIE_FP8_ACCUM=fast)
+    rather than promoting partial sums to fp32 as cuBLAS does by default (and comfy_kitchen asks). On Hopper the
+    promotion costs GEMM throughput; the fast form keeps fewer bits of long sums."""
+    return env_switch.value("NEWBIE_FP8_ACCUM") == "fast"
+
+
 def fp8_matmuls(device) -> bool:
     """Whether `device` multiplies in fp8 (ComfyUI's own test, `supports_fp8_compute`: Ada, Hopper and newer)."""
     import comfy.model_management as mm
@@ -136,13 +143,15 @@ def fp8_matmuls(device) -> bool:
 
 
 def traceable_fp8_ops(quant_config: dict, compute_dtype, fp8_compute: bool = True, rowwise_w2: bool = False,
-                      device=None):
+                      device=None, fast_accum: bool = False):
     """ComfyUI's mixed-precision operations whose fp8 layers multiply with plain tensor ops when their weight is
     resident (see the module docstring): with `fp8_compute` (the GPU multiplies fp8) the same arithmetic as
     ComfyUI's fp8 layer without an input scale; without it, and for layers marked full_precision_matrix_mult, the
     weight dequantised to the input's dtype and one F.linear, as ComfyUI's layer computes it on such a GPU. With
     `rowwise_w2` and `fp8_compute`, a bf16 input of a full_precision_matrix_mult layer is quantized with a scale per
     row instead (`fp8_linear_rowwise`).
+
+    `fast_accum`: the fp8 GEMMs with `use_fast_accum` (see `fast_accumulation`).
 
     `device`, the load device, gets the GEMMs' unit scale once: made inside a compiled block, each layer call made
     it again in a kernel of its own (`triton_poi_fused_ones`, about 300 launches a step, run87), where a tensor the
@@ -172,7 +181,7 @@ def traceable_fp8_ops(quant_config: dict, compute_dtype, fp8_compute: bool = Tru
                 scales (rows, 1)."""
                 weight = self.weight
                 return fp8_matmul_rowwise(x8, scale_a, weight._qdata, weight._params.scale, self.bias, unit,
-                                          torch.bfloat16)
+                                          torch.bfloat16, fast_accum)
 
             def forward(self, input, *args, **kwargs):
                 if not self._plain_fp8(input):
@@ -180,10 +189,11 @@ def traceable_fp8_ops(quant_config: dict, compute_dtype, fp8_compute: bool = Tru
                 weight = self.weight
                 if self._full_precision_mm:
                     if self.takes_rowwise_fp8(input):
-                        return fp8_linear_rowwise(input, weight._qdata, weight._params.scale, self.bias, unit)
+                        return fp8_linear_rowwise(input, weight._qdata, weight._params.scale, self.bias, unit,
+                                                  fast_accum)
                     return fp8_linear_dequantised(input, weight._qdata, weight._params.scale, self.bias)
                 return fp8_linear(input, weight._qdata, weight._params.scale, self.bias,
-                                  getattr(self, "input_scale", None), unit)
+                                  getattr(self, "input_scale", None), unit, fast_accum)
 
     return TraceableFp8Ops
 
@@ -204,7 +214,8 @@ def unit_scale(x: torch.Tensor, unit: torch.Tensor | None = None) -> torch.Tenso
 
 
 def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-               input_scale: torch.Tensor | None = None, unit: torch.Tensor | None = None) -> torch.Tensor:
+               input_scale: torch.Tensor | None = None, unit: torch.Tensor | None = None,
+               fast_accum: bool = False) -> torch.Tensor:
     """x @ (weight_fp8 * weight_scale).T + bias in x's dtype, x quantized to e4m3 per tensor (scale `input_scale`,
     or 1): comfy_kitchen's quantize_per_tensor_fp8 and its fp8 linear, as plain ops. `unit`: a float32 1 to use
     for the unit scale (see `traceable_fp8_ops`)."""
@@ -216,7 +227,8 @@ def fp8_linear(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Te
         rows = rows * (1.0 / scale_a).to(rows.dtype)
     x8 = rows.clamp(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn)
     out = torch._scaled_mm(x8, weight_fp8.t(), scale_a=scale_a, scale_b=weight_scale.to(torch.float32),
-                           bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
+                           bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype,
+                           use_fast_accum=fast_accum)
     return out.reshape(*x.shape[:-1], weight_fp8.shape[0])
 
 
@@ -233,7 +245,8 @@ def rowwise_e4m3(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_linear_rowwise(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
-                       bias: torch.Tensor | None, unit: torch.Tensor | None = None) -> torch.Tensor:
+                       bias: torch.Tensor | None, unit: torch.Tensor | None = None,
+                       fast_accum: bool = False) -> torch.Tensor:
     """x @ (weight_fp8 * weight_scale).T + bias in x's dtype (bf16), x quantized to e4m3 with one scale per row
     (the row's amax / 448, so no input is clamped): for an input without a bound, which a single unit scale would
     clip (w2's SwiGLU product, see pipeline/quantize.py). Inside compiled blocks the amax, the scaling and the cast
@@ -246,16 +259,18 @@ def fp8_linear_rowwise(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: 
     of the same size, bench/results/run86-profile_sampling.json). The unscaled product stays far inside bf16's
     range (at most 448 * 448 * K)."""
     x8, scale_a = rowwise_e4m3(x.reshape(-1, x.shape[-1]))
-    out = fp8_matmul_rowwise(x8, scale_a, weight_fp8, weight_scale, bias, unit, x.dtype)
+    out = fp8_matmul_rowwise(x8, scale_a, weight_fp8, weight_scale, bias, unit, x.dtype, fast_accum)
     return out.reshape(*x.shape[:-1], weight_fp8.shape[0])
 
 
 def fp8_matmul_rowwise(x8: torch.Tensor, scale_a: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
-                       bias: torch.Tensor | None, unit: torch.Tensor | None, out_dtype) -> torch.Tensor:
+                       bias: torch.Tensor | None, unit: torch.Tensor | None, out_dtype,
+                       fast_accum: bool = False) -> torch.Tensor:
     """(x8 * scale_a) @ (weight_fp8 * weight_scale).T + bias in out_dtype, for 2-D e4m3 rows x8 with float32 scales
     (rows, 1): the GEMM of `fp8_linear_rowwise`."""
     unit = unit_scale(x8, unit)
-    out = torch._scaled_mm(x8, weight_fp8.t(), scale_a=unit, scale_b=unit, out_dtype=out_dtype)
+    out = torch._scaled_mm(x8, weight_fp8.t(), scale_a=unit, scale_b=unit, out_dtype=out_dtype,
+                           use_fast_accum=fast_accum)
     out = out.to(torch.float32) * (scale_a * weight_scale.to(torch.float32).reshape(1, -1))
     if bias is not None:
         out = out + bias.to(torch.float32)

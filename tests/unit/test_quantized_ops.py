@@ -209,6 +209,29 @@ def test_the_loader_report_says_how_fp8_multiplies_w2(models_root, monkeypatch, 
     assert "fp8 matmuls, " + expected in report, report
 
 
+@pytest.mark.parametrize("accum", [None, "fast"])
+@pytest.mark.usefixtures("comfy_device_is_the_cpu")
+def test_fast_accumulation_is_one_switch_for_every_fp8_gemm(fp8_dit, monkeypatch, accum):
+    """NEWBIE_FP8_ACCUM=fast gives every fp8 GEMM of the DiT (w2's row-scaled one too) `use_fast_accum`; unset,
+    none has it, as comfy_kitchen's own fp8 matmul."""
+    import comfy.model_management as mm
+
+    monkeypatch.setattr(mm, "supports_fp8_compute", lambda device=None: True)
+    monkeypatch.setattr(mm, "unet_manual_cast", lambda *args, **kwargs: torch.bfloat16)
+    if accum is None:
+        monkeypatch.delenv("NEWBIE_FP8_ACCUM", raising=False)
+    else:
+        monkeypatch.setenv("NEWBIE_FP8_ACCUM", accum)
+    fast = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm",
+                        lambda *a, **k: fast.append(k.get("use_fast_accum", False)) or real(*a, **k))
+    ours, cfg = _build(fp8_dit)
+    dit_call(ours, cfg)
+    n_fp8 = sum(1 for m in ours.model.diffusion_model.modules() if getattr(m, "quant_format", None) == "float8_e4m3fn")
+    assert len(fast) == n_fp8 and set(fast) == {accum == "fast"}, (n_fp8, fast)
+
+
 @pytest.mark.usefixtures("comfy_device_is_the_cpu")
 def test_fp8_layers_take_their_unit_scale_as_a_graph_input(fp8_dit, monkeypatch):
     """The fp8 GEMMs' unit scale is made once on the load device, so a compiled block takes it as an input rather
