@@ -279,6 +279,12 @@ COMMANDS = {
               "pack-bf16-native-graphs@none --warm 3 --timeout 100",
     "run93": "(the same H100, the next call) python3 bench/run.py --configs upstream-bf16@8,pack-fp8@8,"
              "pack-fp8-tefp8@8,pack-int8@8 --warm 3 --timeout 120",
+    "run94": "(H100, a new machine, cuDNN attention; 0882676) source bench/device_env.sh && python3 -m pytest -q "
+             "tests/unit/test_swiglu_fp8.py tests/unit/test_quantized_ops.py; python3 bench/swiglu_kernel.py; "
+             "python3 bench/profile_sampling.py --variants fp8+compile,fp8+compile+w2kernel,fp8+compile+fastaccum,"
+             "fp8+compile+w2kernel+fastaccum --steps 25 --profile-steps 2 --warm 3 --swiglu-launch "
+             "$OUT/swiglu_kernel.json (the w2kernel variants recompiled every block, one callable object a "
+             "feed-forward, and ran eagerly: mended after)",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
