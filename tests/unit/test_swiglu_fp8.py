@@ -83,14 +83,25 @@ def kernel_mode(comfy_import_path, monkeypatch):
     monkeypatch.setattr(mm, "unet_manual_cast", lambda *args, **kwargs: torch.bfloat16)  # a GPU's choice
     monkeypatch.setattr(swiglu_fp8, "usable", lambda device: True)
     monkeypatch.setattr(swiglu_fp8, "_kernel_runs_on", lambda t: True)
-    calls = []
+    monkeypatch.setattr(swiglu_fp8, "swiglu_rowwise_e4m3", _formula_op)
+    _FORMULA_CALLS.clear()
+    return _FORMULA_CALLS
 
-    def formula(g, u):
-        calls.append(g.shape)
-        return quantized_ops.rowwise_e4m3(torch.nn.functional.silu(g.float()) * u.float())
 
-    monkeypatch.setattr(swiglu_fp8, "swiglu_rowwise_e4m3", formula)
-    return calls
+_FORMULA_CALLS = []
+
+
+@torch.library.custom_op("newbie_lowvram_test::swiglu_formula", mutates_args=())
+def _formula_op(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's formula in fp32, an op as opaque to Dynamo as the kernel's (a Python stand-in would be traced,
+    its call list guarded)."""
+    _FORMULA_CALLS.append(tuple(g.shape))
+    return quantized_ops.rowwise_e4m3(torch.nn.functional.silu(g.float()) * u.float())
+
+
+@_formula_op.register_fake
+def _(g, u):
+    return (g.new_empty(g.shape, dtype=torch.float8_e4m3fn), g.new_empty((g.shape[0], 1), dtype=torch.float32))
 
 
 def _tiny_fp8_patcher():
@@ -186,3 +197,36 @@ def test_compiled_code_calls_the_kernel_as_one_op_and_new_row_counts_do_not_reco
     r = json.loads(done.stdout.strip().splitlines()[-1])
     assert r["graphs"] == 2 and r["op_calls"] == 2, r  # static at 5 rows, dynamic from 9 on
     assert max(r["errors"]) < 0.1, r
+
+
+@pytest.mark.host
+def test_patched_feed_forwards_compile_no_more_graphs_than_comfys(kernel_mode, monkeypatch):
+    """The compiled blocks of a DiT whose feed-forwards are patched make as many graphs as those of the same DiT
+    unpatched, over two prompt lengths and a third: every block shares its graphs, as before. (A callable object per
+    feed-forward was guarded by identity, so each block compiled its own graphs until Dynamo's recompile limit and
+    then ran eagerly: run94.)"""
+    from torch._dynamo.utils import counters
+
+    from devkit.dit_calls import dit_call, dit_inputs
+    from pipeline import block_compile
+
+    def graphs(patched: bool) -> int:
+        patcher, cfg = _tiny_fp8_patcher()
+        torch._dynamo.reset()
+        counters.clear()
+        block_compile.apply(patcher)
+        if patched:
+            patcher.patch_model()
+        try:
+            for n in (12, 20, 33):
+                dit_call(patcher, cfg, dit_inputs(cfg, "cpu", (8, 8), n))
+            assert not dict(counters["graph_break"]), dict(counters["graph_break"])
+            return block_compile.compiled_graph_count()
+        finally:
+            if patched:
+                patcher.unpatch_model()
+            torch._dynamo.reset()
+
+    unpatched = graphs(False)
+    assert kernel_mode == []
+    assert graphs(True) == unpatched and kernel_mode, (unpatched, len(kernel_mode))
