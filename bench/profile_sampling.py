@@ -17,7 +17,9 @@ this script's conditioning is on the CPU, as a server's text encoders leave it);
 +w2bf16: fp8's w2 multiplied in bf16 (NEWBIE_FP8_W2=bf16; by default it multiplies in fp8 with its input scaled per
 row, pipeline/quantized_ops.py, the `+w2rowwise` of runs 84-88);
 +w2kernel: that row-scaled input made by the pack's SwiGLU kernel (NEWBIE_FP8_W2=kernel, pipeline/swiglu_fp8.py);
-+fastaccum: fp8 GEMMs accumulating in the tensor cores' accumulator (NEWBIE_FP8_ACCUM=fast, use_fast_accum);
++fastaccum: fp8 GEMMs accumulating in the tensor cores' accumulator (NEWBIE_FP8_ACCUM=fast, use_fast_accum; the
+default since run94-95, before which `fp8+compile` promoted their partial sums to fp32); +fp32accum: promoted again
+(NEWBIE_FP8_ACCUM=fp32);
 +graphs: the DiT's calls replayed as CUDA graphs (NEWBIE_CUDA_GRAPHS=1, pipeline/cuda_graphs.py; this process
 runs PyTorch's own allocator, as the graphs need); their log lines are kept in `cuda_graphs`. Until run75 this
 script's call counter sat inside the graphs' wrapper, which then declined every run (run75 replayed none);
@@ -129,7 +131,7 @@ def main():
         prec, *extras = variant.split("+")
         os.environ["NEWBIE_FP8_W2"] = ("bf16" if "w2bf16" in extras else "kernel" if "w2kernel" in extras
                                         else "")  # read when the model is built, as is
-        os.environ["NEWBIE_FP8_ACCUM"] = "fast" if "fastaccum" in extras else ""
+        os.environ["NEWBIE_FP8_ACCUM"] = "fp32" if "fp32accum" in extras else "fast" if "fastaccum" in extras else ""
         parts = loader.NewBieParts(dict(base_sd), {}, {}, {}, None, None, {"dit": "random"})
         patcher, cfg, _, _ = loader.build_model(parts, prec, dynamic=False)
         if "compile" in extras:  # +cppwrapper: Inductor's C++ launchers (block_compile.inductor_options)

@@ -285,6 +285,10 @@ COMMANDS = {
              "fp8+compile+w2kernel+fastaccum --steps 25 --profile-steps 2 --warm 3 --swiglu-launch "
              "$OUT/swiglu_kernel.json (the w2kernel variants recompiled every block, one callable object a "
              "feed-forward, and ran eagerly: mended after)",
+    "run95": "(H100, a new machine, cuDNN attention; 250e900, the SwiGLU kernel one function bound to each "
+             "feed-forward, launched 4 programs an SM, block 2048, 8 warps) source bench/device_env.sh; python3 "
+             "bench/quant_accuracy.py --fp8-only --models /tmp/models; python3 bench/profile_sampling.py --variants "
+             "fp8+compile+fastaccum,fp8+compile+w2kernel+fastaccum --steps 25 --profile-steps 2 --warm 3",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }

@@ -123,8 +123,9 @@ SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_C
             # default since run87), or in bf16 as before
             "w2rowwise": {"NEWBIE_FP8_W2": "rowwise"}, "w2bf16": {"NEWBIE_FP8_W2": "bf16"},
             "w2kernel": {"NEWBIE_FP8_W2": "kernel"},
-            # fp8 GEMMs accumulating in the tensor cores' accumulator (use_fast_accum, pipeline/quantized_ops.py)
-            "fastaccum": {"NEWBIE_FP8_ACCUM": "fast"}}
+            # fp8 GEMMs accumulating in the tensor cores' accumulator (use_fast_accum, pipeline/quantized_ops.py; the
+            # default since run94-95), or with their partial sums promoted to fp32 as before
+            "fastaccum": {"NEWBIE_FP8_ACCUM": "fast"}, "fp32accum": {"NEWBIE_FP8_ACCUM": "fp32"}}
 CONFIG_ENV = {f"pack-{p}-{switch}": env for p in ("fp16", "bf16", "fp8", "int8") for switch, env in SWITCHES.items()}
 CONFIGS.update({name: ("pack", name.split("-")[1], [], "auto") for name in CONFIG_ENV})
 CONFIG_ENV["pack-bf16-native-nographs"] = SWITCHES["nographs"]

@@ -518,8 +518,8 @@ def _weights_line(patcher, precision: str, dtype, compute: str) -> str:
                                  else "feed_forward.w2's bf16 input scaled per row"
                                  + (" by the pack's SwiGLU kernel (NEWBIE_FP8_W2=kernel)"
                                     if quantized_ops.w2_kernel() else ""))
-        if quantized_ops.fast_accumulation():
-            run += ", fast accumulation (NEWBIE_FP8_ACCUM=fast)"
+        run += (", accumulating in the tensor cores" if quantized_ops.fast_accumulation()
+                else ", partial sums promoted to fp32 (NEWBIE_FP8_ACCUM=fp32)")
     elif precision == "int8" and not quantized_ops.int8_matmuls_dequantised(patcher.load_device):
         run = "int8 matmuls (activations quantized per row)"
     else:
