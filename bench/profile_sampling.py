@@ -90,7 +90,8 @@ def main():
     ap.add_argument("--warm", type=int, default=3, help="unprofiled warm runs (their median is reported)")
     ap.add_argument("--stacks", action="store_true", help="record Python stacks (host_read_sites; slow)")
     ap.add_argument("--swiglu-launch", type=Path,
-                    help="bench/swiglu_kernel.py's json: +w2kernel launches the kernel as its fastest row there")
+                    help="bench/swiglu_kernel.py's json: +w2kernel launches the kernel as its fastest row there "
+                         "(its programs an SM as rows a program)")
     args = ap.parse_args()
     sys.path[:0] = [os.environ.get("COMFYUI_PATH", str(Path.home() / "comfy" / "ComfyUI")), str(REPO)]
     import torch
@@ -105,9 +106,11 @@ def main():
     from pipeline import block_compile, cfg_batch, cuda_graphs, loader, swiglu_fp8
 
     if args.swiglu_launch:
-        best = json.loads(args.swiglu_launch.read_text())["best"]
-        swiglu_fp8.PROGRAMS_PER_SM, swiglu_fp8.BLOCK, swiglu_fp8.NUM_WARPS = (
-            best["programs_per_sm"], best["block"], best["num_warps"])
+        sweep = json.loads(args.swiglu_launch.read_text())
+        best = sweep["best"]
+        programs = best["programs_per_sm"] * torch.cuda.get_device_properties(0).multi_processor_count
+        swiglu_fp8.ROWS_PER_PROGRAM, swiglu_fp8.BLOCK, swiglu_fp8.NUM_WARPS = (
+            -(-sweep["rows"] // programs), best["block"], best["num_warps"])
         print(f"+w2kernel launches: {best}", flush=True)
 
     spec = tiny_models.TINY if args.tiny else tiny_models.FULL

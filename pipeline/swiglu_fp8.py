@@ -6,17 +6,23 @@ kernel. On an H100 it took 138.7 us a call (4396 rows of 9216, run89), 10 ms of 
 inputs once and writing the fp8 output is about 66 us at 3 TB/s. Its source (run92) runs one program a row in two
 loops, the amax and then the same inputs read again, and at that speed the second read comes from HBM.
 
-`_swiglu_rowwise_kernel` runs a fixed grid of a few programs an SM instead, each looping over its rows, so that the
-rows in flight (what the second pass reads again) stay a few MB, inside L2. It needs w1's and w3's outputs, which
+This kernel (`_kernel`) gives each program a few rows in turn (`ROWS_PER_PROGRAM`, strided across the grid), so
+that the rows in flight (what the second pass reads again) stay about 20 MB, inside L2. It needs w1's and w3's
+outputs, which
 only the feed-forward as a whole sees, so `attach` gives each NextDiT FeedForward whose w2 takes a row-scaled fp8
 input a forward of its own through ComfyUI's object patches (`fused_forward`); every other case (LoRA weight
 functions, a streamed weight, fp16, a CPU) runs ComfyUI's forward unchanged.
 
-The launch is a `torch.library.custom_op`: compiled blocks call it as one opaque op with a fake implementation,
-so the caption's dynamic row count stays dynamic (the kernel's loop count is a compile-time constant of Triton's,
-which its interpreter needs, and a Triton kernel traced into the graph would make Dynamo specialise on it).
+The launch is a `torch.library.triton_op`, which compiled blocks launch from Inductor's wrapper code. The grid
+follows the rows and each program's loop count is a constant (`ROWS_PER_PROGRAM`; Triton's interpreter needs
+constant loop counts too), so the caption's dynamic row count stays dynamic.
 
 On a CPU the kernel's arithmetic runs under Triton's interpreter (tests/unit/test_swiglu_fp8.py).
+
+Measured (H100, cuDNN attention): alone, 112.6 us a call against Inductor's 134.7 (bench/swiglu_kernel.py, run94);
+in the compiled fp8 step, called then as a `custom_op`, the GPU's step fell from 93.0 to 90.2 ms but the run took
+2.505 against 2.458 s, the CPU now issuing a call as slowly as the GPU ran it (run95); one eager DiT call 0.133
+against 0.173 s; error against fp32 0.02865 against 0.02866 (run95). The `triton_op` form is not yet measured.
 """
 from __future__ import annotations
 
@@ -31,8 +37,11 @@ from . import quantized_ops
 log = logging.getLogger(__name__)
 
 OP_NAME = "newbie_lowvram::swiglu_rowwise_e4m3"
-# The launch bench/swiglu_kernel.py measured fastest: 112.6 us a call against Inductor's 134.7 (H100, run94).
-PROGRAMS_PER_SM = 4
+# Rows each program quantizes, its loop count (a compile-time constant of Triton's), so the grid is the rows / 8:
+# 550 programs at NewBie's 4396 rows, about 4 an SM of an H100, the launch bench/swiglu_kernel.py measured fastest
+# (4 programs an SM, block 2048, 8 warps: 112.6 us a call against Inductor's 134.7, run94). A fixed grid would
+# need a loop count that depends on the rows, which Dynamo would then specialise on.
+ROWS_PER_PROGRAM = 8
 BLOCK = 2048
 NUM_WARPS = 8
 
@@ -74,47 +83,49 @@ def _kernel():
     return swiglu_rowwise_kernel
 
 
-def launch(g: torch.Tensor, u: torch.Tensor, programs: int, block: int, num_warps: int,
-           out_dtype=torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
-    """(silu(g) * u scaled per row and cast to out_dtype, the row scales (rows, 1) in float32) for 2-D contiguous
-    g and u of one shape, on `programs` programs (Triton's grid)."""
+def _launch(kernel, g, u, out, scale, rows_per_program: int, block: int, num_warps: int) -> None:
     from triton import cdiv, next_power_of_2
 
     rows, cols = g.shape
+    kernel[(cdiv(rows, rows_per_program),)](g, u, out, scale, rows, COLS=cols, ITERS=rows_per_program,
+                                            BLOCK=min(block, next_power_of_2(cols)),
+                                            MIN_AMAX=quantized_ops._MIN_ROW_AMAX, QMAX=quantized_ops._E4M3_MAX,
+                                            num_warps=num_warps)
+
+
+def launch(g: torch.Tensor, u: torch.Tensor, rows_per_program: int, block: int, num_warps: int,
+           out_dtype=torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(silu(g) * u scaled per row and cast to out_dtype, the row scales (rows, 1) in float32) for 2-D contiguous
+    g and u of one shape, each program quantizing `rows_per_program` rows: the kernel as bench/swiglu_kernel.py and
+    the tests run it (the pack calls `swiglu_rowwise_e4m3`)."""
     if u.shape != g.shape or not (g.is_contiguous() and u.is_contiguous()):
         raise ValueError(f"swiglu_rowwise: g {tuple(g.shape)} and u {tuple(u.shape)} must be contiguous and alike")
-    out = torch.empty(rows, cols, dtype=out_dtype, device=g.device)
-    scale = torch.empty(rows, 1, dtype=torch.float32, device=g.device)
-    if rows == 0:
-        return out, scale
-    programs = max(1, min(programs, rows))
-    _kernel()[(programs,)](g, u, out, scale, rows, COLS=cols, ITERS=cdiv(rows, programs),
-                           BLOCK=min(block, next_power_of_2(cols)), MIN_AMAX=quantized_ops._MIN_ROW_AMAX,
-                           QMAX=quantized_ops._E4M3_MAX, num_warps=num_warps)
+    out = torch.empty(g.shape, dtype=out_dtype, device=g.device)
+    scale = torch.empty(g.shape[0], 1, dtype=torch.float32, device=g.device)
+    if g.shape[0]:
+        _launch(_kernel(), g, u, out, scale, rows_per_program, block, num_warps)
     return out, scale
 
 
-def _programs(device: torch.device) -> int:
-    """The grid: PROGRAMS_PER_SM programs on each SM of a GPU (a few, for Triton's interpreter on a CPU)."""
-    return _sm_count(device.index or 0) * PROGRAMS_PER_SM if device.type == "cuda" else 3
+def _triton_op(fn):
+    """torch.library.triton_op where this PyTorch has it (2.6 and newer); else None, and the kernel is not used."""
+    return torch.library.triton_op(OP_NAME, mutates_args=())(fn) if hasattr(torch.library, "triton_op") else None
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@torch.library.custom_op(OP_NAME, mutates_args=())
+@_triton_op
 def swiglu_rowwise_e4m3(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """silu(g) * u for 2-D bf16 g and u on a GPU, quantized to e4m3 with one scale per row: (the fp8 values, the
-    scales (rows, 1) in float32), as `quantized_ops.rowwise_e4m3(silu(g) * u)` but with the product kept in fp32."""
-    return launch(g.contiguous(), u.contiguous(), _programs(g.device), BLOCK, NUM_WARPS)
+    scales (rows, 1) in float32), as `quantized_ops.rowwise_e4m3(silu(g) * u)` but with the product kept in fp32.
 
-
-@swiglu_rowwise_e4m3.register_fake
-def _(g, u):
-    return (g.new_empty(g.shape, dtype=torch.float8_e4m3fn),
-            g.new_empty((g.shape[0], 1), dtype=torch.float32))
+    A `triton_op`: compiled blocks launch the kernel from Inductor's own wrapper code, with its buffers. As a
+    `custom_op` its Python dispatch, allocations and Triton's launcher took about 150 us of CPU a call (run95),
+    which the CPU-bound compiled fp8 step could not afford: 2.505 against 2.458 s a run, though the GPU's step fell
+    from 93.0 to 90.2 ms."""
+    g, u = g.contiguous(), u.contiguous()
+    out = torch.empty(g.shape, dtype=torch.float8_e4m3fn, device=g.device)
+    scale = torch.empty((g.shape[0], 1), dtype=torch.float32, device=g.device)
+    _launch(torch.library.wrap_triton(_kernel()), g, u, out, scale, ROWS_PER_PROGRAM, BLOCK, NUM_WARPS)
+    return out, scale
 
 
 def _kernel_runs_on(t: torch.Tensor) -> bool:
@@ -144,8 +155,9 @@ def _feed_forwards(diffusion_model: torch.nn.Module):
 
 
 def usable(device) -> bool:
-    """Whether the kernel can run for a model on `device`: a CUDA device with Triton."""
-    if torch.device(device).type != "cuda":
+    """Whether the kernel can run for a model on `device`: a CUDA device with Triton, and a PyTorch with
+    `triton_op`."""
+    if torch.device(device).type != "cuda" or swiglu_rowwise_e4m3 is None:
         return False
     try:
         import triton  # noqa: F401
