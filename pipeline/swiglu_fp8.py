@@ -22,7 +22,8 @@ On a CPU the kernel's arithmetic runs under Triton's interpreter (tests/unit/tes
 Measured (H100, cuDNN attention): alone, 112.6 us a call against Inductor's 134.7 (bench/swiglu_kernel.py, run94);
 in the compiled fp8 step, called then as a `custom_op`, the GPU's step fell from 93.0 to 90.2 ms but the run took
 2.505 against 2.458 s, the CPU now issuing a call as slowly as the GPU ran it (run95); one eager DiT call 0.133
-against 0.173 s; error against fp32 0.02865 against 0.02866 (run95). The `triton_op` form is not yet measured.
+against 0.173 s; error against fp32 0.02865 against 0.02853 (both with fp32 accumulation, run95). The
+`triton_op` form is not yet measured.
 """
 from __future__ import annotations
 
