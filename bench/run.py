@@ -134,14 +134,9 @@ CONFIG_ENV.update({f"pack-{p}-native-graphs": {"NEWBIE_CUDA_GRAPHS": "1", "TORCH
                    for p in ("fp8", "bf16", "fp16")})
 CONFIG_ENV["pack-fp8-native-w2kernel"] = SWITCHES["w2kernel"]
 CONFIG_ENV["pack-fp8-native-graphs-w2kernel"] = {**CONFIG_ENV["pack-fp8-native-graphs"], **SWITCHES["w2kernel"]}
-# both, and fast accumulation with them
-CONFIG_ENV["pack-fp8-native-graphs-w2kernel-fastaccum"] = {**CONFIG_ENV["pack-fp8-native-graphs-w2kernel"],
-                                                           **SWITCHES["fastaccum"]}
-CONFIGS["pack-fp8-native-graphs-w2kernel-fastaccum"] = CONFIGS["pack-fp8-native-graphs-w2kernel"]
-CONFIG_ENV["pack-fp8-native-fastaccum"] = SWITCHES["fastaccum"]
-CONFIGS["pack-fp8-native-fastaccum"] = CONFIGS["pack-fp8-native"]
-CONFIG_ENV["pack-fp8-native-w2kernel-fastaccum"] = {**SWITCHES["w2kernel"], **SWITCHES["fastaccum"]}
-CONFIGS["pack-fp8-native-w2kernel-fastaccum"] = CONFIGS["pack-fp8-native"]
+# fp8's GEMMs with their partial sums promoted to fp32, the default before fast accumulation (run94-95)
+CONFIG_ENV["pack-fp8-native-fp32accum"] = SWITCHES["fp32accum"]
+CONFIGS["pack-fp8-native-fp32accum"] = CONFIGS["pack-fp8-native"]
 # pack-PRECISION-teFORMAT: Gemma-3's decoder layers quantized too (the loader's text_encoder_precision), for the text
 # encoders' stage and the peak at a budget
 TE_PRECISIONS = {f"pack-{p}-te{te}": te for p in ("fp16", "bf16", "fp8", "int8") for te in ("fp8", "int8")}
