@@ -517,7 +517,7 @@ def _weights_line(patcher, precision: str, dtype, compute: str) -> str:
         run = "fp8 matmuls, " + ("feed_forward.w2 in bf16 (NEWBIE_FP8_W2=bf16)" if not quantized_ops.rowwise_w2()
                                  else "feed_forward.w2's bf16 input scaled per row"
                                  + (" by the pack's SwiGLU kernel (NEWBIE_FP8_W2=kernel)"
-                                    if quantized_ops.w2_kernel() else ""))
+                                    if swiglu_fp8.attached(patcher) else ""))
         run += (", accumulating in the tensor cores" if quantized_ops.fast_accumulation()
                 else ", partial sums promoted to fp32 (NEWBIE_FP8_ACCUM=fp32)")
     elif precision == "int8" and not quantized_ops.int8_matmuls_dequantised(patcher.load_device):

@@ -178,3 +178,8 @@ def attach(patcher) -> int:
         log.info("NewBie fp8: %d feed-forwards make w2's input with the pack's SwiGLU kernel (NEWBIE_FP8_W2=kernel)",
                  n)
     return n
+
+
+def attached(patcher) -> bool:
+    """Whether `attach` gave the patcher's feed-forwards the kernel's forward."""
+    return any(k.startswith("diffusion_model.") and k.endswith("feed_forward.forward") for k in patcher.object_patches)

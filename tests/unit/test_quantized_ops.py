@@ -207,6 +207,7 @@ def test_the_loader_report_says_how_fp8_multiplies_w2(models_root, monkeypatch, 
     report = loader.load_newbie(loader.read_single_files(paths), "fp8", compile="off").report
     expected = "feed_forward.w2 in bf16 (NEWBIE_FP8_W2=bf16)" if w2 else "feed_forward.w2's bf16 input scaled per row"
     assert "fp8 matmuls, " + expected in report, report
+    assert "accumulating in the tensor cores" in report and "SwiGLU kernel" not in report, report
 
 
 @pytest.mark.parametrize("accum", [None, "fp32"])

@@ -125,7 +125,7 @@ def test_kernel_mode_patches_every_feed_forward_and_keeps_the_rowwise_output(ker
     patcher, cfg = _tiny_fp8_patcher()
     ffs = [m for m in patcher.model.diffusion_model.modules() if type(m).__name__ == "FeedForward"]
     keys = [k for k in patcher.object_patches if k.endswith("feed_forward.forward")]
-    assert ffs and len(keys) == len(ffs), (len(ffs), keys)
+    assert ffs and len(keys) == len(ffs) and swiglu_fp8.attached(patcher), (len(ffs), keys)
     default = dit_call(patcher, cfg)  # object patches apply only when ComfyUI patches the model
     assert kernel_mode == []
     patcher.patch_model()
@@ -157,6 +157,7 @@ def test_without_kernel_mode_no_feed_forward_is_patched(comfy_import_path, monke
         monkeypatch.setenv("NEWBIE_FP8_W2", switch)
     patcher, _ = _tiny_fp8_patcher()
     assert not [k for k in patcher.object_patches if k.endswith("feed_forward.forward")]
+    assert not swiglu_fp8.attached(patcher)
 
 
 def test_compiled_code_calls_the_kernel_as_one_op_and_new_row_counts_do_not_recompile():
