@@ -1,6 +1,7 @@
 """pipeline/swiglu_fp8.py: the hand-written kernel for fp8's w2 input (NEWBIE_FP8_W2=kernel), which
-bench/swiglu_kernel.py times against Inductor's. On the CPU its arithmetic runs under Triton's interpreter, which decides at import, hence the
-subprocess; on a GPU its fp8 output is held to the error of the pack's own formula."""
+bench/swiglu_kernel.py times against Inductor's. On the CPU its arithmetic runs under Triton's interpreter, which
+decides at import, hence the subprocess; on a GPU its fp8 output is held to the error of the pack's own formula.
+The feed-forward's patch runs on the CPU with the kernel's formula standing in for it."""
 from __future__ import annotations
 
 import json
