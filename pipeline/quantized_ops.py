@@ -17,7 +17,9 @@ LoRA patches and offloading stay ComfyUI's.
   could not fuse the quantization into the norm before it. The pack's layer does the same arithmetic with plain
   tensor ops -- input clamped to e4m3's range with scale 1 (ComfyUI's default without an `input_scale`), one
   torch._scaled_mm with the weight's fp8 data and scale -- for a resident weight without weight functions; every
-  other case (weights streamed, cast or patched per call) goes to ComfyUI's forward. The FFN's down projection
+  other case (weights streamed, cast or patched per call) goes to ComfyUI's forward. The GEMMs accumulate in the
+  tensor cores (`use_fast_accum`, see `fast_accumulation`) where ComfyUI's promote their partial sums to fp32;
+  NEWBIE_FP8_ACCUM=fp32 makes the arithmetic ComfyUI's exactly. The FFN's down projection
   (w2, `full_precision_matrix_mult`, see pipeline/quantize.py) takes an input without a bound, and ComfyUI
   multiplies it in the compute dtype. Scaling w2's input per tensor by its own amax instead (no host sync) and
   multiplying it in fp8 was measured and did not pay: compiled, its GEMMs took 6.6 ms less a call and the amax
