@@ -227,3 +227,21 @@ def test_patched_feed_forwards_compile_no_more_graphs_than_comfys(kernel_mode, m
     unpatched = graphs(False)
     assert kernel_mode == []
     assert graphs(True) == unpatched and kernel_mode, (unpatched, len(kernel_mode))
+
+
+@pytest.mark.host
+def test_a_w2_with_a_weight_function_takes_comfys_path(kernel_mode):
+    """Where ComfyUI runs a weight function on a w2 (a LoRA applied at each call, say), that feed-forward
+    multiplies through ComfyUI's forward, which calls the function, and the others still take the kernel."""
+    from devkit.dit_calls import dit_call
+
+    patcher, cfg = _tiny_fp8_patcher()
+    ffs = [m for m in patcher.model.diffusion_model.modules() if type(m).__name__ == "FeedForward"]
+    seen = []
+    patcher.patch_model()  # sets each layer's weight functions from the patcher's patches (none): set one after
+    try:
+        ffs[0].w2.weight_function = [lambda weight: seen.append(1) or weight]
+        dit_call(patcher, cfg)
+    finally:
+        patcher.unpatch_model()
+    assert seen and len(kernel_mode) == len(ffs) - 1, (len(seen), len(kernel_mode), len(ffs))
