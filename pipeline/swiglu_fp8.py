@@ -56,8 +56,9 @@ def _kernel():
     @jit
     def swiglu_rowwise_kernel(g_ptr, u_ptr, out_ptr, scale_ptr, rows, COLS: tl.constexpr, ITERS: tl.constexpr,
                               BLOCK: tl.constexpr, MIN_AMAX: tl.constexpr, QMAX: tl.constexpr):
-        """Rows pid, pid + programs, ...: h = silu(g) * u in fp32; the row's scale max(amax(|h|), MIN_AMAX) / QMAX;
-        out = h / scale, clamped to +-QMAX, in out's dtype. ITERS is the rows per program, rounded up."""
+        """ITERS rows a program, strided by the grid (pid, pid + programs, ...; rows past the last masked):
+        h = silu(g) * u in fp32; the row's scale max(amax(|h|), MIN_AMAX) / QMAX; out = h / scale, clamped to
+        +-QMAX, in out's dtype."""
         pid = tl.program_id(0)
         programs = tl.num_programs(0)
         for i in range(0, ITERS):
