@@ -7,10 +7,11 @@ step, where reading the two bf16 inputs once and writing the fp8 output is about
 runs one program a row in two loops: the amax, then the same inputs read again to scale them. At that speed the
 second read seems to come from HBM, not L2.
 
-The pack's kernel (pipeline/swiglu_fp8.py, NEWBIE_FP8_W2=kernel) runs a fixed grid of a few programs per SM, each
-looping over its rows, so that the rows in flight (and with them what the second pass reads again) stay a few MB,
-well inside L2. This script times it against Inductor's kernel for the same function at NewBie's size over grid and
-block settings, and the pack's op as the feed-forward calls it, and checks that they give the same bytes.
+The pack's kernel (pipeline/swiglu_fp8.py, NEWBIE_FP8_W2=kernel) gives each program a few rows in turn, so that
+the rows in flight (and with them what the second pass reads again) stay inside L2. This script times it against
+Inductor's kernel for the same function at NewBie's size over grids of 1 to 8 programs an SM and block settings,
+and the pack's op as the feed-forward calls it, and checks that they give the same bytes. run94: 112.6 us at 4
+programs an SM, block 2048, 8 warps, against Inductor's 134.7 (H100).
 
     python3 bench/swiglu_kernel.py --out $OUT            # CUDA: times and agreement, OUT/swiglu_kernel.json
 
