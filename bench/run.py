@@ -92,6 +92,8 @@ CONFIGS = {
     # the kept CUDA graphs
     "pack-fp8-native-w2kernel": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     "pack-fp8-native-graphs-w2kernel": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
+    # fp8's GEMMs with their partial sums promoted to fp32, the default before fast accumulation (run94-95)
+    "pack-fp8-native-fp32accum": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     # A fresh server that first runs a NewBieVRAMWarmup graph (timed separately), then the real job.
     "pack-fp16-warmup": ("pack", "fp16", [], "auto"),
 }
@@ -123,9 +125,9 @@ SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_C
             # default since run87), or in bf16 as before
             "w2rowwise": {"NEWBIE_FP8_W2": "rowwise"}, "w2bf16": {"NEWBIE_FP8_W2": "bf16"},
             "w2kernel": {"NEWBIE_FP8_W2": "kernel"},
-            # fp8 GEMMs accumulating in the tensor cores' accumulator (use_fast_accum, pipeline/quantized_ops.py; the
-            # default since run94-95), or with their partial sums promoted to fp32 as before
-            "fastaccum": {"NEWBIE_FP8_ACCUM": "fast"}, "fp32accum": {"NEWBIE_FP8_ACCUM": "fp32"}}
+            # fp8 GEMMs with their partial sums promoted to fp32, as before fast accumulation became the default
+            # (use_fast_accum, pipeline/quantized_ops.py, run94-95)
+            "fp32accum": {"NEWBIE_FP8_ACCUM": "fp32"}}
 CONFIG_ENV = {f"pack-{p}-{switch}": env for p in ("fp16", "bf16", "fp8", "int8") for switch, env in SWITCHES.items()}
 CONFIGS.update({name: ("pack", name.split("-")[1], [], "auto") for name in CONFIG_ENV})
 CONFIG_ENV["pack-bf16-native-nographs"] = SWITCHES["nographs"]
@@ -134,9 +136,7 @@ CONFIG_ENV.update({f"pack-{p}-native-graphs": {"NEWBIE_CUDA_GRAPHS": "1", "TORCH
                    for p in ("fp8", "bf16", "fp16")})
 CONFIG_ENV["pack-fp8-native-w2kernel"] = SWITCHES["w2kernel"]
 CONFIG_ENV["pack-fp8-native-graphs-w2kernel"] = {**CONFIG_ENV["pack-fp8-native-graphs"], **SWITCHES["w2kernel"]}
-# fp8's GEMMs with their partial sums promoted to fp32, the default before fast accumulation (run94-95)
 CONFIG_ENV["pack-fp8-native-fp32accum"] = SWITCHES["fp32accum"]
-CONFIGS["pack-fp8-native-fp32accum"] = CONFIGS["pack-fp8-native"]
 # pack-PRECISION-teFORMAT: Gemma-3's decoder layers quantized too (the loader's text_encoder_precision), for the text
 # encoders' stage and the peak at a budget
 TE_PRECISIONS = {f"pack-{p}-te{te}": te for p in ("fp16", "bf16", "fp8", "int8") for te in ("fp8", "int8")}
