@@ -70,19 +70,20 @@ def test_the_kernels_fp8_is_as_close_to_fp32_as_the_packs_formula():
 
 
 @pytest.fixture
-def kernel_mode(comfy_import_path, monkeypatch):
-    """NEWBIE_FP8_W2=kernel on a GPU that multiplies fp8, on the CPU: the kernel replaced by its formula in fp32
-    (what the interpreter test holds the kernel to), so that the feed-forward's patch runs here."""
-    from devkit import tiny_models
-
-    tiny_models._comfy_cpu_safe()
+def fp8_gpu(comfy_on_cpu, comfy_device_is_the_cpu, monkeypatch):
+    """A GPU that multiplies fp8 and computes in bf16, with the kernel's requirements met, played on the CPU."""
     import comfy.model_management as mm
 
-    monkeypatch.setenv("NEWBIE_FP8_W2", "kernel")
-    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(mm, "supports_fp8_compute", lambda device=None: True)
     monkeypatch.setattr(mm, "unet_manual_cast", lambda *args, **kwargs: torch.bfloat16)  # a GPU's choice
     monkeypatch.setattr(swiglu_fp8, "usable", lambda device: True)
+
+
+@pytest.fixture
+def kernel_mode(fp8_gpu, monkeypatch):
+    """NEWBIE_FP8_W2=kernel on that GPU: the kernel replaced by its formula in fp32 (what the interpreter test holds
+    the kernel to), so that the feed-forward's patch runs here."""
+    monkeypatch.setenv("NEWBIE_FP8_W2", "kernel")
     monkeypatch.setattr(swiglu_fp8, "_kernel_runs_on", lambda t: True)
     monkeypatch.setattr(swiglu_fp8, "swiglu_rowwise_e4m3", _formula_op)
     _FORMULA_CALLS.clear()
@@ -143,15 +144,7 @@ def test_kernel_mode_patches_every_feed_forward_and_keeps_the_rowwise_output(ker
 
 @pytest.mark.host
 @pytest.mark.parametrize("switch", [None, "bf16"])
-def test_without_kernel_mode_no_feed_forward_is_patched(comfy_import_path, monkeypatch, switch):
-    from devkit import tiny_models
-
-    tiny_models._comfy_cpu_safe()
-    import comfy.model_management as mm
-
-    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cpu"))
-    monkeypatch.setattr(mm, "supports_fp8_compute", lambda device=None: True)
-    monkeypatch.setattr(swiglu_fp8, "usable", lambda device: True)
+def test_without_kernel_mode_no_feed_forward_is_patched(fp8_gpu, monkeypatch, switch):
     if switch is None:
         monkeypatch.delenv("NEWBIE_FP8_W2", raising=False)
     else:
