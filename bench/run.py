@@ -92,6 +92,10 @@ CONFIGS = {
     # the kept CUDA graphs
     "pack-fp8-native-w2kernel": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     "pack-fp8-native-graphs-w2kernel": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
+    # the prompt pair batched into one DiT call a step (pipeline/cfg_batch.py; by default only a streamed DiT is),
+    # which halves the CPU's work a step of the CPU-bound resident fp8 step (run94-95), with the SwiGLU kernel
+    "pack-fp8-batched-w2kernel": ("pack", "fp8", [], "auto"),
+    "pack-fp8-native-graphs-batched-w2kernel": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     # fp8's GEMMs with their partial sums promoted to fp32, the default before fast accumulation (run94-95)
     "pack-fp8-native-fp32accum": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     # A fresh server that first runs a NewBieVRAMWarmup graph (timed separately), then the real job.
@@ -137,6 +141,9 @@ CONFIG_ENV.update({f"pack-{p}-native-graphs": {"NEWBIE_CUDA_GRAPHS": "1", "TORCH
 CONFIG_ENV["pack-fp8-native-w2kernel"] = SWITCHES["w2kernel"]
 CONFIG_ENV["pack-fp8-native-graphs-w2kernel"] = {**CONFIG_ENV["pack-fp8-native-graphs"], **SWITCHES["w2kernel"]}
 CONFIG_ENV["pack-fp8-native-fp32accum"] = SWITCHES["fp32accum"]
+CONFIG_ENV["pack-fp8-batched-w2kernel"] = {**SWITCHES["batched"], **SWITCHES["w2kernel"]}
+CONFIG_ENV["pack-fp8-native-graphs-batched-w2kernel"] = {**CONFIG_ENV["pack-fp8-native-graphs-w2kernel"],
+                                                        **SWITCHES["batched"]}
 # pack-PRECISION-teFORMAT: Gemma-3's decoder layers quantized too (the loader's text_encoder_precision), for the text
 # encoders' stage and the peak at a budget
 TE_PRECISIONS = {f"pack-{p}-te{te}": te for p in ("fp16", "bf16", "fp8", "int8") for te in ("fp8", "int8")}
