@@ -6,6 +6,7 @@ the CPU) and the CPU ops that fill the gaps.
 
     python3 bench/profile_sampling.py --out $OUT --variants bf16+compile,fp16+compile,fp8+compile   # GPU
     python3 bench/profile_sampling.py --tiny --steps 3 --out /tmp/ps                                   # CPU smoke
+    python3 bench/profile_sampling.py --brief $OUT/profile_sampling.json                              # a line each
 
 A variant is PRECISION[+compile][+batched|+separate]: the loader's precision (bf16, fp16, fp32, fp8, int8);
 +compile: the blocks compiled (pipeline/block_compile.py, as `compile: auto` does where the weights stay resident);
@@ -77,6 +78,16 @@ def call_timeline(marks: list, steps: int, run_s: float | None = None) -> dict:
     return out
 
 
+BRIEF_KEYS = ("warm_run_s", "warm_runs_s", "warm_step_ms", "cpu_issue_ms_per_call", "gpu_ms_per_call",
+              "gpu_busy_ms_per_step", "dit_calls_per_step", "first_run_s")
+
+
+def brief(results: dict) -> list[str]:
+    """One line a variant of a profile_sampling.json: the figures a device call's short output needs (`--brief`)."""
+    return [f"{variant}: " + " ".join(f"{k}={r[k]}" for k in BRIEF_KEYS if k in r)
+            for variant, r in results.items() if isinstance(r, dict)]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
@@ -92,7 +103,11 @@ def main():
     ap.add_argument("--swiglu-launch", type=Path,
                     help="bench/swiglu_kernel.py's json: +w2kernel launches the kernel as its fastest row there "
                          "(its programs an SM as rows a program)")
+    ap.add_argument("--brief", type=Path, help="print one line a variant of this profile_sampling.json and stop")
     args = ap.parse_args()
+    if args.brief:
+        print("\n".join(brief(json.loads(args.brief.read_text()))))
+        return
     sys.path[:0] = [os.environ.get("COMFYUI_PATH", str(Path.home() / "comfy" / "ComfyUI")), str(REPO)]
     import torch
 
@@ -213,8 +228,8 @@ def main():
         if "graphs" in extras:
             r["cuda_graphs"] = list(graph_lines)
         r.update(tables(prof, args.top, cuda))
-        brief = {k: v for k, v in r.items() if not k.startswith("top_")}
-        print(f"[sampling] {variant}: {json.dumps(brief)}\n{r['top_cpu']}", flush=True)
+        figures = {k: v for k, v in r.items() if not k.startswith("top_")}
+        print(f"[sampling] {variant}: {json.dumps(figures)}\n{r['top_cpu']}", flush=True)
         results[variant] = r
         args.out.mkdir(parents=True, exist_ok=True)  # after each variant: a call cut short keeps what it measured
         (args.out / "profile_sampling.json").write_text(json.dumps(results, indent=1))

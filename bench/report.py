@@ -289,6 +289,17 @@ COMMANDS = {
              "feed-forward, launched 4 programs an SM, block 2048, 8 warps) source bench/device_env.sh; python3 "
              "bench/quant_accuracy.py --fp8-only --models /tmp/models; python3 bench/profile_sampling.py --variants "
              "fp8+compile+fastaccum,fp8+compile+w2kernel+fastaccum --steps 25 --profile-steps 2 --warm 3",
+    "run96": "(H100, a new machine, cuDNN attention; df0c959) source bench/device_env.sh && python3 -m pytest -q "
+             "tests/unit/test_swiglu_fp8.py tests/unit/test_quantized_ops.py tests/unit/test_cuda_graphs.py "
+             "(run96-pytest.log); python3 bench/swiglu_kernel.py; python3 bench/profile_sampling.py --variants "
+             "fp8+compile,fp8+compile+w2kernel,fp8+compile+batched,fp8+compile+w2kernel+graphs,"
+             "fp8+compile+cppwrapper --steps 25 --profile-steps 2 --warm 3",
+    "run97": "(the same H100, two calls later, flash-attn-4 installed as in run71) python3 bench/run.py --configs "
+             "upstream-gpu-only-native@none,pack-fp8@none,pack-fp8-w2kernel@none,"
+             "pack-fp8-native-graphs-w2kernel@none,pack-fp8-batched-w2kernel@none --warm 3 --timeout 120",
+    "run98": "(the same H100, the next call, flash-attn-4) python3 bench/profile_sampling.py --variants "
+             "fp8+compile,fp8+compile+w2kernel,fp8+compile+w2kernel+graphs,fp8+compile+w2kernel+batched+graphs "
+             "--steps 25 --profile-steps 2 --warm 3",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }

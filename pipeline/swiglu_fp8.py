@@ -19,11 +19,15 @@ constant loop counts too), so the caption's dynamic row count stays dynamic.
 
 On a CPU the kernel's arithmetic runs under Triton's interpreter (tests/unit/test_swiglu_fp8.py).
 
-Measured (H100, cuDNN attention): alone, 112.6 us a call against Inductor's 134.7 (bench/swiglu_kernel.py, run94);
-in the compiled fp8 step, called then as a `custom_op`, the GPU's step fell from 93.0 to 90.2 ms but the run took
-2.505 against 2.458 s, the CPU now issuing a call as slowly as the GPU ran it (run95); one eager DiT call 0.133
-against 0.173 s; error against fp32 0.02865 against 0.02853 (both with fp32 accumulation, run95). The
-`triton_op` form is not yet measured.
+Measured (H100): alone, 112.6 us a call against Inductor's 134.7 (bench/swiglu_kernel.py, run94); in the compiled
+fp8 step, called then as a `custom_op`, the GPU's step fell from 93.0 to 90.2 ms but the run took 2.505 against
+2.458 s, the CPU now issuing a call as slowly as the GPU ran it (run95); one eager DiT call 0.133 against 0.173 s;
+error against fp32 0.02865 against 0.02853 (both with fp32 accumulation, run95). As the `triton_op` (8 rows a
+program, 8 warps), in-process: 2.436 s [2.434, 2.436] against 2.466 s a run with cuDNN attention (run96); with
+flash-attn-4 2.358 s [2.341, 2.699] against 2.290 s (the GPU busy 82.5 against 84.4 ms a step, run98) and 2.208 s
+with the kept CUDA graphs as well; in the server with flash-attn-4 a warm image 2.88 s [2.72, 3.36] against 2.58 s
+[2.58, 2.58] (run97). It saves about 2 ms of the GPU's step but gains only where the CPU does not bound the step:
+opt-in.
 """
 from __future__ import annotations
 
@@ -38,13 +42,14 @@ from . import quantized_ops
 log = logging.getLogger(__name__)
 
 OP_NAME = "newbie_lowvram::swiglu_rowwise_e4m3"
-# Rows each program quantizes, its loop count (a compile-time constant of Triton's), so the grid is the rows / 8:
-# 550 programs at NewBie's 4396 rows, about 4 an SM of an H100, the launch bench/swiglu_kernel.py measured fastest
-# (4 programs an SM, block 2048, 8 warps: 112.6 us a call against Inductor's 134.7, run94). A fixed grid would
-# need a loop count that depends on the rows, which Dynamo would then specialise on.
-ROWS_PER_PROGRAM = 8
+# Rows each program quantizes, its loop count (a compile-time constant of Triton's), so the grid is the rows / 5:
+# 880 programs at NewBie's 4396 rows, about 7 an SM of an H100, the launch bench/swiglu_kernel.py measured fastest
+# in run96 (its "8 an SM", 5 rows a program, block 2048, 4 warps: 105.0 us a call against Inductor's 133.8 in the
+# same call; 8 rows a program with 8 warps, the launch before, 117.3 us; run94 had found 8 warps best at 112.6). A
+# fixed grid would need a loop count that depends on the rows, which Dynamo would then specialise on.
+ROWS_PER_PROGRAM = 5
 BLOCK = 2048
-NUM_WARPS = 8
+NUM_WARPS = 4
 
 
 @functools.cache

@@ -83,3 +83,13 @@ def test_call_timeline_on_a_cpu_has_only_the_issue_time():
     assert ps.call_timeline([[0.0, 0.002], [1.0, 1.004]], steps=1) == {"cpu_issue_ms_per_call": 3.0,
                                                                       "cpu_in_calls_ms_per_step": 6.0}
     assert ps.call_timeline([], steps=1) == {}
+
+
+def test_brief_gives_one_line_a_variant_with_its_run_and_step_figures():
+    results = {"fp8+compile": {"warm_run_s": 2.466, "warm_runs_s": [2.466, 2.458, 2.467], "warm_step_ms": 98.64,
+                               "cpu_issue_ms_per_call": 46.23, "gpu_busy_ms_per_step": 94.72, "top_cuda": "..."},
+               "fp8+compile+graphs": {"warm_run_s": 2.416, "dit_calls_per_step": 2.0}}
+    lines = ps.brief(results)
+    assert lines == ["fp8+compile: warm_run_s=2.466 warm_runs_s=[2.466, 2.458, 2.467] warm_step_ms=98.64 "
+                     "cpu_issue_ms_per_call=46.23 gpu_busy_ms_per_step=94.72",
+                     "fp8+compile+graphs: warm_run_s=2.416 dit_calls_per_step=2.0"]
