@@ -24,6 +24,8 @@ default since run94-95, before which `fp8+compile` promoted their partial sums t
 +graphs: the DiT's calls replayed as CUDA graphs (NEWBIE_CUDA_GRAPHS=1, pipeline/cuda_graphs.py; this process
 runs PyTorch's own allocator, as the graphs need); their log lines are kept in `cuda_graphs`. Until run75 this
 script's call counter sat inside the graphs' wrapper, which then declined every run (run75 replayed none);
++kvcopies: flash-attn-4 given ComfyUI's repeated key/value heads (NEWBIE_FA4_GQA=0; by default one of each,
+pipeline/kv_repeat.py);
 +batched: the pack's batching of prompts of different lengths (pipeline/cfg_batch.py) forced on (by default it
 batches only a streamed DiT, and these models are resident); +separate: its wrapper removed.
 The warm run is timed unprofiled over --steps; the profile covers a run of --profile-steps (default 3), with
@@ -150,6 +152,7 @@ def main():
         os.environ["NEWBIE_FP8_W2"] = ("bf16" if "w2bf16" in extras else "kernel" if "w2kernel" in extras
                                         else "")  # read when the model is built, as is
         os.environ["NEWBIE_FP8_ACCUM"] = "fp32" if "fp32accum" in extras else "fast" if "fastaccum" in extras else ""
+        os.environ["NEWBIE_FA4_GQA"] = "0" if "kvcopies" in extras else "1"
         parts = loader.NewBieParts(dict(base_sd), {}, {}, {}, None, None, {"dit": "random"})
         patcher, cfg, _, _ = loader.build_model(parts, prec, dynamic=False)
         if "compile" in extras:  # +cppwrapper: Inductor's C++ launchers (block_compile.inductor_options)

@@ -131,7 +131,9 @@ SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_C
             "w2kernel": {"NEWBIE_FP8_W2": "kernel"},
             # fp8 GEMMs with their partial sums promoted to fp32, as before fast accumulation became the default
             # (use_fast_accum, pipeline/quantized_ops.py, run94-95)
-            "fp32accum": {"NEWBIE_FP8_ACCUM": "fp32"}}
+            "fp32accum": {"NEWBIE_FP8_ACCUM": "fp32"},
+            # flash-attn-4 given ComfyUI's repeated key/value heads, as before pipeline/kv_repeat.py
+            "kvcopies": {"NEWBIE_FA4_GQA": "0"}}
 CONFIG_ENV = {f"pack-{p}-{switch}": env for p in ("fp16", "bf16", "fp8", "int8") for switch, env in SWITCHES.items()}
 CONFIGS.update({name: ("pack", name.split("-")[1], [], "auto") for name in CONFIG_ENV})
 CONFIG_ENV["pack-bf16-native-nographs"] = SWITCHES["nographs"]

@@ -96,11 +96,15 @@ def _sdpa_first_constant(device: torch.device) -> str | None:
     return sdpa_first(device)
 
 
-def sdpa(q, k, v, attn_mask=None):
-    """F.scaled_dot_product_attention(q, k, v, attn_mask) ([B, H, N, D]) by the backend `first_backend` chose."""
+def sdpa(q, k, v, attn_mask=None, kv_repeat: int = 1):
+    """F.scaled_dot_product_attention(q, k, v, attn_mask) ([B, H, N, D]) by the backend `first_backend` chose.
+    `kv_repeat` > 1: k's and v's heads are each that many side-by-side copies of one (ComfyUI's grouped-query
+    attention, pipeline/kv_repeat.py); FlashAttention-4 then takes one of each, the other backends all of them."""
     first = _first_backend_constant(q.device)
     if first == "fa4":
         if attn_mask is None and flash_attn4.takes(q, k, v):
+            if kv_repeat > 1:
+                k, v = k[:, ::kv_repeat], v[:, ::kv_repeat]
             return flash_attn4.attention(q, k, v)
         first = _sdpa_first_constant(q.device)
     if first is None or torch.compiler.is_compiling():  # compiled: the order is set by around_call

@@ -1,0 +1,132 @@
+"""FlashAttention-4 gets NewBie's grouped key/value heads once each (pipeline/kv_repeat.py): the check of ComfyUI's
+repeat order on the host's own attention class, and a DiT call through the pack's attention with a CPU stand-in for
+FlashAttention-4 (which needs a GPU), against the call that hands it ComfyUI's copies."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from devkit import dit_calls, tiny_models
+
+pytestmark = [pytest.mark.host, pytest.mark.usefixtures("comfy_on_cpu")]
+
+# The tiny DiT with two key/value heads (the standard tiny one has one, whose copies any order leaves equal).
+GQA = dataclasses.replace(tiny_models.TINY, dit=dataclasses.replace(tiny_models.TINY.dit, dim=192, n_heads=4,
+                                                                    n_kv_heads=2))
+
+
+@pytest.fixture(autouse=True)
+def fresh_checks(monkeypatch):
+    from pipeline import kv_repeat
+
+    monkeypatch.setattr(kv_repeat, "_CHECKED", {})
+    monkeypatch.delenv("NEWBIE_FA4_GQA", raising=False)
+
+
+def _patcher(spec=GQA, precision="fp32"):
+    from pipeline import loader
+
+    sd = tiny_models.random_state_dict(tiny_models._meta_state_shapes(spec)["dit"], 0, torch.float32)
+    parts = loader.NewBieParts(sd, {}, {}, {}, None, None, {"dit": "tiny-gqa"})
+    patcher, cfg, _, _ = loader.build_model(parts, precision, dynamic=False)
+    return patcher, cfg
+
+
+def test_side_by_side_copies_are_told_from_tiled_ones():
+    from pipeline import kv_repeat
+
+    heads = torch.randn(1, 2, 5, 8)
+    assert kv_repeat.side_by_side(heads.repeat_interleave(3, dim=1), 3)
+    assert not kv_repeat.side_by_side(heads.repeat(1, 3, 1, 1), 3), "tiled copies: h0 h1 h0 h1 h0 h1"
+    assert not kv_repeat.side_by_side(heads.repeat_interleave(3, dim=1), 2)
+    same = torch.randn(1, 1, 5, 8).expand(1, 2, 5, 8)
+    assert not kv_repeat.side_by_side(same.repeat_interleave(3, dim=1), 3), "equal originals prove nothing"
+
+
+def test_the_hosts_attention_passes_its_copies_side_by_side(comfy_import_path, monkeypatch):
+    from pipeline import kv_repeat
+
+    patcher, _ = _patcher()
+    dm = patcher.model.diffusion_model
+    assert kv_repeat.factor(dm) == 2
+    assert patcher.model_options["transformer_options"][kv_repeat.KEY] == 2, "the loader sets it"
+    plain, _ = _patcher(dataclasses.replace(GQA, dit=dataclasses.replace(GQA.dit, n_kv_heads=4)))
+    assert kv_repeat.factor(plain.model.diffusion_model) == 1, "no grouped heads"
+    assert plain.model_options["transformer_options"][kv_repeat.KEY] == 1, "the key is always there"
+    monkeypatch.setenv("NEWBIE_FA4_GQA", "0")
+    assert kv_repeat.factor(dm) == 1
+
+
+def test_a_check_that_fails_or_finds_another_order_leaves_the_copies(comfy_import_path, monkeypatch):
+    from pipeline import kv_repeat
+
+    dm = _patcher()[0].model.diffusion_model
+
+    def broken(*args):
+        raise TypeError("another JointAttention")
+
+    monkeypatch.setattr(kv_repeat, "_CHECKED", {})  # the loader checked already
+    monkeypatch.setattr(kv_repeat, "_probe", broken)
+    assert kv_repeat.factor(dm) == 1
+    monkeypatch.setattr(kv_repeat, "_CHECKED", {})
+    monkeypatch.setattr(kv_repeat, "side_by_side", lambda t, n: False)
+    assert kv_repeat.factor(dm) == 1
+
+
+@pytest.fixture
+def fa4_stand_in(monkeypatch):
+    """FlashAttention-4 as the chosen attention, computed on the CPU by SDPA with grouped heads; records the key
+    heads it was given."""
+    from pipeline import flash_attn4, sdpa
+
+    given = []
+
+    def attention(q, k, v):
+        given.append(k.shape[1])
+        grouped = k.shape[1] != q.shape[1]
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=grouped) if grouped else \
+            F.scaled_dot_product_attention(q, k, v)
+
+    monkeypatch.setattr(sdpa, "_first_backend_constant", lambda device: "fa4")
+    monkeypatch.setattr(flash_attn4, "takes", lambda q, k, v: q.shape[1] % k.shape[1] == 0)  # fp32 too, here
+    monkeypatch.setattr(flash_attn4, "attention", attention)
+    return given
+
+
+def test_flash_attn4_gets_one_head_of_each_group_and_gives_the_same_call(comfy_import_path, fa4_stand_in,
+                                                                         monkeypatch):
+    from pipeline import flash_attn4, kv_repeat
+
+    patcher, cfg = _patcher()
+    grouped = dit_calls.dit_call(patcher, cfg)
+    assert set(fa4_stand_in) == {2}, "every attention of the call took the 2 key/value heads"
+    fa4_stand_in.clear()
+    patcher.model_options["transformer_options"][kv_repeat.KEY] = 1
+    copies = dit_calls.dit_call(patcher, cfg)
+    assert set(fa4_stand_in) == {4}
+    assert torch.allclose(grouped, copies, rtol=1e-5, atol=1e-5)
+    # the control: the same heads in another order (h0 h1 h0 h1) change the call, so the test sees a wrong order
+    monkeypatch.setattr(flash_attn4, "attention",
+                        lambda q, k, v: F.scaled_dot_product_attention(q, k[:, :2].repeat(1, 2, 1, 1),
+                                                                       v[:, :2].repeat(1, 2, 1, 1)))
+    assert not torch.allclose(dit_calls.dit_call(patcher, cfg), copies, rtol=1e-3, atol=1e-3)
+
+
+def test_other_attention_gets_comfys_copies(comfy_import_path, monkeypatch):
+    """PyTorch SDPA (cuDNN first on Hopper) keeps the 4 heads: its grouped form may pick a slower backend."""
+    from pipeline import sdpa
+
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        seen.append(k.shape[1])
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention", recording)
+    patcher, cfg = _patcher()
+    dit_calls.dit_call(patcher, cfg)
+    assert seen and set(seen) == {4}
