@@ -105,6 +105,10 @@ def sdpa(q, k, v, attn_mask=None, kv_repeat: int = 1):
         if attn_mask is None and flash_attn4.takes(q, k, v):
             if kv_repeat > 1:
                 k, v = k[:, ::kv_repeat], v[:, ::kv_repeat]
+                if torch.compiler.is_compiling():
+                    # a buffer of their own in FlashAttention's layout, which Inductor computes in the kernel
+                    # before (the q/k norm and RoPE) instead of writing the copies the slices would view
+                    k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
             return flash_attn4.attention(q, k, v)
         first = _sdpa_first_constant(q.device)
     if first is None or torch.compiler.is_compiling():  # compiled: the order is set by around_call

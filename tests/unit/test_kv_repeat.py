@@ -130,3 +130,39 @@ def test_other_attention_gets_comfys_copies(comfy_import_path, monkeypatch):
     patcher, cfg = _patcher()
     dit_calls.dit_call(patcher, cfg)
     assert seen and set(seen) == {4}
+
+
+def test_compiled_blocks_give_the_op_one_head_of_each_group_and_the_same_call(comfy_import_path, monkeypatch):
+    """Inside compiled blocks (Inductor on the CPU) the slices become buffers of their own, in FlashAttention's
+    layout, for the pack's flash-attn-4 op (its SDPA fallback runs here); the call is the eager one with the copies,
+    and the blocks compile no more graphs than with the copies."""
+    from pipeline import block_compile, flash_attn4, kv_repeat, sdpa
+
+    monkeypatch.setattr(sdpa, "_first_backend_constant", lambda device: "fa4")
+    monkeypatch.setattr(flash_attn4, "takes", lambda q, k, v: q.shape[1] % k.shape[1] == 0)
+    heads, body = [], flash_attn4._flash_layout_attention
+
+    def recording(q, k, v):  # the op's body, [B, N, H, D]
+        heads.append(k.shape[2])
+        return body(q, k, v)
+
+    monkeypatch.setattr(flash_attn4, "_flash_layout_attention", recording)
+    patcher, cfg = _patcher()
+    patcher.model_options["transformer_options"][kv_repeat.KEY] = 1
+    copies = dit_calls.dit_call(patcher, cfg)
+    graphs = {}
+    try:
+        for factor in (1, 2):
+            torch._dynamo.reset()
+            compiled, _ = _patcher()
+            compiled.model_options["transformer_options"][kv_repeat.KEY] = factor
+            before = block_compile.compiled_graph_count()
+            block_compile.apply(compiled)
+            heads.clear()
+            out = dit_calls.dit_call(compiled, cfg)
+            graphs[factor] = block_compile.compiled_graph_count() - before
+            assert torch.allclose(out, copies, rtol=1e-4, atol=1e-4), factor
+            assert heads and set(heads) == {4 // factor}, (factor, heads)
+    finally:
+        torch._dynamo.reset()
+    assert graphs[2] == graphs[1] > 0, graphs
