@@ -51,9 +51,11 @@ def _probe(attention_cls, n_rep: int, head_dim: int, rope_embedder) -> bool:
 
     seen = {}
 
-    def record(func, *args, **kwargs):
-        seen["kv"] = args[1:3]
-        return func(*args, **kwargs)
+    def record(func, *args, **kwargs):  # what ComfyUI passes: q, k, v as [B, H, N, D] (skip_reshape)
+        q, k, v = args[:3]
+        seen["kv"] = (k, v)
+        # the output's shape, without running ComfyUI's attention (which may be a GPU-only kernel)
+        return q.new_zeros(q.shape[0], q.shape[2], q.shape[1] * v.shape[-1])
 
     dim = 2 * n_rep * head_dim
     with torch.random.fork_rng(devices=[]):
