@@ -93,7 +93,8 @@ CONFIGS = {
     "pack-fp8-native-w2kernel": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     "pack-fp8-native-graphs-w2kernel": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     # the prompt pair batched into one DiT call a step (pipeline/cfg_batch.py; by default only a streamed DiT is),
-    # which halves the CPU's work a step of the CPU-bound resident fp8 step (run94-95), with the SwiGLU kernel
+    # half the calls for the CPU-bound resident fp8 step, with the SwiGLU kernel (run97: no faster; the GPU's work
+    # grows by the padding, run96)
     "pack-fp8-batched-w2kernel": ("pack", "fp8", [], "auto"),
     "pack-fp8-native-graphs-batched-w2kernel": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     # fp8's GEMMs with their partial sums promoted to fp32, the default before fast accumulation (run94-95)

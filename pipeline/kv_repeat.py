@@ -3,8 +3,8 @@
 Next-DiT has 24 query heads and 8 key/value heads (grouped-query attention). ComfyUI's JointAttention
 (comfy/ldm/lumina/model.py) repeats each key and value head 3 times, the copies side by side, before it calls the
 attention, so whatever runs after it sees 24 of each. In a compiled block Inductor writes those copies in the q/k
-norm + RoPE kernel (2 x 27 MB a main-layer call at 1024x1024 instead of 2 x 9 MB), 42 us a call, 3.2 ms of a
-resident fp8 step on an H100 (bench/results/run98). FlashAttention-4 takes grouped heads itself, so where it runs
+norm + RoPE kernel (2 x 20 MB a main-layer call at 1024x1024 instead of 2 x 7 MB); that kernel takes 42 us a call,
+3.2 ms of a resident fp8 step on an H100 (bench/results/run98). FlashAttention-4 takes grouped heads itself, so where it runs
 a call (pipeline/sdpa.py) it gets every 3rd head, which is the original one; in a compiled block Inductor then
 computes just those and the copies are never written.
 
@@ -45,8 +45,9 @@ def side_by_side(t: torch.Tensor, n_rep: int) -> bool:
 
 
 def _probe(attention_cls, n_rep: int, head_dim: int, rope_embedder) -> bool:
-    """Run a small `attention_cls` (2 key/value heads, `n_rep` query heads each, random fp32 weights on the CPU) with an
-    attention override that records what ComfyUI passes, and check that its keys and values come side by side."""
+    """Run a small `attention_cls` (2 key/value heads, `n_rep` query heads each, random fp32 weights on the CPU)
+    with an attention override that records what ComfyUI passes, and check that its keys and values come side by
+    side."""
     import comfy.ops
 
     seen = {}
