@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from . import (block_compile, block_prefetch, block_stream, cfg_batch, checkpoint, compat, cuda_graphs, detect,
-               device_conds, host_copies, host_sigmas, precision as precision_mod, prompt_limits, quantize,
-               quantized_ops, sdpa, swiglu_fp8, te_quantize, vae_memory, vram_budget)
+               device_conds, host_copies, host_sigmas, kv_repeat, precision as precision_mod, prompt_limits,
+               quantize, quantized_ops, sdpa, swiglu_fp8, te_quantize, vae_memory, vram_budget)
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -608,7 +608,7 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
         (f"compile: {compiled} transformer blocks compiled on their own at the first sampling run (one graph per "
          f"block kind; ComfyUI's non-dynamic model patcher; {compile_why})" if compiled
          else f"compile: off (eager; {compile_why})"),
-        sdpa.describe(device),
+        sdpa.describe(device, model.model_options.get("transformer_options", {}).get(kv_repeat.KEY, 1)),
         cuda_graphs.describe(model),
         "from: " + ", ".join(f"{k}={Path(str(v)).name}" for k, v in parts.paths.items()),
         f"loaded in {time.perf_counter() - t0:.1f} s",

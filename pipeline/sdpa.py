@@ -149,11 +149,14 @@ def around_call(executor, *args, **kwargs):
         return executor(*args, **kwargs)
 
 
-def describe(device: torch.device) -> str:
-    """The loader report's line."""
+def describe(device: torch.device, kv_repeat: int = 1) -> str:
+    """The loader report's line (`kv_repeat`: pipeline/kv_repeat.py's factor for the model)."""
     first = first_backend(device)
+    grouped = (f"; ComfyUI's {kv_repeat} copies of each key/value head go to flash-attn-4 as one"
+               if kv_repeat > 1 else "")
     if first == "fa4":
         return (f"attention: FlashAttention-4 (flash-attn-4 {flash_attn4.version() or '?'}; its kernels compile "
-                "at the first sampling run and are kept in its on-disk cache; NEWBIE_SDPA=cudnn for PyTorch SDPA)")
+                f"at the first sampling run and are kept in its on-disk cache; NEWBIE_SDPA=cudnn for PyTorch "
+                f"SDPA{grouped})")
     order = {"cudnn": "cuDNN first", "flash": "FlashAttention-2 first", None: "PyTorch's own order"}[first]
-    return f"attention: PyTorch SDPA ({order})"
+    return f"attention: PyTorch SDPA ({order}{grouped})"

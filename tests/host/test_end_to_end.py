@@ -103,6 +103,8 @@ def test_loader_report_names_precision_and_files(server):
     text = json.dumps(entry["outputs"])
     assert "weights bf16" in text and graphs.TINY_DIT in text
     assert "attention: PyTorch SDPA" in text  # the host runs on a CPU: never flash-attn-4 (pipeline/sdpa.py)
+    # this host's JointAttention passes its key/value copies side by side (pipeline/kv_repeat.py's probe)
+    assert "2 copies of each key/value head go to flash-attn-4 as one" in text
 
 
 def test_folder_with_a_single_file_override(server):

@@ -166,3 +166,12 @@ def test_compiled_blocks_give_the_op_one_head_of_each_group_and_the_same_call(co
     finally:
         torch._dynamo.reset()
     assert graphs[2] == graphs[1] > 0, graphs
+
+
+def test_the_loader_report_says_when_the_copies_go_as_one(comfy_import_path):
+    from pipeline import sdpa
+
+    cpu = torch.device("cpu")
+    assert sdpa.describe(cpu, 3) == ("attention: PyTorch SDPA (PyTorch's own order; ComfyUI's 3 copies of each "
+                                     "key/value head go to flash-attn-4 as one)")
+    assert sdpa.describe(cpu, 1) == sdpa.describe(cpu) == "attention: PyTorch SDPA (PyTorch's own order)"
