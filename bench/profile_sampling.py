@@ -28,10 +28,11 @@ script's call counter sat inside the graphs' wrapper, which then declined every 
 pipeline/kv_repeat.py);
 +batched: the pack's batching of prompts of different lengths (pipeline/cfg_batch.py) forced on (by default it
 batches only a streamed DiT, and these models are resident); +separate: its wrapper removed.
-The warm run is timed unprofiled over --steps; the profile covers a run of --profile-steps (default 3), with
-Python stacks only under --stacks (over 25 full-size steps they took more than 9 minutes on an H200, run27). Conditioning
-is random with the caption lengths of the bench's graph: --tokens for the XML positive (259 with the system
-prompt), --neg-tokens for the tag negative (about 50). The lengths matter: ComfyUI batches the positive and the
+The warm run is timed unprofiled over --steps; the profile covers a run of --profile-steps (default 3; with +graphs
+--steps, so that it replays the warm runs' graphs), with Python stacks only under --stacks (over 25 full-size
+steps they took more than 9 minutes on an H200, run27). Conditioning is random with the caption lengths of the
+bench's graph: --tokens for the XML positive (259 with the system prompt), --neg-tokens for the tag negative
+(about 50). The lengths matter: ComfyUI batches the positive and the
 negative into one DiT call only when their captions have the same length (Lumina-2's `c_crossattn` is a
 CONDRegular and `num_tokens` a CONDConstant, neither concatenates across lengths), so a real prompt pair costs two
 batch-1 calls a step, where bench/profile_dit.py times one batch-2 call; the pack pads them into one
@@ -78,6 +79,11 @@ def call_timeline(marks: list, steps: int, run_s: float | None = None) -> dict:
                    gpu_in_calls_ms_per_step=round(sum(gpu) / steps, 2),
                    gpu_between_calls_ms_per_step=round(sum(between) / steps, 2))
     return out
+
+
+def profiled_step_count(extras: list, steps: int, profile_steps: int) -> int:
+    """The profiled run's steps: --profile-steps, or the warm runs' steps where the calls replay CUDA graphs."""
+    return steps if "graphs" in extras else profile_steps
 
 
 BRIEF_KEYS = ("warm_run_s", "warm_runs_s", "warm_step_ms", "cpu_issue_ms_per_call", "gpu_ms_per_call",
@@ -220,13 +226,17 @@ def main():
         # did not finish in 9 minutes (run27), hence --stacks and a short profiled run (--profile-steps).
         stacks = dict(with_stack=True, experimental_config=torch._C._profiler._ExperimentalConfig(verbose=True)) \
             if args.stacks else {}
+        # +graphs: the profiled run takes the warm runs' steps, so that it replays their graphs (a call's signature
+        # holds the run's host sigmas by value: run98's 2-step profile recorded graphs of its own and replayed none)
+        profiled_steps = profiled_step_count(extras, args.steps, args.profile_steps)
         with torch.profiler.profile(activities=acts, **stacks) as prof:
             t = time.perf_counter()
-            sample(99, args.profile_steps)
+            sample(99, profiled_steps)
             sync()
             wall = time.perf_counter() - t
-        r.update(summarise(prof, args.profile_steps, wall))
-        r["dit_calls_per_step"] = round(len(calls) / ((1 + args.warm) * args.steps + args.profile_steps), 2)
+        r.update(summarise(prof, profiled_steps, wall))
+        r["profiled_steps"] = profiled_steps
+        r["dit_calls_per_step"] = round(len(calls) / ((1 + args.warm) * args.steps + profiled_steps), 2)
         r["dit_call_batch_sizes"] = sorted(set(calls))
         if "graphs" in extras:
             r["cuda_graphs"] = list(graph_lines)

@@ -93,3 +93,10 @@ def test_brief_gives_one_line_a_variant_with_its_run_and_step_figures():
     assert lines == ["fp8+compile: warm_run_s=2.466 warm_runs_s=[2.466, 2.458, 2.467] warm_step_ms=98.64 "
                      "cpu_issue_ms_per_call=46.23 gpu_busy_ms_per_step=94.72",
                      "fp8+compile+graphs: warm_run_s=2.416 dit_calls_per_step=2.0"]
+
+
+def test_a_graphs_variant_profiles_a_run_as_long_as_the_warm_ones():
+    """Its calls' signatures hold the run's host sigmas by value: a shorter profiled run would record graphs of its
+    own and replay none (run98), so the profile would show no replay."""
+    assert ps.profiled_step_count(["compile", "graphs"], 25, 2) == 25
+    assert ps.profiled_step_count(["compile"], 25, 2) == 2
