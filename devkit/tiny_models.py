@@ -224,6 +224,16 @@ def in_memory_parts(spec: ModelSpec = TINY):
                               jina.pop("spiece_model"), {"dit": spec.name})
 
 
+def dit_patcher(dit: dict, precision: str, name: str = "tiny"):
+    """(ModelPatcher, unet config) of a DiT state dict alone, built by the loader with ComfyUI's non-dynamic
+    patcher, as the in-process tests build one (a quantized state dict from pipeline/quantize.py included)."""
+    from pipeline import loader
+
+    parts = loader.NewBieParts(dit, {}, {}, {}, None, None, {"dit": name})
+    patcher, cfg, _, _ = loader.build_model(parts, precision, dynamic=False)
+    return patcher, cfg
+
+
 def _save(sd: dict, path: Path, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 

@@ -27,12 +27,8 @@ def fresh_checks(monkeypatch):
 
 
 def _patcher(spec=GQA, precision="fp32"):
-    from pipeline import loader
-
     sd = tiny_models.random_state_dict(tiny_models._meta_state_shapes(spec)["dit"], 0, torch.float32)
-    parts = loader.NewBieParts(sd, {}, {}, {}, None, None, {"dit": "tiny-gqa"})
-    patcher, cfg, _, _ = loader.build_model(parts, precision, dynamic=False)
-    return patcher, cfg
+    return tiny_models.dit_patcher(sd, precision, "tiny-gqa")
 
 
 def test_side_by_side_copies_are_told_from_tiled_ones():

@@ -60,9 +60,7 @@ def _build(sd, monkeypatch=None, comfy_ops=False, precision="fp8"):
 
     if comfy_ops:
         monkeypatch.setattr(loader, "quantized_ops_for", lambda fmt, device: None)
-    parts = loader.NewBieParts(sd, {}, {}, {}, None, None, {"dit": f"tiny-{precision}"})
-    patcher, cfg, _, _ = loader.build_model(parts, precision, dynamic=False)
-    return patcher, cfg
+    return tiny_models.dit_patcher(sd, precision, f"tiny-{precision}")
 
 
 @pytest.mark.parametrize("input_scale", [None, 0.5])

@@ -108,12 +108,10 @@ def _(g, u):
 
 def _tiny_fp8_patcher():
     from devkit import tiny_models
-    from pipeline import loader, quantize
+    from pipeline import quantize
 
     dit = tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.bfloat16)
-    parts = loader.NewBieParts(quantize.quantize_state_dict(dit, "fp8"), {}, {}, {}, None, None, {"dit": "tiny-fp8"})
-    patcher, cfg, _, _ = loader.build_model(parts, "fp8", dynamic=False)
-    return patcher, cfg
+    return tiny_models.dit_patcher(quantize.quantize_state_dict(dit, "fp8"), "fp8", "tiny-fp8")
 
 
 @pytest.mark.host
