@@ -25,7 +25,7 @@ default since run94-95, before which `fp8+compile` promoted their partial sums t
 runs PyTorch's own allocator, as the graphs need); their log lines are kept in `cuda_graphs`. Until run75 this
 script's call counter sat inside the graphs' wrapper, which then declined every run (run75 replayed none);
 +kvcopies: flash-attn-4 given ComfyUI's repeated key/value heads (NEWBIE_FA4_GQA=0; by default one of each,
-pipeline/kv_repeat.py);
+pipeline/kv_repeat.py); +sdpagqa: PyTorch SDPA (cuDNN) given one of each too, with enable_gqa (NEWBIE_SDPA_GQA=1);
 +batched: the pack's batching of prompts of different lengths (pipeline/cfg_batch.py) forced on (by default it
 batches only a streamed DiT, and these models are resident); +separate: its wrapper removed.
 The warm run is timed unprofiled over --steps; the profile covers a run of --profile-steps (default 3; with +graphs
@@ -159,6 +159,7 @@ def main():
                                         else "")  # read when the model is built, as is
         os.environ["NEWBIE_FP8_ACCUM"] = "fp32" if "fp32accum" in extras else "fast" if "fastaccum" in extras else ""
         os.environ["NEWBIE_FA4_GQA"] = "0" if "kvcopies" in extras else "1"
+        os.environ["NEWBIE_SDPA_GQA"] = "1" if "sdpagqa" in extras else "0"
         parts = loader.NewBieParts(dict(base_sd), {}, {}, {}, None, None, {"dit": "random"})
         patcher, cfg, _, _ = loader.build_model(parts, prec, dynamic=False)
         if "compile" in extras:  # +cppwrapper: Inductor's C++ launchers (block_compile.inductor_options)

@@ -12,6 +12,10 @@ That relies on the copies' order. `factor` checks it once a process on a small i
 attention class (the host's code, called with the pack's kind of attention override) and returns 1, nothing taken
 away, where the copies are not side by side, where the check cannot run, or where the model has no grouped heads.
 `NEWBIE_FA4_GQA=0` turns it off.
+
+PyTorch SDPA takes grouped heads too (`enable_gqa`; on PyTorch 2.8 and newer cuDNN's attention among its
+backends). There it is opt-in, NEWBIE_SDPA_GQA=1, until measured: where the backend put first declines grouped
+heads, PyTorch would pick another (cuDNN's attention was 35 against FlashAttention-2's 47 ms a step on an H200).
 """
 from __future__ import annotations
 
@@ -26,12 +30,23 @@ log = logging.getLogger(__name__)
 # transformer_options key with the factor (always set on the pack's 16-bit and quantized DiTs, 1 where nothing is
 # taken away: inside compiled blocks a key that some calls lack makes Dynamo guard the dict's length)
 KEY = "newbie_kv_repeat"
+# ... and whether PyTorch SDPA gets them grouped too (NEWBIE_SDPA_GQA=1), set with it
+SDPA_KEY = "newbie_kv_repeat_sdpa"
 
 _CHECKED: dict = {}
 
 
 def enabled() -> bool:
     return env_switch.switch("NEWBIE_FA4_GQA", True)
+
+
+# Whether this PyTorch's SDPA takes `enable_gqa` (its documented signature; the builtin has no inspectable one)
+_SDPA_HAS_GQA = "enable_gqa" in (torch.nn.functional.scaled_dot_product_attention.__doc__ or "")
+
+
+def sdpa_grouped() -> bool:
+    """NEWBIE_SDPA_GQA=1, where this PyTorch's SDPA has `enable_gqa`."""
+    return _SDPA_HAS_GQA and env_switch.switch("NEWBIE_SDPA_GQA", False)
 
 
 def side_by_side(t: torch.Tensor, n_rep: int) -> bool:
@@ -96,8 +111,14 @@ def factor(diffusion_model) -> int:
     return n_rep if _CHECKED[key] else 1
 
 
-def from_options(transformer_options) -> int:
-    """The factor a DiT call carries (1 without one)."""
+def options(diffusion_model) -> dict:
+    """The transformer_options entries for a model: its factor, and whether SDPA gets the heads grouped too."""
+    n = factor(diffusion_model)
+    return {KEY: n, SDPA_KEY: n > 1 and sdpa_grouped()}
+
+
+def from_options(transformer_options) -> tuple[int, bool]:
+    """(factor, SDPA too) a DiT call carries ((1, False) without them)."""
     if transformer_options is None or KEY not in transformer_options:
-        return 1
-    return transformer_options[KEY]
+        return 1, False
+    return transformer_options[KEY], SDPA_KEY in transformer_options and transformer_options[SDPA_KEY]

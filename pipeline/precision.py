@@ -226,12 +226,12 @@ def sdpa_override(func, *args, **kwargs):
     """For bf16/fp32 (and the quantized DiTs): the pack's attention (pipeline/sdpa.py: FlashAttention-4 where it
     runs, else PyTorch SDPA in the pack's backend order) whatever attention ComfyUI was started with (never
     flash-attn or sage); FlashAttention-4 gets the grouped key/value heads once each (pipeline/kv_repeat.py)."""
-    kv = kv_repeat.from_options(kwargs.get("transformer_options"))
+    kv, grouped_sdpa = kv_repeat.from_options(kwargs.get("transformer_options"))
 
     def attention(q, k, v, m):
         if m is not None and m.dtype != torch.bool:
             m = m.to(q.dtype)
-        return sdpa(q, k, v, attn_mask=m, kv_repeat=kv)
+        return sdpa(q, k, v, attn_mask=m, kv_repeat=kv, grouped_sdpa=grouped_sdpa)
     return _sdpa_call(args, kwargs, attention)
 
 
@@ -317,7 +317,7 @@ def attach(patcher, state: FP16State | None) -> None:
     opts = patcher.model_options.setdefault("transformer_options", {})
     if state is None:
         opts["optimized_attention_override"] = sdpa_override
-        opts[kv_repeat.KEY] = kv_repeat.factor(patcher.model.diffusion_model)
+        opts.update(kv_repeat.options(patcher.model.diffusion_model))
         return
     patcher.model.newbie_fp16 = state
     check_weights(patcher.model.diffusion_model)

@@ -96,25 +96,36 @@ def _sdpa_first_constant(device: torch.device) -> str | None:
     return sdpa_first(device)
 
 
-def sdpa(q, k, v, attn_mask=None, kv_repeat: int = 1):
+def sdpa(q, k, v, attn_mask=None, kv_repeat: int = 1, grouped_sdpa: bool = False):
     """F.scaled_dot_product_attention(q, k, v, attn_mask) ([B, H, N, D]) by the backend `first_backend` chose.
     `kv_repeat` > 1: k's and v's heads are each that many side-by-side copies of one (ComfyUI's grouped-query
-    attention, pipeline/kv_repeat.py); FlashAttention-4 then takes one of each, the other backends all of them."""
+    attention, pipeline/kv_repeat.py); FlashAttention-4 then takes one of each, and PyTorch SDPA too where
+    `grouped_sdpa` (its `enable_gqa`; opt-in, NEWBIE_SDPA_GQA=1), else all of them."""
     first = _first_backend_constant(q.device)
     if first == "fa4":
         if attn_mask is None and flash_attn4.takes(q, k, v):
-            if kv_repeat > 1:
-                k, v = k[:, ::kv_repeat], v[:, ::kv_repeat]
-                if torch.compiler.is_compiling():
-                    # a buffer of their own in FlashAttention's layout, which Inductor computes in the kernel
-                    # before (the q/k norm and RoPE) instead of writing the copies the slices would view
-                    k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
-            return flash_attn4.attention(q, k, v)
+            return flash_attn4.attention(q, *one_of_each(k, v, kv_repeat))
         first = _sdpa_first_constant(q.device)
+    grouped = {}
+    if grouped_sdpa and kv_repeat > 1 and attn_mask is None:
+        k, v = one_of_each(k, v, kv_repeat)
+        grouped = {"enable_gqa": True}
     if first is None or torch.compiler.is_compiling():  # compiled: the order is set by around_call
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **grouped)
     with _priority(first):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **grouped)
+
+
+def one_of_each(k, v, kv_repeat: int):
+    """k and v ([B, H, N, D]) with one head of each `kv_repeat` side-by-side copies (all of them for 1)."""
+    if kv_repeat <= 1:
+        return k, v
+    k, v = k[:, ::kv_repeat], v[:, ::kv_repeat]
+    if torch.compiler.is_compiling():
+        # a buffer of their own in FlashAttention's layout ([B, N, H, D], which cuDNN takes too), computed by
+        # Inductor in the kernel before (the q/k norm and RoPE) instead of the copies the slices would view
+        k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+    return k, v
 
 
 def _priority(first: str | None):
@@ -149,11 +160,11 @@ def around_call(executor, *args, **kwargs):
         return executor(*args, **kwargs)
 
 
-def describe(device: torch.device, kv_repeat: int = 1) -> str:
-    """The loader report's line (`kv_repeat`: pipeline/kv_repeat.py's factor for the model)."""
+def describe(device: torch.device, kv_repeat: int = 1, grouped_sdpa: bool = False) -> str:
+    """The loader report's line (`kv_repeat`, `grouped_sdpa`: pipeline/kv_repeat.py's options for the model)."""
     first = first_backend(device)
-    grouped = (f"; ComfyUI's {kv_repeat} copies of each key/value head go to flash-attn-4 as one"
-               if kv_repeat > 1 else "")
+    grouped = (f"; ComfyUI's {kv_repeat} copies of each key/value head go to flash-attn-4"
+               f"{' and PyTorch SDPA' if grouped_sdpa else ''} as one" if kv_repeat > 1 else "")
     if first == "fa4":
         return (f"attention: FlashAttention-4 (flash-attn-4 {flash_attn4.version() or '?'}; its kernels compile "
                 f"at the first sampling run and are kept in its on-disk cache; NEWBIE_SDPA=cudnn for PyTorch "

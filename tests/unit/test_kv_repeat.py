@@ -24,6 +24,7 @@ def fresh_checks(monkeypatch):
 
     monkeypatch.setattr(kv_repeat, "_CHECKED", {})
     monkeypatch.delenv("NEWBIE_FA4_GQA", raising=False)
+    monkeypatch.delenv("NEWBIE_SDPA_GQA", raising=False)
 
 
 def _patcher(spec=GQA, precision="fp32"):
@@ -111,21 +112,57 @@ def test_flash_attn4_gets_one_head_of_each_group_and_gives_the_same_call(comfy_i
     assert not torch.allclose(dit_calls.dit_call(patcher, cfg), copies, rtol=1e-3, atol=1e-3)
 
 
-def test_other_attention_gets_comfys_copies(comfy_import_path, monkeypatch):
-    """PyTorch SDPA (cuDNN first on Hopper) keeps the 4 heads: its grouped form may pick a slower backend."""
+@pytest.fixture
+def sdpa_heads(monkeypatch):
+    """The key heads and keywords each PyTorch SDPA call of the pack's attention gets."""
     from pipeline import sdpa
 
     seen = []
     real = F.scaled_dot_product_attention
 
     def recording(q, k, v, **kwargs):
-        seen.append(k.shape[1])
+        seen.append((k.shape[1], kwargs.get("enable_gqa", False)))
         return real(q, k, v, **kwargs)
 
     monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention", recording)
+    return seen
+
+
+def test_pytorch_sdpa_gets_comfys_copies_unless_switched_on(comfy_import_path, sdpa_heads, monkeypatch):
+    """PyTorch SDPA (cuDNN first on Hopper) keeps the 4 heads by default: where the backend put first declined
+    grouped heads, PyTorch would pick another. NEWBIE_SDPA_GQA=1 gives it one of each with enable_gqa, and the
+    same call."""
+    from pipeline import kv_repeat
+
     patcher, cfg = _patcher()
-    dit_calls.dit_call(patcher, cfg)
-    assert seen and set(seen) == {4}
+    copies = dit_calls.dit_call(patcher, cfg)
+    assert sdpa_heads and set(sdpa_heads) == {(4, False)}
+    assert kv_repeat.from_options(patcher.model_options["transformer_options"]) == (2, False)
+    monkeypatch.setenv("NEWBIE_SDPA_GQA", "1")
+    sdpa_heads.clear()
+    grouped_patcher, _ = _patcher()
+    assert kv_repeat.from_options(grouped_patcher.model_options["transformer_options"]) == (2, True)
+    grouped = dit_calls.dit_call(grouped_patcher, cfg)
+    assert set(sdpa_heads) == {(2, True)}
+    assert torch.allclose(grouped, copies, rtol=1e-5, atol=1e-5)
+    plain, _ = _patcher(dataclasses.replace(GQA, dit=dataclasses.replace(GQA.dit, n_kv_heads=4)))
+    assert kv_repeat.from_options(plain.model_options["transformer_options"]) == (1, False), "nothing grouped"
+
+
+def test_compiled_blocks_give_pytorch_sdpa_grouped_heads_when_switched_on(comfy_import_path, monkeypatch):
+    from pipeline import block_compile
+
+    patcher, cfg = _patcher()
+    copies = dit_calls.dit_call(patcher, cfg)
+    monkeypatch.setenv("NEWBIE_SDPA_GQA", "1")
+    try:
+        torch._dynamo.reset()
+        compiled, _ = _patcher()
+        block_compile.apply(compiled)
+        out = dit_calls.dit_call(compiled, cfg)
+    finally:
+        torch._dynamo.reset()
+    assert torch.allclose(out, copies, rtol=1e-4, atol=1e-4)
 
 
 def test_compiled_blocks_give_the_op_one_head_of_each_group_and_the_same_call(comfy_import_path, monkeypatch):
@@ -170,4 +207,5 @@ def test_the_loader_report_says_when_the_copies_go_as_one(comfy_import_path):
     cpu = torch.device("cpu")
     assert sdpa.describe(cpu, 3) == ("attention: PyTorch SDPA (PyTorch's own order; ComfyUI's 3 copies of each "
                                      "key/value head go to flash-attn-4 as one)")
+    assert sdpa.describe(cpu, 3, True).endswith("go to flash-attn-4 and PyTorch SDPA as one)")
     assert sdpa.describe(cpu, 1) == sdpa.describe(cpu) == "attention: PyTorch SDPA (PyTorch's own order)"
