@@ -16,11 +16,9 @@ STEPS = 3
 
 def model(dit: dict, precision: str = "fp32"):
     """(ModelPatcher, unet config) of a DiT state dict through the pack's loader, resident."""
-    from pipeline import loader
+    from .tiny_models import dit_patcher
 
-    parts = loader.NewBieParts(dict(dit), {}, {}, {}, None, None, {"dit": "tiny"})
-    patcher, cfg, _, _ = loader.build_model(parts, precision, dynamic=False)
-    return patcher, cfg
+    return dit_patcher(dict(dit), precision)
 
 
 def prompts(cfg, positive: int, negative: int, seed: int = 5):

@@ -209,3 +209,15 @@ def test_the_loader_report_says_when_the_copies_go_as_one(comfy_import_path):
                                      "key/value head go to flash-attn-4 as one)")
     assert sdpa.describe(cpu, 3, True).endswith("go to flash-attn-4 and PyTorch SDPA as one)")
     assert sdpa.describe(cpu, 1) == sdpa.describe(cpu) == "attention: PyTorch SDPA (PyTorch's own order)"
+
+
+def test_a_batched_prompt_pair_gives_flash_attn4_one_head_of_each_group_per_sample(comfy_import_path,
+                                                                                    fa4_stand_in):
+    """The pack's batching of a prompt pair (pipeline/cfg_batch.py) runs the attention per sample without the
+    padding keys; each sample's keys then go to flash-attn-4 grouped, and the run is the two separate calls'."""
+    from devkit import cfg_batch_errors
+
+    sd = tiny_models.random_state_dict(tiny_models._meta_state_shapes(GQA)["dit"], 0, torch.float32)
+    r = cfg_batch_errors.batched_vs_separate(sd, "fp32")
+    assert r["batched_calls"] == [2] * cfg_batch_errors.STEPS
+    assert set(fa4_stand_in) == {2} and r["rel_error"] < 1e-5, (set(fa4_stand_in), r["rel_error"])
