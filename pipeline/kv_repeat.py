@@ -4,9 +4,9 @@ Next-DiT has 24 query heads and 8 key/value heads (grouped-query attention). Com
 (comfy/ldm/lumina/model.py) repeats each key and value head 3 times, the copies side by side, before it calls the
 attention, so whatever runs after it sees 24 of each. In a compiled block Inductor writes those copies in the q/k
 norm + RoPE kernel (2 x 20 MB a main-layer call at 1024x1024 instead of 2 x 7 MB); that kernel takes 42 us a call,
-3.2 ms of a resident fp8 step on an H100 (bench/results/run98). FlashAttention-4 takes grouped heads itself, so where it runs
-a call (pipeline/sdpa.py) it gets every 3rd head, which is the original one; in a compiled block Inductor then
-computes just those and the copies are never written.
+3.2 ms of a resident fp8 step on an H100 (bench/results/run98). FlashAttention-4 takes grouped heads itself, so
+where it runs a call (pipeline/sdpa.py) it gets every 3rd head, which is the original one; in a compiled block
+Inductor then computes just those and the copies are never written.
 
 That relies on the copies' order. `factor` checks it once a process on a small instance of the model's own
 attention class (the host's code, called with the pack's kind of attention override) and returns 1, nothing taken
@@ -27,8 +27,9 @@ from . import env_switch
 
 log = logging.getLogger(__name__)
 
-# transformer_options key with the factor (always set on the pack's 16-bit and quantized DiTs, 1 where nothing is
-# taken away: inside compiled blocks a key that some calls lack makes Dynamo guard the dict's length)
+# transformer_options key with the factor (always set on the pack's bf16, fp32 and quantized DiTs, 1 where nothing is
+# taken away: inside compiled blocks a key that some calls lack makes Dynamo guard the dict's length; the fp16
+# path's attention is its own and keeps the copies)
 KEY = "newbie_kv_repeat"
 # ... and whether PyTorch SDPA gets them grouped too (NEWBIE_SDPA_GQA=1), set with it
 SDPA_KEY = "newbie_kv_repeat_sdpa"
