@@ -250,6 +250,7 @@ def stage_times(graph_: dict, events: list) -> dict:
 
 def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -> dict:
     kind, precision, flags, compile_mode = CONFIGS[name]
+    te_precision = TE_PRECISIONS.get(name, "auto")
     hog = None
     result = {"config": name, "budget_gib": budget, "flags": flags, "kind": kind, "precision": precision,
               "compile": compile_mode}
@@ -268,8 +269,7 @@ def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -
         result["server_start_s"] = round(time.perf_counter() - t, 2)
         trace = GpuMemoryTrace(server.proc.pid)
         if name.endswith("-warmup"):
-            g = graph(kind, precision, names, 1, args.width, args.height, args.steps,
-                      te_precision=TE_PRECISIONS.get(name, "auto"))
+            g = graph(kind, precision, names, 1, args.width, args.height, args.steps, te_precision=te_precision)
             warm_graph = {k: g[k] for k in ("1", "2", "3")}
             warm_graph["10"] = {"class_type": "NewBieVRAMWarmup", "inputs": {
                 "model": ["1", 0], "width": args.width, "height": args.height, "batch_size": 1, "steps": 2,
@@ -285,7 +285,7 @@ def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -
             steps = args.profile_steps if run == "profiled" else args.steps
             g = graph(kind, precision, names, seed, args.width, args.height, steps, args.sampler,
                       compiled=name == "upstream-compile", compile_mode=compile_mode or "off", profile=profile,
-                      te_precision=TE_PRECISIONS.get(name, "auto"))
+                      te_precision=te_precision)
             a = trace.mark()
             t = time.perf_counter()
             try:
@@ -303,7 +303,8 @@ def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -
         result["trace"] = trace.samples[::4]
         result["warm"] = summarise([result[r] for r, _ in runs[1:] if r in result and "wall_s" in result[r]])
         if args.restart:
-            result["restarted"] = restarted_image(server, kind, precision, names, compile_mode, args, name)
+            result["restarted"] = restarted_image(server, kind, precision, names, compile_mode, args, name,
+                                                  te_precision)
     finally:
         server.stop()
         result["log_events"] = log_events(server.log_path, args.out / "logs" / f"{name}-{budget}.log")
@@ -313,7 +314,7 @@ def run_config(name: str, budget, names: dict, models: Path, work: Path, args) -
     return result
 
 
-def restarted_image(server, kind, precision, names, compile_mode, args, name) -> dict:
+def restarted_image(server, kind, precision, names, compile_mode, args, name, te_precision="auto") -> dict:
     """A second server on the same machine (same user caches: Inductor's FX-graph and autotuning caches, kept under
     /tmp by default), one image with a new seed: what a restarted ComfyUI pays before its first image."""
     server.stop()
@@ -321,8 +322,7 @@ def restarted_image(server, kind, precision, names, compile_mode, args, name) ->
     server.start()
     out = {"server_start_s": round(time.perf_counter() - t, 2)}
     g = graph(kind, precision, names, 99, args.width, args.height, args.steps, args.sampler,
-              compiled=name == "upstream-compile", compile_mode=compile_mode or "off",
-              te_precision=TE_PRECISIONS.get(name, "auto"))
+              compiled=name == "upstream-compile", compile_mode=compile_mode or "off", te_precision=te_precision)
     t = time.perf_counter()
     try:
         entry, events = server.run_with_events(g, timeout=args.timeout)
