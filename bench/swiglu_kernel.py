@@ -11,7 +11,8 @@ The pack's kernel (pipeline/swiglu_fp8.py, NEWBIE_FP8_W2=kernel) gives each prog
 the rows in flight (and with them what the second pass reads again) stay inside L2. This script times it against
 Inductor's kernel for the same function at NewBie's size over grids of 1 to 8 programs an SM and block settings,
 and the pack's op as the feed-forward calls it, and checks that they give the same bytes. run94: 112.6 us at 4
-programs an SM, block 2048, 8 warps, against Inductor's 134.7 (H100).
+programs an SM, block 2048, 8 warps, against Inductor's 134.7; run96: 105.0 us at 8 programs an SM, block 2048,
+4 warps, against Inductor's 133.8 (H100; the pack's launch since).
 
     python3 bench/swiglu_kernel.py --out $OUT            # CUDA: times and agreement, OUT/swiglu_kernel.json
 
@@ -97,7 +98,7 @@ def main():
                                    "us": statistics.median(times), "us_range": [min(times), max(times)],
                                    **_agreement(run(), theirs)})
             print(json.dumps(result["ours"][-1]), flush=True)
-    # the pack's op as the feed-forward calls it (its default launch, through the custom op's dispatch)
+    # the pack's op as the feed-forward calls it (its default launch; eager here, through the triton_op's dispatch)
     op = lambda: swiglu_fp8.swiglu_rowwise_e4m3(g, u)  # noqa: E731
     result["pack_op"] = {"rows_per_program": swiglu_fp8.ROWS_PER_PROGRAM, "block": swiglu_fp8.BLOCK,
                          "num_warps": swiglu_fp8.NUM_WARPS, "us": statistics.median(_time_us(op)),
