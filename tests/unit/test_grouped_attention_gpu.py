@@ -1,0 +1,64 @@
+"""NewBie's grouped key/value heads handed to the real kernels once each (pipeline/kv_repeat.py, pipeline/sdpa.py):
+on a CUDA GPU, flash-attn-4 and PyTorch SDPA given one head of each of ComfyUI's side-by-side copies compute the
+attention that the copies give, eager and in a compiled function. CI has no GPU: these run on the device machine
+(bench/README.md), flash-attn-4's only where it is installed."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline import flash_attn4, sdpa
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# NewBie's attention at 1024² (4096 image tokens and a caption; an odd total on purpose): 24 query heads, 8 key/value
+# heads of 96, ComfyUI's K/V copied 3 times side by side
+B, HQ, HKV, N, D = 2, 24, 8, 4096 + 77, 96
+REP = HQ // HKV
+
+
+@pytest.fixture
+def qkv_copies():
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, h, N, D, generator=g, device="cuda", dtype=torch.bfloat16) for h in (HQ, HKV, HKV))
+    return q, k.repeat_interleave(REP, dim=1), v.repeat_interleave(REP, dim=1)
+
+
+def _reference(q, k, v):
+    """fp32 attention of the copies, by PyTorch's math backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+
+
+def _close(out, ref):
+    err = (out.float() - ref).abs().max().item()
+    assert err < 2e-2, f"max abs error {err} against fp32 attention"
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("route", ["fa4", "cudnn"])
+def test_one_head_of_each_group_gives_the_attention_of_the_copies(qkv_copies, route, compiled, monkeypatch):
+    if route == "fa4" and not flash_attn4.installed():
+        pytest.skip("flash-attn-4 is not installed")
+    monkeypatch.setenv("NEWBIE_SDPA", route)
+    assert sdpa.first_backend(torch.device("cuda", 0)) == route
+    q, k, v = qkv_copies
+
+    def grouped(q, k, v):
+        return sdpa.sdpa(q, k, v, kv_repeat=REP, grouped_sdpa=True)
+
+    def copies(q, k, v):
+        return sdpa.sdpa(q, k, v)
+
+    if compiled:
+        torch._dynamo.reset()  # the backend choice is baked into a compiled function (assume_constant_result)
+        grouped, copies = torch.compile(grouped, fullgraph=True), torch.compile(copies, fullgraph=True)
+    out, out_copies = grouped(q, k, v), copies(q, k, v)
+    assert out.shape == (B, HQ, N, D)
+    ref = _reference(q, k, v)
+    _close(out, ref)
+    _close(out_copies, ref)
+    assert not flash_attn4._FAILED, f"flash-attn-4 fell back to SDPA: {flash_attn4._FAILED}"
