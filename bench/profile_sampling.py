@@ -26,6 +26,8 @@ runs PyTorch's own allocator, as the graphs need); their log lines are kept in `
 script's call counter sat inside the graphs' wrapper, which then declined every run (run75 replayed none);
 +kvcopies: flash-attn-4 given ComfyUI's repeated key/value heads (NEWBIE_FA4_GQA=0; by default one of each,
 pipeline/kv_repeat.py); +sdpagqa: PyTorch SDPA (cuDNN) given one of each too, with enable_gqa (NEWBIE_SDPA_GQA=1);
++guards: every Dynamo guard checked at every compiled block call (NEWBIE_GUARD_SKIP=0; by default a call met before
+in the run skips the weights' guards, pipeline/guard_skip.py);
 +batched: the pack's batching of prompts of different lengths (pipeline/cfg_batch.py) forced on (by default it
 batches only a streamed DiT, and these models are resident); +separate: its wrapper removed.
 The warm run is timed unprofiled over --steps; the profile covers a run of --profile-steps (default 3; with +graphs
@@ -126,7 +128,7 @@ def main():
     import comfy.patcher_extension
     import comfy.sample
 
-    from pipeline import block_compile, cfg_batch, cuda_graphs, loader, swiglu_fp8
+    from pipeline import block_compile, cfg_batch, cuda_graphs, guard_skip, loader, swiglu_fp8
 
     if args.swiglu_launch:
         sweep = json.loads(args.swiglu_launch.read_text())
@@ -144,15 +146,16 @@ def main():
     hw = (8, 8) if args.tiny else (128, 128)
     tokens = (min(args.tokens, 12), min(args.neg_tokens, 5)) if args.tiny else (args.tokens, args.neg_tokens)
     results = {}
-    graph_lines = []  # what pipeline/cuda_graphs.py logs (replays per run, a failed recording)
+    graph_lines = []  # what pipeline/cuda_graphs.py and guard_skip.py log (replays or skips per run, a failure)
 
     class GraphLog(logging.Handler):
         def emit(self, record):
             graph_lines.append(record.getMessage())
 
-    graph_log = logging.getLogger(cuda_graphs.__name__)
-    graph_log.setLevel(logging.INFO)
-    graph_log.addHandler(GraphLog())
+    for module in (cuda_graphs, guard_skip):
+        graph_log = logging.getLogger(module.__name__)
+        graph_log.setLevel(logging.INFO)
+        graph_log.addHandler(GraphLog())
     for variant in args.variants.split(","):
         prec, *extras = variant.split("+")
         os.environ["NEWBIE_FP8_W2"] = ("bf16" if "w2bf16" in extras else "kernel" if "w2kernel" in extras
@@ -160,6 +163,7 @@ def main():
         os.environ["NEWBIE_FP8_ACCUM"] = "fp32" if "fp32accum" in extras else "fast" if "fastaccum" in extras else ""
         os.environ["NEWBIE_FA4_GQA"] = "0" if "kvcopies" in extras else "1"
         os.environ["NEWBIE_SDPA_GQA"] = "1" if "sdpagqa" in extras else "0"
+        os.environ["NEWBIE_GUARD_SKIP"] = "0" if "guards" in extras else "1"
         parts = loader.NewBieParts(dict(base_sd), {}, {}, {}, None, None, {"dit": "random"})
         patcher, cfg, _, _ = loader.build_model(parts, prec, dynamic=False)
         if "compile" in extras:  # +cppwrapper: Inductor's C++ launchers (block_compile.inductor_options)
@@ -201,7 +205,10 @@ def main():
             return out
 
         patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "bench_count", count_calls)
-        # attached again, so the graphs' wrapper stays the innermost: with the counter inside it, it would decline
+        # attached again, so that the counter is outside them: with it inside, the guard skipping and the graphs
+        # would decline (the graphs' wrapper stays the innermost)
+        if "compile" in extras:
+            guard_skip.attach(patcher)
         cuda_graphs.attach(patcher)
         graph_lines.clear()
         sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -240,7 +247,9 @@ def main():
         r["dit_calls_per_step"] = round(len(calls) / ((1 + args.warm) * args.steps + profiled_steps), 2)
         r["dit_call_batch_sizes"] = sorted(set(calls))
         if "graphs" in extras:
-            r["cuda_graphs"] = list(graph_lines)
+            r["cuda_graphs"] = [line for line in graph_lines if "CUDA graphs" in line]
+        if "compile" in extras:  # the last run's line: how many of its calls skipped the weights' guards
+            r["guard_skip"] = [line for line in graph_lines if "Dynamo's weight guards" in line][-1:]
         r.update(tables(prof, args.top, cuda))
         figures = {k: v for k, v in r.items() if not k.startswith("top_")}
         print(f"[sampling] {variant}: {json.dumps(figures)}\n{r['top_cpu']}", flush=True)

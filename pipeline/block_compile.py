@@ -222,7 +222,7 @@ def apply(patcher, backend: str = "inductor", mode: str | None = None) -> int:
     import comfy.patcher_extension
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
-    from . import block_stream, rope_fusion
+    from . import block_stream, cuda_graphs, guard_skip, rope_fusion
 
     keys = block_keys(patcher.model.diffusion_model)
     if not keys:
@@ -233,4 +233,6 @@ def apply(patcher, backend: str = "inductor", mode: str | None = None) -> int:
     set_torch_compile_wrapper(patcher, backend=backend, mode=mode, keys=keys, options=inductor_options(backend))
     patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _log_compiles)
+    guard_skip.attach(patcher)
+    cuda_graphs.attach(patcher)  # again, so that it stays the innermost DIFFUSION_MODEL wrapper
     return len(keys)

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from . import (block_compile, block_prefetch, block_stream, cfg_batch, checkpoint, compat, cuda_graphs, detect,
-               device_conds, host_copies, host_sigmas, kv_repeat, precision as precision_mod, prompt_limits,
-               quantize, quantized_ops, sdpa, swiglu_fp8, te_quantize, vae_memory, vram_budget)
+               device_conds, guard_skip, host_copies, host_sigmas, kv_repeat, precision as precision_mod,
+               prompt_limits, quantize, quantized_ops, sdpa, swiglu_fp8, te_quantize, vae_memory, vram_budget)
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -609,6 +609,7 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
          f"block kind; ComfyUI's non-dynamic model patcher; {compile_why})" if compiled
          else f"compile: off (eager; {compile_why})"),
         sdpa.describe(device, *kv_repeat.from_options(model.model_options.get("transformer_options"))),
+        *filter(None, [guard_skip.describe(bool(compiled))]),
         cuda_graphs.describe(model),
         "from: " + ", ".join(f"{k}={Path(str(v)).name}" for k, v in parts.paths.items()),
         f"loaded in {time.perf_counter() - t0:.1f} s",
