@@ -300,6 +300,22 @@ COMMANDS = {
     "run98": "(the same H100, the next call, flash-attn-4) python3 bench/profile_sampling.py --variants "
              "fp8+compile,fp8+compile+w2kernel,fp8+compile+w2kernel+graphs,fp8+compile+w2kernel+batched+graphs "
              "--steps 25 --profile-steps 2 --warm 3",
+    "run99": "(H100, a new machine, cuDNN attention; b3505b2) source bench/device_env.sh && python3 -m pytest -q "
+             "tests/unit/test_grouped_attention_gpu.py (run99-pytest.log); python3 bench/profile_sampling.py "
+             "--variants bf16+compile,bf16+compile+sdpagqa,fp8+compile,fp8+compile+sdpagqa --steps 25 "
+             "--profile-steps 2 --warm 3",
+    "run100": "(the same H100, the next call, cuDNN attention) python3 bench/run.py --configs "
+              "upstream-gpu-only-native@none,pack-bf16@none,pack-bf16-sdpagqa@none --warm 3 --timeout 100",
+    "run101": "(the same H100, the next call, flash-attn-4 installed: source bench/fa4_install.sh) python3 -m pytest "
+              "-q tests/unit/test_grouped_attention_gpu.py (run101-pytest.log); python3 bench/profile_sampling.py "
+              "--variants fp8+compile,fp8+compile+kvcopies,bf16+compile,bf16+compile+kvcopies,"
+              "fp8+compile+w2kernel+graphs --steps 25 --profile-steps 2 --warm 3",
+    "run102": "(the same H100, the next call, flash-attn-4) python3 bench/run.py --configs upstream-gpu-only-native@none,"
+              "pack-fp8@none,pack-fp8-native-graphs-w2kernel@none,pack-bf16@none,pack-fp8-kvcopies@none --warm 3 "
+              "--timeout 120",
+    "run103": "(the same H100, the next call, flash-attn-4) TORCH_LOGS=recompiles,graph_breaks python3 bench/run.py "
+              "--configs pack-fp8@none,pack-fp8-kvcopies@none,pack-fp8@none --warm 3 --timeout 120 (a new server "
+              "each; no upstream in this call)",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }

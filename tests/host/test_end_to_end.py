@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -151,3 +152,8 @@ def test_block_compile_gives_the_same_image_and_compiles_once(server, precision)
     counts = [line for line in server.log_tail(400).splitlines() if "NewBie block compile:" in line]
     assert len(counts) >= 2 and "compiled in this sampling run" in counts[-1], counts
     assert " 0 graphs compiled in this sampling run" in counts[-1], f"the second run compiled again: {counts}"
+    # the calls met before in a run skipped the weights' guards (pipeline/guard_skip.py), and the picture held
+    assert "Dynamo guards: the weights' checked at the first call of each kind" in json.dumps(runs[0]["outputs"])
+    skips = [line for line in server.log_tail(400).splitlines() if "skipped Dynamo's weight guards" in line]
+    assert skips and re.search(r"compiled blocks: [1-9]\d* DiT calls of this run skipped Dynamo's weight guards$",
+                               skips[-1].rstrip()), skips
