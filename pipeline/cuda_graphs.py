@@ -316,19 +316,28 @@ class CallGraphs:
         """Why this call cannot be a graph, or None."""
         if self.failed:
             return "a recording failed earlier in this run"
-        topts = kwargs.get("transformer_options") or {}
-        for name in ("patches", "patches_replace"):
-            if topts.get(name):
-                return f"transformer_options[{name!r}] holds other nodes' patches"
-        inner = getattr(executor, "wrappers", ())[getattr(executor, "idx", 0) + 1:]
-        known = {id(fn) for group in (topts.get("wrappers") or {}).values()
-                 for key, fns in group.items() if key in _SAFE_INNER for fn in fns}
-        if any(id(fn) not in known for fn in inner):
-            return "another node's DIFFUSION_MODEL wrapper runs inside this one"
+        why = foreign_code(executor, kwargs.get("transformer_options") or {}, _SAFE_INNER)
+        if why is not None:
+            return why
         fp16 = getattr(executor.class_obj, "newbie_fp16_state", None)
         if fp16 is not None and fp16.mode != "fast":
             return f"the fp16 path recomputes in its {fp16.mode} form"
         return None
+
+
+def foreign_code(executor, topts: dict, safe_inner: frozenset) -> str | None:
+    """Why other nodes' Python may run inside this DiT call, or None: their `patches` or `patches_replace` in its
+    transformer_options, or a DIFFUSION_MODEL wrapper inside the one whose `executor` this is, other than those
+    keyed in `safe_inner`."""
+    for name in ("patches", "patches_replace"):
+        if topts.get(name):
+            return f"transformer_options[{name!r}] holds other nodes' patches"
+    inner = getattr(executor, "wrappers", ())[getattr(executor, "idx", 0) + 1:]
+    known = {id(fn) for group in (topts.get("wrappers") or {}).values()
+             for key, fns in group.items() if key in safe_inner for fn in fns}
+    if any(id(fn) not in known for fn in inner):
+        return "another node's DIFFUSION_MODEL wrapper runs inside this one"
+    return None
 
 
 def _without_per_run_options(kwargs: dict) -> dict:

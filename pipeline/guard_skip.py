@@ -108,16 +108,8 @@ class KnownCalls:
             return None
         if torch.compiler.is_compiling() or not _default_stance():
             return None
-        topts = kwargs.get("transformer_options") or {}
-        for name in ("patches", "patches_replace"):
-            if topts.get(name):
-                self.refused = f"transformer_options[{name!r}] holds other nodes' patches"
-                return None
-        inner = getattr(executor, "wrappers", ())[getattr(executor, "idx", 0) + 1:]
-        known = {id(fn) for group in (topts.get("wrappers") or {}).values()
-                 for key, fns in group.items() if key in _SAFE_INNER for fn in fns}
-        if any(id(fn) not in known for fn in inner):
-            self.refused = "another node's DIFFUSION_MODEL wrapper runs inside this one"
+        self.refused = cuda_graphs.foreign_code(executor, kwargs.get("transformer_options") or {}, _SAFE_INNER)
+        if self.refused is not None:
             return None
         fp16 = getattr(executor.class_obj, "newbie_fp16_state", None)
         try:
