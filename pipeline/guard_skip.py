@@ -15,9 +15,10 @@ between the call that compiled (or chose) a version and the calls that reuse it,
 - for a call whose signature (cuda_graphs.flatten: the shapes, dtypes and strides of its GPU tensors and every other
   argument by value, functions by identity; and the fp16 path's form) this sampling run has met before: its first
   call ran with every guard, so each of its block calls met a compiled version that passes them all;
-- in a run where the weights cannot change between calls: all on the GPU at the first call (not streamed, not
-  offloaded), in ComfyUI's non-dynamic patcher (dynamic VRAM fetches them during a call), no ComfyUI hooks (which
-  patch weights between steps);
+- in a run where the weights do not change between calls: all on the GPU (not streamed, not offloaded), in
+  ComfyUI's non-dynamic patcher (dynamic VRAM fetches them during a call), no ComfyUI hooks (which patch weights
+  between steps); where ComfyUI moves or patches them during the run (the OOM Guard offloads part of the DiT and
+  calls again, say), the run forgets its known calls and checks where the weights are again (`residency`);
 - where no Python of other nodes runs inside the DiT: no `patches` or `patches_replace` in transformer_options and
   no other node's DIFFUSION_MODEL wrapper inside this one;
 - where PyTorch has the stance, the compiler is in its default stance, and the call is not itself being compiled.
@@ -69,14 +70,16 @@ def _skipping():
 
 class KnownCalls:
     """One sampling run's DiT call signatures: `call` runs a call with every guard the first time its signature
-    appears, with the differentiating guards only after. `refused` says why the run or the last call did not skip."""
+    appears, with the differentiating guards only after. `why_not` says why the run or the last call did not skip."""
 
     def __init__(self, patcher):
         self.device_type = getattr(patcher.load_device, "type", "cuda")  # where the weights must all be
+        self.model = patcher.model
         self.seen: set = set()
         self.skipped = 0
         self.refused: str | None = self._run_refusal(patcher)
-        self.weights_checked = False
+        self.residency = None
+        self.not_resident = False
 
     @staticmethod
     def _run_refusal(patcher) -> str | None:
@@ -99,12 +102,13 @@ class KnownCalls:
         return out
 
     def _key(self, executor, args: tuple, kwargs: dict):
-        """The call's signature, or None (with `refused` set) where it must run with every guard."""
-        if not self.weights_checked:
-            self.weights_checked = True
-            if self.refused is None and cuda_graphs.weight_addresses(executor.class_obj, self.device_type) is None:
-                self.refused = "a weight is not on the GPU (streamed or offloaded)"
-        if self.refused is not None:
+        """The call's signature, or None (`why_not` says why) where it must run with every guard."""
+        state = residency(self.model)
+        if state != self.residency:  # the run's first call, or ComfyUI has moved or patched weights since
+            self.residency = state
+            self.seen.clear()
+            self.not_resident = cuda_graphs.weight_addresses(executor.class_obj, self.device_type) is None
+        if self.refused is not None or self.not_resident:
             return None
         if torch.compiler.is_compiling() or not _default_stance():
             return None
@@ -117,6 +121,19 @@ class KnownCalls:
         except cuda_graphs.Unsupported as e:
             self.refused = f"{e} in the call's arguments"
             return None
+
+
+    def why_not(self) -> str | None:
+        """Why the run's calls (or the last ones) checked every guard, or None."""
+        return self.refused or ("a weight is not on the GPU (streamed or offloaded)" if self.not_resident else None)
+
+
+def residency(model) -> tuple:
+    """What ComfyUI's ModelPatcher keeps of where the model's weights are and which patches they carry: it changes
+    when it loads, unloads or partly unloads them (the OOM Guard's offload during a run among them) or patches them.
+    A change forgets the run's known calls and checks the weights again."""
+    return tuple(getattr(model, name, None) for name in
+                 ("model_loaded_weight_memory", "model_lowvram", "lowvram_patch_counter", "current_weight_patches_uuid"))
 
 
 def _known_call(executor, *args, **kwargs):
@@ -140,7 +157,7 @@ def _sampling_run(executor, *args, **kwargs):
     finally:
         delattr(dm, RUN_ATTR)
         log.info("NewBie compiled blocks: %d DiT calls of this run skipped Dynamo's weight guards%s", run.skipped,
-                 f" ({run.refused})" if run.refused else "")
+                 f" ({run.why_not()})" if run.why_not() else "")
 
 
 def attach(patcher) -> None:

@@ -31,9 +31,18 @@ class _Executor:
         return args[0] * 2
 
 
+class _Model:
+    """What ComfyUI's ModelPatcher keeps on the model of where its weights are (`guard_skip.residency`)."""
+    model_loaded_weight_memory = 1000
+    model_lowvram = False
+
+
 class _Patcher:
     load_device = torch.device("cpu")
     hook_patches = {}
+
+    def __init__(self):
+        self.model = _Model()
 
     def is_dynamic(self):
         return False
@@ -58,7 +67,7 @@ def test_a_call_met_before_in_the_run_skips_and_a_new_one_does_not(known):
     for t in (x, x, y, y, x):
         run.call(ex, (t,), {"transformer_options": {"cond_or_uncond": [0]}})
     assert ex.stances == [False, True, False, True, True]
-    assert run.skipped == 3 and run.refused is None
+    assert run.skipped == 3 and run.why_not() is None
     assert not _skipping_now(), "the stance ends with the call"
     run.call(ex, (x,), {"transformer_options": {"cond_or_uncond": [1]}})  # another argument by value
     assert ex.stances[-1] is False
@@ -99,7 +108,27 @@ def test_where_the_weights_or_other_nodes_code_may_change_it_never_skips(known, 
     for _ in range(3):
         run.call(ex, (torch.ones(1, 4),), kwargs)
     assert ex.stances == [False, False, False]
-    assert why in run.refused
+    assert why in run.why_not()
+
+
+def test_weights_moved_during_the_run_forget_its_known_calls(known):
+    """The OOM Guard's offload of part of the DiT, then the same call again: every guard is checked again, and with
+    a weight off the device none is skipped any more."""
+    p, m = _Patcher(), _module()
+    run, ex = known.KnownCalls(p), _Executor(m)
+    x = torch.ones(1, 4)
+    run.call(ex, (x,), {})
+    run.call(ex, (x,), {})
+    p.model.model_loaded_weight_memory, p.model.model_lowvram = 600, True  # ComfyUI's partially_unload
+    run.call(ex, (x,), {})
+    run.call(ex, (x,), {})
+    assert ex.stances == [False, True, False, True], "a change of residency starts the signatures anew"
+    p.model.model_loaded_weight_memory = 0
+    m.to("meta")  # a weight no longer on the model's device
+    run.call(ex, (x,), {})
+    run.call(ex, (x,), {})
+    assert ex.stances[-2:] == [False, False]
+    assert "not on the GPU" in run.why_not()
 
 
 def test_the_packs_own_inner_wrappers_are_allowed(known):
