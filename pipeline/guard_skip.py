@@ -122,7 +122,6 @@ class KnownCalls:
             self.refused = f"{e} in the call's arguments"
             return None
 
-
     def why_not(self) -> str | None:
         """Why the run's calls (or the last ones) checked every guard, or None."""
         return self.refused or ("a weight is not on the GPU (streamed or offloaded)" if self.not_resident else None)
