@@ -1,13 +1,15 @@
 """What Dynamo's guard check costs a compiled block call, bf16 against fp8 weights, and what dropping the guards on
 the metadata of ComfyUI's QuantizedTensor weights would save (a `guard_filter_fn`; the pack does not use one: see
-bench/results/NOTES.md, sixteenth session). One main-layer block of the tiny DiT compiled with Dynamo's eager
-backend, called 200 times under the profiler, five times; prints the profiler's `TorchDynamo Cache Lookup` per
-call. CPU only: the figures are this CPU's, to compare with one another.
+bench/results/NOTES.md, sixteenth session), and what the pack's skipping of the weights' guards for calls met before
+saves (`skip_guard_eval_unsafe`, pipeline/guard_skip.py). One main-layer block of the tiny DiT compiled with
+Dynamo's eager backend, called 200 times under the profiler, five times; prints the profiler's `TorchDynamo Cache
+Lookup` per call. CPU only: the figures are this CPU's, to compare with one another.
 
     COMFYUI_PATH=~/comfy/ComfyUI python bench/guard_cost_cpu.py
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -30,7 +32,7 @@ def main() -> None:
     from devkit import cfg_batch_errors, tiny_models
 
     tiny_models._comfy_cpu_safe()
-    from pipeline import block_compile
+    from pipeline import block_compile, guard_skip
 
     dit = tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.bfloat16)
     for precision in ("bf16", "fp8"):  # the loader quantizes the 16-bit weights for fp8
@@ -45,16 +47,18 @@ def main() -> None:
         hook = block.register_forward_pre_hook(keep, with_kwargs=True)
         cfg_batch_errors.sample(patcher, *cfg_batch_errors.prompts(cfg, 12, 5), steps=1, mode="off")
         hook.remove()
-        for name, options in (("all guards", None), ("metadata guards dropped",
-                                                      {"guard_filter_fn": drop_quantized_metadata})):
+        for name, options, stance in (
+                ("all guards", None, contextlib.nullcontext),
+                ("metadata guards dropped", {"guard_filter_fn": drop_quantized_metadata}, contextlib.nullcontext),
+                ("weights' guards skipped (pipeline/guard_skip.py)", None, guard_skip._skipping)):
             torch._dynamo.reset()
             compiled = torch.compile(block, backend="eager", options=options)
             per_call = []
             with torch.no_grad():
-                for _ in range(5):  # compiles
+                for _ in range(5):  # compiles, with every guard
                     compiled(*seen["args"], **seen["kwargs"])
                 for _ in range(REPEATS):
-                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, stance():
                         for _ in range(CALLS):
                             compiled(*seen["args"], **seen["kwargs"])
                     per_call += [e.cpu_time_total / e.count for e in prof.key_averages()
