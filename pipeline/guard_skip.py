@@ -39,7 +39,7 @@ WRAPPER_KEY = "newbie_guard_skip"
 RUN_ATTR = "newbie_known_calls"  # the running sampling run's KnownCalls, on the DiT module
 # DIFFUSION_MODEL wrappers that may run inside this one: the pack's own, whose calls change nothing a block reads
 # (the graphs run their recordings with every guard, in a stance of their own).
-_SAFE_INNER = frozenset({cuda_graphs.WRAPPER_KEY, "newbie_block_prefetch"})
+_SAFE_INNER = cuda_graphs._SAFE_INNER | {cuda_graphs.WRAPPER_KEY}
 
 
 def _stance_supported() -> bool:
@@ -170,10 +170,8 @@ def attach(patcher) -> None:
         patcher.add_wrapper_with_key(kind, WRAPPER_KEY, fn)
 
 
-def describe(compiled: bool) -> str | None:
+def describe() -> str:
     """The loader report's line, for a compiled DiT."""
-    if not compiled:
-        return None
     if not SUPPORTED:
         return "Dynamo guards: all checked at every block call (this PyTorch cannot skip them)"
     if not enabled():

@@ -11,11 +11,14 @@ Inductor then computes just those and the copies are never written.
 That relies on the copies' order. `factor` checks it once a process on a small instance of the model's own
 attention class (the host's code, called with the pack's kind of attention override) and returns 1, nothing taken
 away, where the copies are not side by side, where the check cannot run, or where the model has no grouped heads.
-`NEWBIE_FA4_GQA=0` turns it off.
+`NEWBIE_FA4_GQA=0` turns it off. Measured (H100, in-process, a compiled 25-step run, run101): fp8 2.232 s against
+2.290 s with the copies, bf16 2.971 against 3.000 s; the attention kernel's own time is the same either way.
 
 PyTorch SDPA takes grouped heads too (`enable_gqa`; on PyTorch 2.8 and newer cuDNN's attention among its
-backends). There it is opt-in, NEWBIE_SDPA_GQA=1, until measured: where the backend put first declines grouped
-heads, PyTorch would pick another (cuDNN's attention was 35 against FlashAttention-2's 47 ms a step on an H200).
+backends). There it is opt-in, NEWBIE_SDPA_GQA=1: cuDNN took them on torch 2.11 and gained about 1 % (fp8 2.442
+against 2.474 s, bf16 3.170 against 3.188 s, run99; in the server bf16 3.48 against 3.49 s, run100), and where the
+backend put first declines grouped heads, PyTorch would pick another (cuDNN's attention was 35 against
+FlashAttention-2's 47 ms a step on an H200).
 """
 from __future__ import annotations
 

@@ -609,7 +609,7 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
          f"block kind; ComfyUI's non-dynamic model patcher; {compile_why})" if compiled
          else f"compile: off (eager; {compile_why})"),
         sdpa.describe(device, *kv_repeat.from_options(model.model_options.get("transformer_options"))),
-        *filter(None, [guard_skip.describe(bool(compiled))]),
+        *([guard_skip.describe()] if compiled else []),
         cuda_graphs.describe(model),
         "from: " + ", ".join(f"{k}={Path(str(v)).name}" for k, v in parts.paths.items()),
         f"loaded in {time.perf_counter() - t0:.1f} s",
