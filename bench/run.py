@@ -138,7 +138,9 @@ SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_C
             # PyTorch SDPA (cuDNN first) given NewBie's 8 key/value heads with enable_gqa (opt-in)
             "sdpagqa": {"NEWBIE_SDPA_GQA": "1"},
             # every Dynamo guard checked at every compiled block call, as before pipeline/guard_skip.py
-            "guards": {"NEWBIE_GUARD_SKIP": "0"}}
+            "guards": {"NEWBIE_GUARD_SKIP": "0"},
+            # flash-attn-4's own Python finds and launches its kernel at every call, as before pipeline/fa4_replay.py
+            "fa4launch": {"NEWBIE_FA4_REPLAY": "0"}}
 CONFIG_ENV = {f"pack-{p}-{switch}": env for p in ("fp16", "bf16", "fp8", "int8") for switch, env in SWITCHES.items()}
 CONFIGS.update({name: ("pack", name.split("-")[1], [], "auto") for name in CONFIG_ENV})
 CONFIG_ENV["pack-bf16-native-nographs"] = SWITCHES["nographs"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import flash_attn4, sdpa
+from pipeline import fa4_replay, flash_attn4, sdpa
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -62,3 +62,27 @@ def test_one_head_of_each_group_gives_the_attention_of_the_copies(qkv_copies, ro
     _close(out, ref)
     _close(out_copies, ref)
     assert not flash_attn4._FAILED, f"flash-attn-4 fell back to SDPA: {flash_attn4._FAILED}"
+
+
+@pytest.mark.parametrize("heads", ["grouped", "copies"])
+def test_flash_attn4_launched_directly_gives_its_own_output_bit_for_bit(qkv_copies, heads):
+    """pipeline/fa4_replay.py on the real flash-attn-4: NewBie's call (K/V as kv_repeat slices them from ComfyUI's
+    copies, or the copies) is kept for direct launches, and every replay equals flash-attn-4's own call exactly."""
+    if not flash_attn4.installed():
+        pytest.skip("flash-attn-4 is not installed")
+    q, k, v = (t.transpose(1, 2) for t in qkv_copies)  # flash-attn-4's [batch, tokens, heads, head size]
+    if heads == "grouped":
+        k, v = k[:, :, ::REP], v[:, :, ::REP]
+    attention = flash_attn4.kernel()
+    expected = attention(q, k, v)[0]
+    replays = fa4_replay.for_flash_attn4()
+    outs = [replays.call(attention, q, k, v) for _ in range(4)]
+    (kept,) = replays.launches.values()
+    assert kept is not None, "this flash-attn-4's launch was not kept (pipeline/fa4_replay.py's log says why)"
+    for out in outs:
+        assert torch.equal(out, expected)
+    # a second signature (batch 1) is kept on its own and replays its own shape
+    q1, k1, v1 = q[:1], k[:1], v[:1]
+    outs1 = [replays.call(attention, q1, k1, v1) for _ in range(3)]
+    assert len([r for r in replays.launches.values() if r is not None]) == 2
+    assert torch.equal(outs1[-1], attention(q1, k1, v1)[0])
