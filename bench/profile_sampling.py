@@ -91,7 +91,7 @@ def profiled_step_count(extras: list, steps: int, profile_steps: int) -> int:
 
 
 BRIEF_KEYS = ("warm_run_s", "warm_runs_s", "warm_step_ms", "cpu_issue_ms_per_call", "gpu_ms_per_call",
-              "gpu_busy_ms_per_step", "dit_calls_per_step", "first_run_s")
+              "gpu_busy_ms_per_step", "dit_calls_per_step", "first_run_s", "fa4_launches_kept")
 
 
 def brief(results: dict) -> list[str]:
@@ -130,7 +130,7 @@ def main():
     import comfy.patcher_extension
     import comfy.sample
 
-    from pipeline import block_compile, cfg_batch, cuda_graphs, guard_skip, loader, swiglu_fp8
+    from pipeline import block_compile, cfg_batch, cuda_graphs, flash_attn4, guard_skip, loader, swiglu_fp8
 
     if args.swiglu_launch:
         sweep = json.loads(args.swiglu_launch.read_text())
@@ -253,6 +253,9 @@ def main():
             r["cuda_graphs"] = [line for line in graph_lines if "CUDA graphs" in line]
         if "compile" in extras:  # the last run's line: how many of its calls skipped the weights' guards
             r["guard_skip"] = [line for line in graph_lines if "Dynamo's weight guards" in line][-1:]
+        if flash_attn4.installed():  # signatures whose flash-attn-4 launch is kept (pipeline/fa4_replay.py) / watched
+            launches = flash_attn4.replays().launches
+            r["fa4_launches_kept"] = f"{sum(v is not None for v in launches.values())}/{len(launches)}"
         r.update(tables(prof, args.top, cuda))
         figures = {k: v for k, v in r.items() if not k.startswith("top_")}
         print(f"[sampling] {variant}: {json.dumps(figures)}\n{r['top_cpu']}", flush=True)
