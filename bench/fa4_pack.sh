@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Here (a machine with PyPI): flash-attn-4 and its CuTe DSL as carries for the device machine, which has no network.
 # Its CUDA 13 compiler wheel (nvidia-cutlass-dsl-libs-cu13, 92 MB) is too large for one call's 64 MiB carry, so it
-# travels unpacked and xz-compressed (64 MB) in two parts: .fa4a (first 60 MB) and .fa4b (the rest, with the small
+# travels unpacked and xz-compressed (64 MB) in two parts: .fa4a (first 56 MB) and .fa4b (the rest, with the small
 # wheels). On the device, one call carries .fa4a and `bench/fa4_install.sh stash`es it in /tmp; the next call, sent
 # while the machine is still warm, carries .fa4b and runs `source bench/fa4_install.sh`. See bench/README.md.
 set -euo pipefail
@@ -21,8 +21,10 @@ get flash-attn-4==4.0.0b40 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-bas
 mkdir "$work/cu13" && (cd "$work/cu13" && python3 -m zipfile -e "$work"/nvidia_cutlass_dsl_libs_cu13-*.whl .)
 tar -C "$work/cu13" -cf - . | xz -T0 -9 > "$work/cu13.tar.xz"
 rm -rf .fa4a .fa4b && mkdir .fa4a .fa4b
-head -c 60000000 "$work/cu13.tar.xz" > .fa4a/cu13.part1
-tail -c +60000001 "$work/cu13.tar.xz" > .fa4b/cu13.part2
+# split so that each part also fits beside one of the usual carries (64 MiB a call): .fa4a with .carry (63 MB),
+# .fa4b with .whl (63 MB), for the two-call chain of bench/README.md
+head -c 56000000 "$work/cu13.tar.xz" > .fa4a/cu13.part1
+tail -c +56000001 "$work/cu13.tar.xz" > .fa4b/cu13.part2
 sha256sum "$work/cu13.tar.xz" | cut -c1-64 > .fa4b/cu13.sha256
 find "$work" -maxdepth 1 -name '*.whl' ! -name 'nvidia_cutlass_dsl_libs_cu13-*' -exec cp {} .fa4b/ \;
 rm -rf "$work"
