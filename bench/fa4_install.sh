@@ -2,12 +2,11 @@
 # (/tmp/site, /tmp/host): flash-attn-4 from the parts bench/fa4_pack.sh made.
 #   bash bench/fa4_install.sh stash      # a call carrying .fa4a
 #   source bench/fa4_install.sh          # the next call, carrying .fa4b: installs it in /tmp/site_fa4, sets the env
+#   or, in-process only, two calls: `bash bench/fa4_install.sh stash` carrying .fa4a, then
+#   `source bench/device_env.sh && source bench/fa4_install.sh` carrying .whl, .carry and .fa4b
 # pip's --target does not run the DSL's .pth file (it puts nvidia_cutlass_dsl/dsl_packages on sys.path), so that
 # directory goes on PYTHONPATH here; a normal `pip install` needs none of this.
-#   or, in two calls: `bash bench/fa4_install.sh stash` carrying .fa4a and .carry (the host is unpacked too), then
-#   `source bench/device_env.sh && source bench/fa4_install.sh` carrying .whl and .fa4b
 if [ "${1:-}" = stash ]; then
-  if [ -f .carry/comfy.tgz ]; then mkdir -p /tmp/host && tar -xzf .carry/comfy.tgz -C /tmp/host || exit 2; fi
   mkdir -p /tmp/fa4parts && cp .fa4a/cu13.part1 /tmp/fa4parts/ && ls -la /tmp/fa4parts
   exit $?
 fi

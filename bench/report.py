@@ -316,6 +316,18 @@ COMMANDS = {
     "run103": "(the same H100, the next call, flash-attn-4) TORCH_LOGS=recompiles,graph_breaks python3 bench/run.py "
               "--configs pack-fp8@none,pack-fp8-kvcopies@none,pack-fp8@none --warm 3 --timeout 120 (a new server "
               "each; no upstream in this call)",
+    "run104": "(H100, a new machine, flash-attn-4 by the two calls of bench/README.md: bash bench/fa4_install.sh stash "
+              "carrying .fa4a, then, carrying .whl without av, .carry and .fa4b, source bench/device_env.sh && source "
+              "bench/fa4_install.sh; 3891ced) python3 -m pytest -q tests/unit/test_grouped_attention_gpu.py -k "
+              "'fa4 or flash_attn4' (run104-pytest.log); python3 bench/profile_sampling.py --variants "
+              "fp8+compile,fp8+compile+guards+fa4launch,fp8+compile+fa4launch,bf16+compile,"
+              "bf16+compile+guards+fa4launch --steps 25 --profile-steps 3 --warm 3",
+    "run105": "(the same H100, the next call, flash-attn-4; the fp8 variants in the reverse order) python3 "
+              "bench/profile_sampling.py --variants fp8+compile+guards+fa4launch,fp8+compile+guards,"
+              "fp8+compile+fa4launch,fp8+compile --steps 25 --profile-steps 2 --warm 3",
+    "run106": "(the same H100, the next call, flash-attn-4) python3 -m pytest -q tests/unit/test_guard_skip.py "
+              "(run106-pytest.log); python3 bench/profile_sampling.py --variants fp8+compile,"
+              "fp8+compile+guards+fa4launch --steps 25 --profile-steps 2 --warm 5",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
