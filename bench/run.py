@@ -144,6 +144,9 @@ SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_C
 CONFIG_ENV = {f"pack-{p}-{switch}": env for p in ("fp16", "bf16", "fp8", "int8") for switch, env in SWITCHES.items()}
 CONFIGS.update({name: ("pack", name.split("-")[1], [], "auto") for name in CONFIG_ENV})
 CONFIG_ENV["pack-bf16-native-nographs"] = SWITCHES["nographs"]
+# the CPU's share of a step as before runs 104-106: every Dynamo guard checked and flash-attn-4's own Python at each call
+CONFIG_ENV.update({f"pack-{p}-guards-fa4launch": {**SWITCHES["guards"], **SWITCHES["fa4launch"]} for p in ("fp8", "bf16")})
+CONFIGS.update({f"pack-{p}-guards-fa4launch": ("pack", p, [], "auto") for p in ("fp8", "bf16")})
 # CUDA graphs on (opt-in), with Dynamo's recompile reasons in the server log
 CONFIG_ENV.update({f"pack-{p}-native-graphs": {"NEWBIE_CUDA_GRAPHS": "1", "TORCH_LOGS": "recompiles"}
                    for p in ("fp8", "bf16", "fp16")})
