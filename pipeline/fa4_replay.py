@@ -25,22 +25,26 @@ a profiler). `NEWBIE_FA4_REPLAY=0` turns it off.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 from typing import Any, Callable, NamedTuple
 
 import torch
 
+from . import env_switch
+
 log = logging.getLogger(__name__)
 
 SWITCH = "NEWBIE_FA4_REPLAY"
 WATCH_AT = 2  # the call of a signature that is watched: the first may compile the kernel, which a hook would slow
+# signatures a process keeps apart (one per caption length and batch: a few per prompt); past it, new ones take the
+# ordinary path, so that no stream of prompts grows these tables without bound
+MAX_SIGNATURES = 256
 _LEAVES = (type(None), bool, int, float, str, torch.dtype)
 
 
 def enabled() -> bool:
-    return os.environ.get(SWITCH, "1") != "0"
+    return env_switch.switch(SWITCH, True)
 
 
 class Slot(NamedTuple):
@@ -134,6 +138,8 @@ class Replays:
         self.lock = threading.Lock()
 
     def call(self, attention: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _first(attention(q, k, v))  # a launch kept for inference saves nothing for a backward pass
         key = signature(q, k, v)
         recorded = self.launches.get(key)
         if recorded is not None:
@@ -148,6 +154,8 @@ class Replays:
         if q.is_cuda and torch.cuda.is_current_stream_capturing():
             return False
         with self.lock:
+            if key not in self.seen and len(self.seen) >= MAX_SIGNATURES:
+                return False
             self.seen[key] = self.seen.get(key, 0) + 1
             return self.seen[key] >= WATCH_AT
 

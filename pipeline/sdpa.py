@@ -32,7 +32,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from . import env_switch, flash_attn4
+from . import env_switch, fa4_replay, flash_attn4
 
 MODES = ("auto", "fa4", "cudnn", "flash", "torch")
 
@@ -166,8 +166,10 @@ def describe(device: torch.device, kv_repeat: int = 1, grouped_sdpa: bool = Fals
     grouped = (f"; ComfyUI's {kv_repeat} copies of each key/value head go to flash-attn-4"
                f"{' and PyTorch SDPA' if grouped_sdpa else ''} as one" if kv_repeat > 1 else "")
     if first == "fa4":
+        direct = ("; from a shape's third call its kernel is launched directly" if fa4_replay.enabled()
+                  else "")
         return (f"attention: FlashAttention-4 (flash-attn-4 {flash_attn4.version() or '?'}; its kernels compile "
-                f"at the first sampling run and are kept in its on-disk cache; NEWBIE_SDPA=cudnn for PyTorch "
-                f"SDPA{grouped})")
+                f"at the first sampling run and are kept in its on-disk cache{direct}; NEWBIE_SDPA=cudnn for "
+                f"PyTorch SDPA{grouped})")
     order = {"cudnn": "cuDNN first", "flash": "FlashAttention-2 first", None: "PyTorch's own order"}[first]
     return f"attention: PyTorch SDPA ({order}{grouped})"

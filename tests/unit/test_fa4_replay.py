@@ -140,3 +140,27 @@ def test_plan_takes_each_call_tensor_once_and_only_plain_values():
     assert fa4_replay.plan(kernel, [q, k, v, out, Aux((q,))], (q, k, v, out)) is None  # a tensor inside
     assert fa4_replay.plan(kernel, [q, k, v, out, object()], (q, k, v, out)) is None  # an unknown object
     assert fa4_replay.plan(kernel, [q, k, v, out.clone()], (q, k, v, out)) is None  # other memory
+
+
+def test_a_call_that_needs_gradients_keeps_the_ordinary_path():
+    fake = FakeFlashAttention()
+    replays = fa4_replay.Replays(fake.forward)
+    q, k, v = _qkv()
+    q.requires_grad_(True)
+    for _ in range(3):
+        replays.call(fake.attention, q, k, v)
+    assert replays.launches == {} and fake.forward_calls == 3
+    with torch.no_grad():
+        for _ in range(3):
+            replays.call(fake.attention, q, k, v)
+    assert fake.forward_calls == 3 + 2  # without gradients: watched on its second call, then launched directly
+
+
+def test_new_signatures_past_the_cap_take_the_ordinary_path(monkeypatch):
+    monkeypatch.setattr(fa4_replay, "MAX_SIGNATURES", 2)
+    fake = FakeFlashAttention()
+    replays = fa4_replay.Replays(fake.forward)
+    for n in (10, 11, 12):
+        _calls(fake, replays, 3, n=n)
+    assert len(replays.seen) == 2 and len(replays.launches) == 2
+    assert fake.forward_calls == 2 + 2 + 3  # the third length: every call through flash-attn-4's own Python

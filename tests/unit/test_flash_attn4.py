@@ -223,7 +223,10 @@ def test_a_call_it_does_not_take_falls_back_to_the_sdpa_order(monkeypatch, qkv):
 def test_report_line(monkeypatch):
     monkeypatch.setattr(flash_attn4, "version", lambda: "4.0.0b40")
     monkeypatch.setattr(sdpa, "first_backend", lambda device: "fa4")
-    assert "FlashAttention-4 (flash-attn-4 4.0.0b40" in sdpa.describe(torch.device("cuda", 0))
+    line = sdpa.describe(torch.device("cuda", 0))
+    assert "FlashAttention-4 (flash-attn-4 4.0.0b40" in line and "launched directly" in line
+    monkeypatch.setenv("NEWBIE_FA4_REPLAY", "0")
+    assert "launched directly" not in sdpa.describe(torch.device("cuda", 0))
     monkeypatch.setattr(sdpa, "first_backend", lambda device: "cudnn")
     assert sdpa.describe(torch.device("cuda", 0)) == "attention: PyTorch SDPA (cuDNN first)"
     monkeypatch.setattr(sdpa, "first_backend", lambda device: None)
