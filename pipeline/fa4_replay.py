@@ -21,6 +21,11 @@ otherwise, a launch with another tensor (a workspace, a scheduler's metadata, a 
 replay that differs or raises: each leaves that signature on the ordinary path, said once in the log at debug
 level. Nothing is watched while a CUDA graph is being captured or while another profile hook is set (a debugger,
 a profiler). `NEWBIE_FA4_REPLAY=0` turns it off.
+
+Measured on an H100, in-process (bench/results run104-106; tests/unit/test_grouped_attention_gpu.py checks the
+real flash-attn-4's launches kept and bit-identical): NewBie's 5 signatures were all kept; under the profiler the
+attention op took 100-168 µs a call against 317-444 µs; a compiled fp8 sampling run took 2.404 against 2.659 s
+(run105), and with pipeline/guard_skip.py 2.261 against 2.512 s with neither (run106, -10 %).
 """
 from __future__ import annotations
 
