@@ -23,6 +23,11 @@ between the call that compiled (or chose) a version and the calls that reuse it,
   no other node's DIFFUSION_MODEL wrapper inside this one;
 - where PyTorch has the stance, the compiler is in its default stance, and the call is not itself being compiled.
 A run starts anew at each sampling run, so a LoRA, a reload or another prompt begins with full guards.
+
+Measured on an H100 with flash-attn-4, in-process (bench/results run104-106; tests/unit/test_guard_skip.py passed
+on the GPU, run106): with pipeline/fa4_replay.py a compiled fp8 sampling run took 2.348 against 2.404 s without
+this (run105, within the spread), and both 2.261 against 2.512 s with neither (run106). Alone it ran unevenly
+(2.73-3.99 s, run105): most of the CPU's saving came from the direct flash-attn-4 launches.
 """
 from __future__ import annotations
 
