@@ -1,7 +1,8 @@
 """What Dynamo's guard check costs a compiled block call, bf16 against fp8 weights, and what dropping the guards on
 the metadata of ComfyUI's QuantizedTensor weights would save (a `guard_filter_fn`; the pack does not use one: see
 bench/results/NOTES.md, sixteenth session), and what the pack's skipping of the weights' guards for calls met before
-saves (`skip_guard_eval_unsafe`, pipeline/guard_skip.py). One main-layer block of the tiny DiT compiled with
+saves (`skip_guard_eval_unsafe`, pipeline/guard_skip.py), with fp8's quantized inner tensors made Parameters too
+(NEWBIE_GUARD_SKIP_INNER=1, `guard_skip.parameterize_inner`). One main-layer block of the tiny DiT compiled with
 Dynamo's eager backend, called 200 times under the profiler, five times; prints the profiler's `TorchDynamo Cache
 Lookup` per call. CPU only: the figures are this CPU's, to compare with one another.
 
@@ -50,7 +51,12 @@ def main() -> None:
         for name, options, stance in (
                 ("all guards", None, contextlib.nullcontext),
                 ("metadata guards dropped", {"guard_filter_fn": drop_quantized_metadata}, contextlib.nullcontext),
-                ("weights' guards skipped (pipeline/guard_skip.py)", None, guard_skip._skipping)):
+                ("weights' guards skipped (pipeline/guard_skip.py)", None, guard_skip._skipping),
+                ("skipped, inner tensors as Parameters", None, guard_skip._skipping)):
+            if name.startswith("skipped, inner"):
+                if precision == "bf16":
+                    continue
+                guard_skip.parameterize_inner(block)
             torch._dynamo.reset()
             compiled = torch.compile(block, backend="eager", options=options)
             per_call = []
@@ -63,7 +69,10 @@ def main() -> None:
                             compiled(*seen["args"], **seen["kwargs"])
                     per_call += [e.cpu_time_total / e.count for e in prof.key_averages()
                                  if "Cache Lookup" in e.key]
-            print(f"{precision}, {name}: cache lookup {sorted(round(v) for v in per_call)} us a call", flush=True)
+            entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(type(block).forward.__code__)
+            diff = len(entries[0].guard_manager.diff_guard_sources) if entries else "?"
+            print(f"{precision}, {name}: cache lookup {sorted(round(v) for v in per_call)} us a call; "
+                  f"differentiating guard sources {diff}", flush=True)
 
 
 if __name__ == "__main__":

@@ -203,3 +203,69 @@ def test_a_compiled_sampling_run_skips_and_gives_the_same_latent(known, device, 
                 assert lines == []
     assert torch.equal(latents["0"][1], latents["1"][1])
     assert torch.equal(latents["1"][0], latents["1"][1])
+
+
+def _quantized_weights(module):
+    return [w for w in module.parameters() if hasattr(w, "_qdata")]
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_quantized_weights_inner_tensors_become_parameters_over_the_same_memory(known, precision):
+    import dataclasses
+
+    sd = tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.float32)
+    patcher, cfg = tiny_models.dit_patcher(sd, precision, f"tiny-{precision}")
+    dm = patcher.model.diffusion_model
+    weights = _quantized_weights(dm)
+    assert weights
+    before = [(w._qdata.data_ptr(), w._qdata.dtype) for w in weights]
+    x = torch.randn(1, 16, 8, 8)
+    ctx = torch.randn(1, 12, cfg["cap_feat_dim"])
+    timesteps = torch.tensor([0.5])
+    with torch.no_grad():
+        ref = dm(x, timesteps, ctx, 12)
+    assert known.parameterize_inner(dm) == len(weights)
+    for w, (ptr, dtype) in zip(weights, before):
+        assert isinstance(w._qdata, torch.nn.Parameter) and not w._qdata.requires_grad
+        assert (w._qdata.data_ptr(), w._qdata.dtype) == (ptr, dtype)
+        scales = [getattr(w._params, f.name) for f in dataclasses.fields(w._params)]
+        assert all(isinstance(t, torch.nn.Parameter) for t in scales if isinstance(t, torch.Tensor))
+        assert type(w).__name__ == "QuantizedTensor"
+    with torch.no_grad():
+        assert torch.equal(dm(x, timesteps, ctx, 12), ref)
+    assert known.parameterize_inner(dm) == 0  # once is enough; a bf16 model has none
+    bf16, _ = tiny_models.dit_patcher(sd, "bf16", "tiny-bf16")
+    assert known.parameterize_inner(bf16.model.diffusion_model) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_with_inner_parameters_a_compiled_fp8_run_gives_the_same_latent(known, device, monkeypatch, caplog):
+    """NEWBIE_GUARD_SKIP_INNER=1: the first call of a run makes the quantized weights' inner tensors Parameters
+    before any block runs compiled; the latent is the one of the run without it."""
+    import comfy.model_management as mm
+
+    from pipeline import block_compile
+
+    if device == "cuda":
+        monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda", 0))
+    sd = tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.float32)
+    patcher, cfg = tiny_models.dit_patcher(sd, "fp8", "tiny-fp8")
+    block_compile.apply(patcher)
+    reference = _sample(patcher, cfg, device)
+    assert not any(isinstance(w._qdata, torch.nn.Parameter) for w in _quantized_weights(patcher.model))
+    monkeypatch.setenv("NEWBIE_GUARD_SKIP_INNER", "1")
+    with caplog.at_level(logging.INFO, logger=known.__name__):
+        latents = [_sample(patcher, cfg, device) for _ in range(2)]
+    assert all(isinstance(w._qdata, torch.nn.Parameter) for w in _quantized_weights(patcher.model))
+    lines = [r.getMessage() for r in caplog.records if "weight guards" in r.getMessage()]
+    assert lines == ["NewBie compiled blocks: 4 DiT calls of this run skipped Dynamo's weight guards"] * 2, lines
+    assert torch.equal(latents[0], reference) and torch.equal(latents[1], reference)
+
+
+def test_the_report_line_names_the_inner_tensors_option(known, monkeypatch):
+    monkeypatch.setenv("NEWBIE_GUARD_SKIP", "1")
+    monkeypatch.delenv("NEWBIE_GUARD_SKIP_INNER", raising=False)
+    assert "inner tensors" not in known.describe()
+    monkeypatch.setenv("NEWBIE_GUARD_SKIP_INNER", "1")
+    assert known.describe().endswith("(where they stay on the GPU; quantized weights' inner tensors too, "
+                                     "NEWBIE_GUARD_SKIP_INNER=1)")
