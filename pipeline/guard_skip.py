@@ -139,9 +139,20 @@ class KnownCalls:
         if key is None:
             return executor(*args, **kwargs)
         if key in self.seen:
-            self.skipped += 1
-            with _skipping():
+            try:
+                with _skipping():
+                    out = executor(*args, **kwargs)
+            except RuntimeError as e:
+                if "skip_guard_eval_unsafe" not in str(e):
+                    raise
+                # A block with no compiled version that passes (it reached Dynamo's recompile limit and ran
+                # eagerly at the call that checked every guard): this call again, and the run, with every guard.
+                self.refused = "a compiled block reached Dynamo's recompile limit"
+                log.warning("NewBie compiled blocks: %s; this sampling run checks every guard from here on",
+                            self.refused)
                 return executor(*args, **kwargs)
+            self.skipped += 1
+            return out
         out = executor(*args, **kwargs)
         self.seen.add(key)  # only once a call with every guard has finished
         return out

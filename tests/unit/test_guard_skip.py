@@ -251,6 +251,7 @@ def test_with_inner_parameters_a_compiled_fp8_run_gives_the_same_latent(known, d
     sd = tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.float32)
     patcher, cfg = tiny_models.dit_patcher(sd, "fp8", "tiny-fp8")
     block_compile.apply(patcher)
+    torch._dynamo.reset()  # the other tests' models' compiled versions count toward Dynamo's recompile limit
     reference = _sample(patcher, cfg, device)
     assert not any(isinstance(w._qdata, torch.nn.Parameter) for w in _quantized_weights(patcher.model))
     monkeypatch.setenv("NEWBIE_GUARD_SKIP_INNER", "1")
@@ -269,3 +270,26 @@ def test_the_report_line_names_the_inner_tensors_option(known, monkeypatch):
     monkeypatch.setenv("NEWBIE_GUARD_SKIP_INNER", "1")
     assert known.describe().endswith("(where they stay on the GPU; quantized weights' inner tensors too, "
                                      "NEWBIE_GUARD_SKIP_INNER=1)")
+
+
+def test_a_block_past_dynamos_recompile_limit_makes_the_run_check_every_guard(known, monkeypatch, caplog):
+    """A long-lived server that compiles several models can reach Dynamo's recompile limit for the block code: a
+    block kind then runs eagerly at its full-guard call, and its next call under the skip stance has no compiled
+    version to take (PyTorch raises). The call is run again with every guard, the run stops skipping, the latent
+    is the one without skipping."""
+    from pipeline import block_compile
+
+    sd = tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.float32)
+    patcher, cfg = tiny_models.dit_patcher(sd, "bf16", "tiny-bf16")
+    block_compile.apply(patcher)
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setenv("NEWBIE_GUARD_SKIP", "0")
+    reference = _sample(patcher, cfg, "cpu")
+    torch._dynamo.reset()
+    monkeypatch.setenv("NEWBIE_GUARD_SKIP", "1")
+    with caplog.at_level(logging.INFO, logger=known.__name__):
+        latent = _sample(patcher, cfg, "cpu")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("reached Dynamo's recompile limit" in m for m in messages), messages
+    assert torch.equal(latent, reference)
