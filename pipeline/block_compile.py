@@ -216,6 +216,27 @@ def own_cast_state(diffusion_model) -> int:
     return n
 
 
+# Dynamo keeps at most `recompile_limit` (8 by default) compiled versions of one code object, and every transformer
+# block of every Next-DiT in the process shares one forward: 3 block kinds a model, times each precision's layer
+# classes (guarded by type). A server that has run a bf16 and a fp8 NewBie holds 6; a third precision's blocks would
+# run eagerly (and before guard_skip's fallback, failed the job under its stance). The pack asks for room for more.
+RECOMPILE_LIMIT = 64
+
+
+def make_room_for_versions() -> int | None:
+    """Raise Dynamo's per-code-object limit of compiled versions to RECOMPILE_LIMIT where it is lower (never lower
+    it: a user's or another node's higher value stays); returns the limit now, or None where this PyTorch has none."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = next((n for n in ("recompile_limit", "cache_size_limit") if hasattr(config, n)), None)
+    if name is None:
+        return None
+    if getattr(config, name) < RECOMPILE_LIMIT:
+        setattr(config, name, RECOMPILE_LIMIT)
+    return getattr(config, name)
+
+
 def apply(patcher, backend: str = "inductor", mode: str | None = None) -> int:
     """Compile each transformer block of the patcher's DiT (on first use); returns how many blocks.
     Applying it again replaces the earlier compile wrapper (ComfyUI's helper removes it by key)."""
@@ -230,6 +251,7 @@ def apply(patcher, backend: str = "inductor", mode: str | None = None) -> int:
     rope_fusion.enable()
     block_stream.detach(patcher)  # compiled blocks take their weights where ComfyUI's cast puts them
     own_cast_state(patcher.model.diffusion_model)
+    make_room_for_versions()
     set_torch_compile_wrapper(patcher, backend=backend, mode=mode, keys=keys, options=inductor_options(backend))
     patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _log_compiles)

@@ -297,3 +297,18 @@ def test_a_first_sampling_run_compiles_three_graphs(tiny_dit, mode):
         assert not dict(counters["graph_break"]), dict(counters["graph_break"])
     finally:
         torch._dynamo.reset()
+
+
+def test_room_for_the_compiled_versions_of_several_models():
+    """Every Next-DiT block of the process shares one forward; the pack raises Dynamo's per-code-object limit of
+    compiled versions where it is lower, and never lowers it."""
+    import torch._dynamo
+
+    from pipeline import block_compile
+
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    with torch._dynamo.config.patch(**{name: 8}):
+        assert block_compile.make_room_for_versions() == block_compile.RECOMPILE_LIMIT
+        assert getattr(torch._dynamo.config, name) == block_compile.RECOMPILE_LIMIT
+    with torch._dynamo.config.patch(**{name: 500}):
+        assert block_compile.make_room_for_versions() == 500

@@ -282,14 +282,15 @@ def test_a_block_past_dynamos_recompile_limit_makes_the_run_check_every_guard(kn
     sd = tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.float32)
     patcher, cfg = tiny_models.dit_patcher(sd, "bf16", "tiny-bf16")
     block_compile.apply(patcher)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        torch._dynamo.reset()
+        monkeypatch.setenv("NEWBIE_GUARD_SKIP", "0")
+        reference = _sample(patcher, cfg, "cpu")
+        torch._dynamo.reset()
+        monkeypatch.setenv("NEWBIE_GUARD_SKIP", "1")
+        with caplog.at_level(logging.INFO, logger=known.__name__):
+            latent = _sample(patcher, cfg, "cpu")
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    monkeypatch.setenv("NEWBIE_GUARD_SKIP", "0")
-    reference = _sample(patcher, cfg, "cpu")
-    torch._dynamo.reset()
-    monkeypatch.setenv("NEWBIE_GUARD_SKIP", "1")
-    with caplog.at_level(logging.INFO, logger=known.__name__):
-        latent = _sample(patcher, cfg, "cpu")
     messages = [r.getMessage() for r in caplog.records]
     assert any("reached Dynamo's recompile limit" in m for m in messages), messages
     assert torch.equal(latent, reference)
