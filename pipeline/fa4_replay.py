@@ -132,7 +132,7 @@ class Watch:
 
 class Replays:
     """The launches of one process, by signature. `call(attention, q, k, v)` returns the output, from a replay
-    where one is kept, else from `attention` (flash-attn-4's `flash_attn_func`, watched on the WATCH_AT-th call of
+    where one is kept (and NEWBIE_FA4_REPLAY is not 0), else from `attention` (flash-attn-4's `flash_attn_func`, watched on the WATCH_AT-th call of
     a signature)."""
 
     def __init__(self, forward: Callable | None):
@@ -143,7 +143,7 @@ class Replays:
         self.lock = threading.Lock()
 
     def call(self, attention: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if not enabled() or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
             return _first(attention(q, k, v))  # a launch kept for inference saves nothing for a backward pass
         key = signature(q, k, v)
         recorded = self.launches.get(key)

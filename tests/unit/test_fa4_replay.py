@@ -164,3 +164,11 @@ def test_new_signatures_past_the_cap_take_the_ordinary_path(monkeypatch):
         _calls(fake, replays, 3, n=n)
     assert len(replays.seen) == 2 and len(replays.launches) == 2
     assert fake.forward_calls == 2 + 2 + 3  # the third length: every call through flash-attn-4's own Python
+
+
+def test_the_switch_off_calls_flash_attn4_every_time(monkeypatch):
+    monkeypatch.setenv("NEWBIE_FA4_REPLAY", "0")
+    fake = FakeFlashAttention()
+    replays = fa4_replay.Replays(fake.forward)
+    _calls(fake, replays, 4)
+    assert replays.launches == {} and fake.forward_calls == 4
