@@ -50,6 +50,11 @@ OP_NAME = "newbie_lowvram::swiglu_rowwise_e4m3"
 ROWS_PER_PROGRAM = 5
 BLOCK = 2048
 NUM_WARPS = 4
+# The one-pass kernel, for rows of up to ONE_PASS_MAX_COLS (NewBie's 9216: 36 fp32 values a thread at 8 warps): one
+# row a program, so that as many rows are in flight as the registers allow (not yet measured in a step).
+ONE_PASS_MAX_COLS = 16384
+ONE_PASS_ROWS_PER_PROGRAM = 1
+ONE_PASS_NUM_WARPS = 8
 
 
 @functools.cache
@@ -90,12 +95,68 @@ def _kernel():
     return swiglu_rowwise_kernel
 
 
+@functools.cache
+def _one_pass_kernel():
+    """The kernel in one pass: each row read once and held in registers while its amax is found, as two blocks
+    whose sizes are powers of two (Triton's) that together cover the row (9216 = 8192 + 1024: nothing masked)."""
+    import triton.language as tl
+    from triton import jit
+
+    @jit
+    def swiglu_rowwise_one_pass_kernel(g_ptr, u_ptr, out_ptr, scale_ptr, rows, COLS: tl.constexpr,
+                                       ITERS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                                       MIN_AMAX: tl.constexpr, QMAX: tl.constexpr):
+        """As swiglu_rowwise_kernel, the row held as h_a (its first BLOCK_A columns) and h_b (the rest, in a block
+        of BLOCK_B; none where BLOCK_B is 0)."""
+        pid = tl.program_id(0)
+        programs = tl.num_programs(0)
+        for i in range(0, ITERS):
+            row = pid + i * programs
+            live = row < rows
+            base = row.to(tl.int64) * COLS
+            offs_a = tl.arange(0, BLOCK_A)
+            mask_a = (offs_a < COLS) & live
+            g = tl.load(g_ptr + base + offs_a, mask=mask_a, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + base + offs_a, mask=mask_a, other=0.0).to(tl.float32)
+            h_a = g * tl.sigmoid(g) * u
+            amax = tl.max(tl.abs(h_a), axis=0)
+            if BLOCK_B > 0:
+                offs_b = BLOCK_A + tl.arange(0, BLOCK_B)
+                mask_b = (offs_b < COLS) & live
+                g = tl.load(g_ptr + base + offs_b, mask=mask_b, other=0.0).to(tl.float32)
+                u = tl.load(u_ptr + base + offs_b, mask=mask_b, other=0.0).to(tl.float32)
+                h_b = g * tl.sigmoid(g) * u
+                amax = tl.maximum(amax, tl.max(tl.abs(h_b), axis=0))
+            scale = tl.maximum(amax, MIN_AMAX) / QMAX
+            tl.store(scale_ptr + row, scale, mask=live)
+            q = tl.minimum(tl.maximum(h_a / scale, -QMAX), QMAX)
+            tl.store(out_ptr + base + offs_a, q.to(out_ptr.dtype.element_ty), mask=mask_a)
+            if BLOCK_B > 0:
+                q = tl.minimum(tl.maximum(h_b / scale, -QMAX), QMAX)
+                tl.store(out_ptr + base + offs_b, q.to(out_ptr.dtype.element_ty), mask=mask_b)
+
+    return swiglu_rowwise_one_pass_kernel
+
+
+def one_pass_blocks(cols: int) -> tuple[int, int]:
+    """(BLOCK_A, BLOCK_B) of the one-pass kernel for rows of `cols`: the largest power of two not above cols, and
+    the smallest power of two covering the rest (0 where nothing is left)."""
+    block_a = 1 << (cols.bit_length() - 1)
+    rest = cols - block_a
+    return block_a, (1 << (rest - 1).bit_length()) if rest else 0
+
+
 def _launch(kernel, g, u, out, scale, rows_per_program: int, block: int, num_warps: int) -> None:
+    """Launch the two-pass kernel (`block` columns at a time), or, where `block` is None, the one-pass kernel."""
     from triton import cdiv, next_power_of_2
 
     rows, cols = g.shape
-    kernel[(cdiv(rows, rows_per_program),)](g, u, out, scale, rows, COLS=cols, ITERS=rows_per_program,
-                                            BLOCK=min(block, next_power_of_2(cols)),
+    if block is None:
+        block_a, block_b = one_pass_blocks(cols)
+        sizes = {"BLOCK_A": block_a, "BLOCK_B": block_b}
+    else:
+        sizes = {"BLOCK": min(block, next_power_of_2(cols))}
+    kernel[(cdiv(rows, rows_per_program),)](g, u, out, scale, rows, COLS=cols, ITERS=rows_per_program, **sizes,
                                             MIN_AMAX=quantized_ops._MIN_ROW_AMAX, QMAX=quantized_ops._E4M3_MAX,
                                             num_warps=num_warps)
 
@@ -109,13 +170,14 @@ def _outputs(g: torch.Tensor, out_dtype) -> tuple[torch.Tensor, torch.Tensor]:
 def launch(g: torch.Tensor, u: torch.Tensor, rows_per_program: int, block: int, num_warps: int,
            out_dtype=torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """(silu(g) * u scaled per row and cast to out_dtype, the row scales (rows, 1) in float32) for 2-D contiguous
-    g and u of one shape, each program quantizing `rows_per_program` rows: the kernel as bench/swiglu_kernel.py and
-    the tests run it (the pack calls `swiglu_rowwise_e4m3`)."""
+    g and u of one shape, each program quantizing `rows_per_program` rows, `block` columns at a time (None: the
+    one-pass kernel): the kernel as bench/swiglu_kernel.py and the tests run it (the pack calls
+    `swiglu_rowwise_e4m3`)."""
     if u.shape != g.shape or not (g.is_contiguous() and u.is_contiguous()):
         raise ValueError(f"swiglu_rowwise: g {tuple(g.shape)} and u {tuple(u.shape)} must be contiguous and alike")
     out, scale = _outputs(g, out_dtype)
     if g.shape[0]:
-        _launch(_kernel(), g, u, out, scale, rows_per_program, block, num_warps)
+        _launch(_kernel() if block else _one_pass_kernel(), g, u, out, scale, rows_per_program, block, num_warps)
     return out, scale
 
 
@@ -135,7 +197,11 @@ def swiglu_rowwise_e4m3(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor,
     from 93.0 to 90.2 ms."""
     g, u = g.contiguous(), u.contiguous()
     out, scale = _outputs(g, torch.float8_e4m3fn)
-    _launch(torch.library.wrap_triton(_kernel()), g, u, out, scale, ROWS_PER_PROGRAM, BLOCK, NUM_WARPS)
+    if g.shape[-1] <= ONE_PASS_MAX_COLS:
+        _launch(torch.library.wrap_triton(_one_pass_kernel()), g, u, out, scale, ONE_PASS_ROWS_PER_PROGRAM, None,
+                ONE_PASS_NUM_WARPS)
+    else:
+        _launch(torch.library.wrap_triton(_kernel()), g, u, out, scale, ROWS_PER_PROGRAM, BLOCK, NUM_WARPS)
     return out, scale
 
 

@@ -22,11 +22,13 @@ import json, sys, torch
 sys.path.insert(0, {root!r})
 from pipeline import quantized_ops, swiglu_fp8
 g = torch.Generator().manual_seed(0)
-rows, cols = 7, 300  # a tail of 44 columns past the 2 blocks of 128; 3 programs of 3 rows: 2 dead rows
+rows, cols = 7, {cols}
 a = torch.randn(rows, cols, generator=g, dtype=torch.bfloat16) * 3
 b = torch.randn(rows, cols, generator=g, dtype=torch.bfloat16)
 a[2], b[5] = 0, b[5] * 1e4  # an all-zero row; a row far beyond e4m3's 448
-out, scale = swiglu_fp8.launch(a, b, rows_per_program=3, block=128, num_warps=4, out_dtype=torch.float32)
+a[4, -3], b[4, -3] = 4, 100  # a row whose amax is in its last columns
+out, scale = swiglu_fp8.launch(a, b, rows_per_program=3, block={block}, num_warps=4, out_dtype=torch.float32)
+other = swiglu_fp8.launch(a, b, rows_per_program=2, block={other_block}, num_warps=4, out_dtype=torch.float32)
 h = torch.nn.functional.silu(a.float()) * b.float()
 want_scale = h.abs().amax(-1, keepdim=True).clamp(min=quantized_ops._MIN_ROW_AMAX) / quantized_ops._E4M3_MAX
 want = (h / want_scale).clamp(-quantized_ops._E4M3_MAX, quantized_ops._E4M3_MAX)
@@ -35,14 +37,26 @@ print(json.dumps({{
     "value_abs": (out - want).abs().max().item(),
     "row_max": out.abs().amax(-1).tolist(),
     "zero_row": out[2].abs().max().item(),
+    "same_as_other_form": torch.equal(out, other[0]) and torch.equal(scale, other[1]),
 }}))
 """
 
 
-def test_the_kernel_scales_each_row_by_its_amax_under_the_interpreter():
+# (columns, block: 128 for the two-pass kernel, None for the one-pass kernel, the other form's block)
+_FORMS = {
+    "two passes, a tail of 44 columns past 2 blocks of 128": (300, 128, None),
+    "one pass, 256 + a block of 64 with 20 masked": (300, None, 128),
+    "one pass, a power of two: one block": (256, None, 128),
+}
+
+
+@pytest.mark.parametrize("cols, block, other_block", list(_FORMS.values()), ids=list(_FORMS))
+def test_the_kernel_scales_each_row_by_its_amax_under_the_interpreter(cols, block, other_block):
     """silu(g) * u in fp32, each row's scale its amax / 448, the values divided by it: every live row then reaches
-    448 exactly, a row of zeros stays zero, and the column tail and the rows past the last are masked."""
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED.format(root=str(ROOT))], capture_output=True, text=True,
+    448 exactly, a row of zeros stays zero, and the column tail and the rows past the last are masked (3 programs
+    of 3 rows: 2 dead rows). Both kernels compute the same values, bit for bit."""
+    script = _INTERPRETED.format(root=str(ROOT), cols=cols, block=block, other_block=other_block)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(done.stdout.strip().splitlines()[-1])
@@ -50,6 +64,15 @@ def test_the_kernel_scales_each_row_by_its_amax_under_the_interpreter():
     assert r["value_abs"] < 1e-3, r  # of values up to 448: fp32 rounding of the sigmoid and the division
     assert r["zero_row"] == 0.0
     assert [m for i, m in enumerate(r["row_max"]) if i != 2] == pytest.approx([448.0] * 6, rel=1e-6)
+    assert r["same_as_other_form"], r
+
+
+def test_the_one_pass_blocks_cover_a_row_with_two_powers_of_two():
+    assert swiglu_fp8.one_pass_blocks(9216) == (8192, 1024), "NewBie's width: nothing masked"
+    assert swiglu_fp8.one_pass_blocks(2304) == (2048, 256)
+    assert swiglu_fp8.one_pass_blocks(300) == (256, 64)
+    assert swiglu_fp8.one_pass_blocks(256) == (256, 0)
+    assert swiglu_fp8.one_pass_blocks(1) == (1, 0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the device machine)")
@@ -67,6 +90,9 @@ def test_the_kernels_fp8_is_as_close_to_fp32_as_the_packs_formula():
     ours = error(*swiglu_fp8.swiglu_rowwise_e4m3(a, b))
     theirs = error(*quantized_ops.rowwise_e4m3(torch.nn.functional.silu(a) * b))
     assert ours < 0.05 and ours <= theirs * 1.05 + 1e-3, (ours, theirs)
+    one_pass, two_passes = swiglu_fp8.launch(a, b, 1, None, 8), swiglu_fp8.launch(a, b, 5, 2048, 4)
+    assert torch.equal(one_pass[0].view(torch.uint8), two_passes[0].view(torch.uint8))
+    assert torch.equal(one_pass[1], two_passes[1])
 
 
 @pytest.fixture
