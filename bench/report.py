@@ -328,6 +328,16 @@ COMMANDS = {
     "run106": "(the same H100, the next call, flash-attn-4) python3 -m pytest -q tests/unit/test_guard_skip.py "
               "(run106-pytest.log); python3 bench/profile_sampling.py --variants fp8+compile,"
               "fp8+compile+guards+fa4launch --steps 25 --profile-steps 2 --warm 5",
+    "run107": "(H100, a new machine, cuDNN attention; 742949e) source bench/device_env.sh carrying .whl, .whl-av and "
+              ".carry; python3 -m pytest -q tests/unit/test_guard_skip.py (run107-pytest.log); python3 "
+              "bench/profile_sampling.py --variants fp8+compile,fp8+compile+inner,fp8+compile+guards --steps 25 "
+              "--profile-steps 2 --warm 5",
+    "run108": "(the same H100, flash-attn-4 by bash bench/fa4_install.sh stash carrying .fa4a, then source "
+              "bench/fa4_install.sh carrying .fa4b) python3 bench/run.py --configs upstream-gpu-only-native@none,"
+              "pack-fp8-native@none,pack-fp8-native-graphs-w2kernel@none,pack-bf16-native@none --warm 3 --timeout 120 "
+              "(the servers' check of ComfyUI's key/value copies failed under dynamic VRAM: copies kept)",
+    "run109": "(the same H100, the next call, flash-attn-4) python3 bench/profile_sampling.py --variants fp8+compile,"
+              "fp8+compile+inner --steps 25 --profile-steps 2 --warm 5",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
