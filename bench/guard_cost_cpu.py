@@ -1,8 +1,7 @@
 """What Dynamo's guard check costs a compiled block call, bf16 against fp8 weights, and what dropping the guards on
 the metadata of ComfyUI's QuantizedTensor weights would save (a `guard_filter_fn`; the pack does not use one: see
 bench/results/NOTES.md, sixteenth session), and what the pack's skipping of the weights' guards for calls met before
-saves (`skip_guard_eval_unsafe`, pipeline/guard_skip.py), with fp8's quantized inner tensors made Parameters too
-(NEWBIE_GUARD_SKIP_INNER=1, `guard_skip.parameterize_inner`). One main-layer block of the tiny DiT compiled with
+saves (`skip_guard_eval_unsafe`, pipeline/guard_skip.py). One main-layer block of the tiny DiT compiled with
 Dynamo's eager backend, called 200 times under the profiler, five times; prints the profiler's `TorchDynamo Cache
 Lookup` per call. CPU only: the figures are this CPU's, to compare with one another.
 
@@ -51,12 +50,7 @@ def main() -> None:
         for name, options, stance in (
                 ("all guards", None, contextlib.nullcontext),
                 ("metadata guards dropped", {"guard_filter_fn": drop_quantized_metadata}, contextlib.nullcontext),
-                ("weights' guards skipped (pipeline/guard_skip.py)", None, guard_skip._skipping),
-                ("skipped, inner tensors as Parameters", None, guard_skip._skipping)):
-            if name.startswith("skipped, inner"):
-                if precision == "bf16":
-                    continue
-                guard_skip.parameterize_inner(block)
+                ("weights' guards skipped (pipeline/guard_skip.py)", None, guard_skip._skipping)):
             torch._dynamo.reset()
             compiled = torch.compile(block, backend="eager", options=options)
             per_call = []

@@ -28,8 +28,6 @@ script's call counter sat inside the graphs' wrapper, which then declined every 
 pipeline/kv_repeat.py); +sdpagqa: PyTorch SDPA (cuDNN) given one of each too, with enable_gqa (NEWBIE_SDPA_GQA=1);
 +guards: every Dynamo guard checked at every compiled block call (NEWBIE_GUARD_SKIP=0; by default a call met before
 in the run skips the weights' guards, pipeline/guard_skip.py);
-+inner: fp8's quantized weights' inner tensors made Parameters, so that the guard skip skips their guards too
-(NEWBIE_GUARD_SKIP_INNER=1, opt-in);
 +fa4launch: flash-attn-4's own Python finds and launches its kernel at every call (NEWBIE_FA4_REPLAY=0; by default a
 signature met before is launched directly, pipeline/fa4_replay.py);
 +batched: the pack's batching of prompts of different lengths (pipeline/cfg_batch.py) forced on (by default it
@@ -169,7 +167,6 @@ def main():
         os.environ["NEWBIE_SDPA_GQA"] = "1" if "sdpagqa" in extras else "0"
         os.environ["NEWBIE_GUARD_SKIP"] = "0" if "guards" in extras else "1"
         os.environ["NEWBIE_FA4_REPLAY"] = "0" if "fa4launch" in extras else "1"
-        os.environ["NEWBIE_GUARD_SKIP_INNER"] = "1" if "inner" in extras else "0"
         parts = loader.NewBieParts(dict(base_sd), {}, {}, {}, None, None, {"dit": "random"})
         patcher, cfg, _, _ = loader.build_model(parts, prec, dynamic=False)
         if "compile" in extras:  # +cppwrapper: Inductor's C++ launchers (block_compile.inductor_options)

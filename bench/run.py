@@ -140,9 +140,7 @@ SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_C
             # every Dynamo guard checked at every compiled block call, as before pipeline/guard_skip.py
             "guards": {"NEWBIE_GUARD_SKIP": "0"},
             # flash-attn-4's own Python finds and launches its kernel at every call, as before pipeline/fa4_replay.py
-            "fa4launch": {"NEWBIE_FA4_REPLAY": "0"},
-            # fp8's quantized weights' inner tensors made Parameters, so the guard skip skips their guards (opt-in)
-            "inner": {"NEWBIE_GUARD_SKIP_INNER": "1"}}
+            "fa4launch": {"NEWBIE_FA4_REPLAY": "0"}}
 CONFIG_ENV = {f"pack-{p}-{switch}": env for p in ("fp16", "bf16", "fp8", "int8") for switch, env in SWITCHES.items()}
 CONFIGS.update({name: ("pack", name.split("-")[1], [], "auto") for name in CONFIG_ENV})
 CONFIG_ENV["pack-bf16-native-nographs"] = SWITCHES["nographs"]

@@ -26,11 +26,10 @@ A run starts anew at each sampling run, so a LoRA, a reload or another prompt be
 
 fp8 and int8 keep part of the check: their weights are ComfyUI's quantized tensors, whose inner data and scale
 tensors are plain tensors, and Dynamo counts every guard on a tensor that is not an `nn.Parameter` among the
-differentiating ones (43 sources in a fp8 block against 4 in a bf16 one, NOTES). `NEWBIE_GUARD_SKIP_INNER=1`
-(opt-in, not yet measured on a GPU) makes those inner tensors `nn.Parameter`s (the same memory, no gradient) at the
-first call of a run and whenever ComfyUI has moved or patched the weights, so that they are skipped too: on this
-project's CPU (bench/guard_cost_cpu.py) the differentiating sources fall to 4 and the skipped lookup to about
-bf16's.
+differentiating ones (43 sources in a fp8 block against 4 in a bf16 one, NOTES). Making those inner tensors
+Parameters (the same memory) took the sources to 4 on the CPU but made the GPU's run slower, not faster: with cuDNN
+3.102 against 2.516 s a compiled fp8 sampling run, with flash-attn-4 3.103 against 2.778 s, the CPU's time a call
+50.9 against 46.7 and 52.7 against 41.2 ms (H100, runs 107 and 109); it was removed.
 
 Measured on an H100 with flash-attn-4, in-process (bench/results run104-106; tests/unit/test_guard_skip.py passed
 on the GPU, run106): with pipeline/fa4_replay.py a compiled fp8 sampling run took 2.348 against 2.404 s without
@@ -39,7 +38,6 @@ this (run105, within the spread), and both 2.261 against 2.512 s with neither (r
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 
@@ -70,37 +68,6 @@ SUPPORTED = _stance_supported()
 def enabled() -> bool:
     """On unless NEWBIE_GUARD_SKIP=0, where this PyTorch has the stance."""
     return SUPPORTED and env_switch.switch("NEWBIE_GUARD_SKIP", True)
-
-
-def inner_enabled() -> bool:
-    """Quantized weights' inner tensors made Parameters (NEWBIE_GUARD_SKIP_INNER=1; off by default)."""
-    return env_switch.switch("NEWBIE_GUARD_SKIP_INNER", False)
-
-
-def _as_parameter(t):
-    return t if isinstance(t, torch.nn.Parameter) else torch.nn.Parameter(t, requires_grad=False)
-
-
-def parameterize_inner(module: torch.nn.Module) -> int:
-    """Make the inner tensors of `module`'s quantized weights (ComfyUI's QuantizedTensor: its `_qdata` and the
-    tensors of its layout's `_params`) `nn.Parameter`s over the same memory, so that Dynamo does not count their
-    guards among the differentiating ones. Returns how many weights changed; other weights are left alone."""
-    changed = 0
-    for sub in module.modules():
-        for weight in sub._parameters.values():
-            qdata, params = getattr(weight, "_qdata", None), getattr(weight, "_params", None)
-            if not isinstance(qdata, torch.Tensor) or not dataclasses.is_dataclass(params):
-                continue
-            tensors = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
-            plain = {name: _as_parameter(t) for name, t in tensors.items()
-                     if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)}
-            if isinstance(qdata, torch.nn.Parameter) and not plain:
-                continue
-            weight._qdata = _as_parameter(qdata)
-            if plain:
-                weight._params = dataclasses.replace(params, **plain)
-            changed += 1
-    return changed
 
 
 def _default_stance() -> bool:
@@ -164,8 +131,6 @@ class KnownCalls:
             self.residency = state
             self.seen.clear()
             self.not_resident = cuda_graphs.weight_addresses(executor.class_obj, self.device_type) is None
-            if self.refused is None and not self.not_resident and inner_enabled():
-                parameterize_inner(executor.class_obj)
         if self.refused is not None or self.not_resident:
             return None
         if torch.compiler.is_compiling() or not _default_stance():
@@ -234,6 +199,5 @@ def describe() -> str:
         return "Dynamo guards: all checked at every block call (this PyTorch cannot skip them)"
     if not enabled():
         return "Dynamo guards: all checked at every block call (NEWBIE_GUARD_SKIP=0)"
-    inner = "; quantized weights' inner tensors too, NEWBIE_GUARD_SKIP_INNER=1" if inner_enabled() else ""
     return ("Dynamo guards: the weights' checked at the first call of each kind in a sampling run, not at every block "
-            f"call (where they stay on the GPU{inner})")
+            "call (where they stay on the GPU)")
