@@ -115,12 +115,8 @@ def main():
             print(json.dumps(result["ours"][-1]), flush=True)
     # the pack's op as the feed-forward calls it (its default launch; eager here, through the triton_op's dispatch)
     op = lambda: swiglu_fp8.swiglu_rowwise_e4m3(g, u)  # noqa: E731
-    one_pass = args.cols <= swiglu_fp8.ONE_PASS_MAX_COLS
-    result["pack_op"] = {"one_pass": one_pass,
-                         "rows_per_program": swiglu_fp8.ONE_PASS_ROWS_PER_PROGRAM if one_pass
-                         else swiglu_fp8.ROWS_PER_PROGRAM, "block": None if one_pass else swiglu_fp8.BLOCK,
-                         "num_warps": swiglu_fp8.ONE_PASS_NUM_WARPS if one_pass else swiglu_fp8.NUM_WARPS,
-                         "us": statistics.median(_time_us(op)),
+    result["pack_op"] = {"rows_per_program": swiglu_fp8.ROWS_PER_PROGRAM, "block": swiglu_fp8.BLOCK,
+                         "num_warps": swiglu_fp8.NUM_WARPS, "us": statistics.median(_time_us(op)),
                          **_agreement(op(), theirs)}
     print("pack op", json.dumps(result["pack_op"]), flush=True)
     best = min(result["ours"], key=lambda r: r["us"])

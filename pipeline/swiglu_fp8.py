@@ -50,11 +50,6 @@ OP_NAME = "newbie_lowvram::swiglu_rowwise_e4m3"
 ROWS_PER_PROGRAM = 5
 BLOCK = 2048
 NUM_WARPS = 4
-# The one-pass kernel, for rows of up to ONE_PASS_MAX_COLS (NewBie's 9216: 36 fp32 values a thread at 8 warps): one
-# row a program, so that as many rows are in flight as the registers allow (not yet measured in a step).
-ONE_PASS_MAX_COLS = 16384
-ONE_PASS_ROWS_PER_PROGRAM = 1
-ONE_PASS_NUM_WARPS = 8
 
 
 @functools.cache
@@ -97,8 +92,11 @@ def _kernel():
 
 @functools.cache
 def _one_pass_kernel():
-    """The kernel in one pass: each row read once and held in registers while its amax is found, as two blocks
-    whose sizes are powers of two (Triton's) that together cover the row (9216 = 8192 + 1024: nothing masked)."""
+    """The kernel in one pass (`launch` with block None): each row read once and held in registers while its amax
+    is found, as two blocks whose sizes are powers of two (Triton's) that together cover the row (9216 = 8192 +
+    1024: nothing masked; at 8 warps 36 fp32 values a thread). Not yet timed on a GPU (no device could be started
+    after it was built), so the op launches the two-pass kernel until bench/swiglu_kernel.py, which times both with
+    1, 2 or 4 rows a program and 4, 8 or 16 warps, shows this one faster."""
     import triton.language as tl
     from triton import jit
 
@@ -197,11 +195,7 @@ def swiglu_rowwise_e4m3(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor,
     from 93.0 to 90.2 ms."""
     g, u = g.contiguous(), u.contiguous()
     out, scale = _outputs(g, torch.float8_e4m3fn)
-    if g.shape[-1] <= ONE_PASS_MAX_COLS:
-        _launch(torch.library.wrap_triton(_one_pass_kernel()), g, u, out, scale, ONE_PASS_ROWS_PER_PROGRAM, None,
-                ONE_PASS_NUM_WARPS)
-    else:
-        _launch(torch.library.wrap_triton(_kernel()), g, u, out, scale, ROWS_PER_PROGRAM, BLOCK, NUM_WARPS)
+    _launch(torch.library.wrap_triton(_kernel()), g, u, out, scale, ROWS_PER_PROGRAM, BLOCK, NUM_WARPS)
     return out, scale
 
 
