@@ -12,7 +12,10 @@ That relies on the copies' order. `factor` checks it once a process on a small i
 attention class (the host's code, called with the pack's kind of attention override) and returns 1, nothing taken
 away, where the copies are not side by side, where the check cannot run, or where the model has no grouped heads.
 `NEWBIE_FA4_GQA=0` turns it off. Measured (H100, in-process, a compiled 25-step run, run101): fp8 2.232 s against
-2.290 s with the copies, bf16 2.971 against 3.000 s; the attention kernel's own time is the same either way.
+2.290 s with the copies, bf16 2.971 against 3.000 s; the attention kernel's own time is the same either way. In
+ComfyUI's server it did not run until the check was made of PyTorch's own layers: under dynamic VRAM ComfyUI's
+layers have no weights until a state dict loads, the check failed, and every server run with flash-attn-4 up to
+run108 kept the copies (its log: "checking ComfyUI's repeat failed").
 
 PyTorch SDPA takes grouped heads too (`enable_gqa`; on PyTorch 2.8 and newer cuDNN's attention among its
 backends). There it is opt-in, NEWBIE_SDPA_GQA=1: cuDNN took them on torch 2.11 and gained about 1 % (fp8 2.442
@@ -71,10 +74,7 @@ _PLAIN_LAYERS = types.SimpleNamespace(Linear=torch.nn.Linear, RMSNorm=torch.nn.R
 def _probe(attention_cls, n_rep: int, head_dim: int, rope_embedder) -> bool:
     """Run a small `attention_cls` (2 key/value heads, `n_rep` query heads each, random fp32 weights on the CPU)
     with an attention override that records what ComfyUI passes, and check that its keys and values come side by
-    side.
-
-    Its layers are PyTorch's own: under dynamic VRAM ComfyUI's layers are made without weights until a state dict
-    is loaded (comfy/ops.py, aimdo), which left the check failing in the server and the copies in place (run108)."""
+    side. Its layers are PyTorch's own, which have their weights at once (the module docstring says why)."""
     seen = {}
 
     def record(func, *args, **kwargs):  # what ComfyUI passes: q, k, v as [B, H, N, D] (skip_reshape)
