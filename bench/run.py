@@ -352,7 +352,16 @@ LOG_EVENTS = {  # what the server log says about memory, compile and the fp16 pa
     "fa4": "attention: FlashAttention-4",  # the loader chose flash-attn-4 (pipeline/sdpa.py)
     "fa4_unloadable": "flash-attn-4 is installed but does not load",
     "swiglu_kernel": "make w2's input with the pack's SwiGLU kernel",  # one line per model built with it
+    # flash-attn-4 kept ComfyUI's 24 key/value copies (pipeline/kv_repeat.py): until its fix every server did (run108)
+    "kv_copies_kept": "key/value copies are not side by side here; they stay repeated",
 }
+# events that say a part of the pack did not run as it should: printed with each configuration's line
+WARNING_EVENTS = ("oom", "graph_failed", "fa4_unloadable", "kv_copies_kept")
+
+
+def warnings_of(events: dict) -> dict:
+    """The WARNING_EVENTS a configuration's log has, with their counts."""
+    return {k: events[k] for k in WARNING_EVENTS if events.get(k)}
 
 
 def log_events(log_path: Path, copy_to: Path) -> dict:
@@ -421,7 +430,8 @@ def main():
         results.append(r)
         this_call.append(r)
         results_path.write_text(json.dumps(results, indent=1))
-        brief = {"cold": r.get("cold"), "warm": {k: v for k, v in r.get("warm", {}).items() if k != "image"}}
+        brief = {"cold": r.get("cold"), "warm": {k: v for k, v in r.get("warm", {}).items() if k != "image"},
+                 "log_warnings": warnings_of(r.get("log_events", {}))}
         print(f"[bench] {item} ({time.perf_counter() - t:.0f} s): {json.dumps(brief)}", flush=True)
 
     print(ratio_table(this_call), flush=True)

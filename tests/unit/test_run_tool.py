@@ -20,3 +20,21 @@ def test_the_text_encoder_configurations_quantize_gemma_and_the_others_leave_it_
     assert _loader_inputs("pack-bf16-teint8")["precision"] == "bf16"
     assert _loader_inputs("pack-fp8")["text_encoder_precision"] == "auto"
     assert _loader_inputs("pack-fp8-w2bf16")["text_encoder_precision"] == "auto"
+
+
+
+def test_a_server_log_whose_key_value_check_failed_is_flagged(tmp_path):
+    """The line pipeline/kv_repeat.py logs when flash-attn-4 keeps ComfyUI's copies is counted and printed as a
+    warning with the configuration (every server kept them until run108's failure was found)."""
+    import inspect
+
+    from pipeline import kv_repeat
+
+    assert run.LOG_EVENTS["kv_copies_kept"] in inspect.getsource(kv_repeat), "the text kv_repeat.factor logs"
+    log = tmp_path / "server.log"
+    log.write_text("[INFO] NewBie attention: key/value heads stay repeated (checking ComfyUI's repeat failed: ...)\n"
+                   f"[INFO] NewBie attention: ComfyUI's {run.LOG_EVENTS['kv_copies_kept']}\n")
+    events = run.log_events(log, tmp_path / "logs" / "copy.log")
+    assert run.warnings_of(events) == {"kv_copies_kept": 1}
+    assert (tmp_path / "logs" / "copy.log").read_text() == log.read_text()
+    assert run.warnings_of({"kv_copies_kept": 0, "oom": 0}) == {}
