@@ -18,6 +18,7 @@ this script's conditioning is on the CPU, as a server's text encoders leave it);
 +w2bf16: fp8's w2 multiplied in bf16 (NEWBIE_FP8_W2=bf16; by default it multiplies in fp8 with its input scaled per
 row, pipeline/quantized_ops.py, the `+w2rowwise` of runs 84-88);
 +w2kernel: that row-scaled input made by the pack's SwiGLU kernel (NEWBIE_FP8_W2=kernel, pipeline/swiglu_fp8.py);
++w2kernel1: by its one-pass form (NEWBIE_FP8_W2=kernel1, not yet timed);
 +fastaccum: fp8 GEMMs accumulating in the tensor cores' accumulator (NEWBIE_FP8_ACCUM=fast, use_fast_accum; the
 default since run94-95, before which `fp8+compile` promoted their partial sums to fp32); +fp32accum: promoted again
 (NEWBIE_FP8_ACCUM=fp32);
@@ -161,6 +162,7 @@ def main():
     for variant in args.variants.split(","):
         prec, *extras = variant.split("+")
         os.environ["NEWBIE_FP8_W2"] = ("bf16" if "w2bf16" in extras else "kernel" if "w2kernel" in extras
+                                        else "kernel1" if "w2kernel1" in extras
                                         else "")  # read when the model is built, as is
         os.environ["NEWBIE_FP8_ACCUM"] = "fp32" if "fp32accum" in extras else "fast" if "fastaccum" in extras else ""
         os.environ["NEWBIE_FA4_GQA"] = "0" if "kvcopies" in extras else "1"

@@ -516,7 +516,7 @@ def _weights_line(patcher, precision: str, dtype, compute: str) -> str:
     if precision == "fp8" and mm.supports_fp8_compute(patcher.load_device):
         run = "fp8 matmuls, " + ("feed_forward.w2 in bf16 (NEWBIE_FP8_W2=bf16)" if not quantized_ops.rowwise_w2()
                                  else "feed_forward.w2's bf16 input scaled per row"
-                                 + (" by the pack's SwiGLU kernel (NEWBIE_FP8_W2=kernel)"
+                                 + (f" by the pack's SwiGLU kernel ({swiglu_fp8.switch_words()})"
                                     if swiglu_fp8.attached(patcher) else ""))
         run += (", accumulating in the tensor cores" if quantized_ops.fast_accumulation()
                 else ", partial sums promoted to fp32 (NEWBIE_FP8_ACCUM=fp32)")

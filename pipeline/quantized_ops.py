@@ -125,9 +125,14 @@ def rowwise_w2() -> bool:
 
 
 def w2_kernel() -> bool:
-    """Whether fp8's row-scaled w2 input comes from the pack's SwiGLU kernel (NEWBIE_FP8_W2=kernel,
-    pipeline/swiglu_fp8.py) rather than from the kernel Inductor fuses."""
-    return env_switch.value("NEWBIE_FP8_W2") == "kernel"
+    """Whether fp8's row-scaled w2 input comes from the pack's SwiGLU kernel (NEWBIE_FP8_W2=kernel, or kernel1 for
+    its one-pass form; pipeline/swiglu_fp8.py) rather than from the kernel Inductor fuses."""
+    return env_switch.value("NEWBIE_FP8_W2") in ("kernel", "kernel1")
+
+
+def w2_kernel_one_pass() -> bool:
+    """Whether that kernel is the one-pass form (NEWBIE_FP8_W2=kernel1; not yet timed on a GPU)."""
+    return env_switch.value("NEWBIE_FP8_W2") == "kernel1"
 
 
 def fast_accumulation() -> bool:

@@ -50,6 +50,11 @@ OP_NAME = "newbie_lowvram::swiglu_rowwise_e4m3"
 ROWS_PER_PROGRAM = 5
 BLOCK = 2048
 NUM_WARPS = 4
+# The one-pass kernel's launch (NEWBIE_FP8_W2=kernel1): one row a program, so that as many rows are in flight as the
+# registers allow; 8 warps hold NewBie's 9216 columns as 36 fp32 values a thread (untimed: a first guess).
+OP_NAME_ONE_PASS = "newbie_lowvram::swiglu_rowwise_e4m3_one_pass"
+ONE_PASS_ROWS_PER_PROGRAM = 1
+ONE_PASS_NUM_WARPS = 8
 
 
 @functools.cache
@@ -95,8 +100,9 @@ def _one_pass_kernel():
     """The kernel in one pass (`launch` with block None): each row read once and held in registers while its amax
     is found, as two blocks whose sizes are powers of two (Triton's) that together cover the row (9216 = 8192 +
     1024: nothing masked; at 8 warps 36 fp32 values a thread). Not yet timed on a GPU (no device could be started
-    after it was built), so the op launches the two-pass kernel until bench/swiglu_kernel.py, which times both with
-    1, 2 or 4 rows a program and 4, 8 or 16 warps, shows this one faster."""
+    after it was built): the feed-forwards use it only under NEWBIE_FP8_W2=kernel1 (`swiglu_rowwise_e4m3_one_pass`),
+    and bench/swiglu_kernel.py times it with 1, 2 or 4 rows a program and 4, 8 or 16 warps against the two-pass
+    kernel."""
     import triton.language as tl
     from triton import jit
 
@@ -179,12 +185,14 @@ def launch(g: torch.Tensor, u: torch.Tensor, rows_per_program: int, block: int, 
     return out, scale
 
 
-def _triton_op(fn):
+def _triton_op(name: str):
     """torch.library.triton_op where this PyTorch has it (2.6 and newer); else None, and the kernel is not used."""
-    return torch.library.triton_op(OP_NAME, mutates_args=())(fn) if hasattr(torch.library, "triton_op") else None
+    def register(fn):
+        return torch.library.triton_op(name, mutates_args=())(fn) if hasattr(torch.library, "triton_op") else None
+    return register
 
 
-@_triton_op
+@_triton_op(OP_NAME)
 def swiglu_rowwise_e4m3(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """silu(g) * u for 2-D bf16 g and u on a GPU, quantized to e4m3 with one scale per row: (the fp8 values, the
     scales (rows, 1) in float32), as `quantized_ops.rowwise_e4m3(silu(g) * u)` but with the product kept in fp32.
@@ -199,8 +207,28 @@ def swiglu_rowwise_e4m3(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor,
     return out, scale
 
 
+@_triton_op(OP_NAME_ONE_PASS)
+def swiglu_rowwise_e4m3_one_pass(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`swiglu_rowwise_e4m3` by the one-pass kernel (NEWBIE_FP8_W2=kernel1): the same bytes (the interpreter test
+    and the GPU test hold the two kernels to each other)."""
+    g, u = g.contiguous(), u.contiguous()
+    out, scale = _outputs(g, torch.float8_e4m3fn)
+    _launch(torch.library.wrap_triton(_one_pass_kernel()), g, u, out, scale, ONE_PASS_ROWS_PER_PROGRAM, None,
+            ONE_PASS_NUM_WARPS)
+    return out, scale
+
+
 def _kernel_runs_on(t: torch.Tensor) -> bool:
     return t.is_cuda and t.dtype == torch.bfloat16
+
+
+def _fused(ff, x: torch.Tensor, op) -> torch.Tensor:
+    g, u = ff.w1(x), ff.w3(x)
+    w2 = ff.w2
+    if _kernel_runs_on(g) and w2.takes_rowwise_fp8(g):
+        x8, scale = op(g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1]))
+        return w2.forward_rowwise_fp8(x8, scale).reshape(*g.shape[:-1], -1)
+    return w2(ff._forward_silu_gating(g, u))
 
 
 def fused_forward(ff, x: torch.Tensor) -> torch.Tensor:
@@ -208,12 +236,12 @@ def fused_forward(ff, x: torch.Tensor) -> torch.Tensor:
     row-scaled fp8 input (`takes_rowwise_fp8`), comes from `swiglu_rowwise_e4m3`; ComfyUI's computation
     otherwise. Bound to each feed-forward as a method: one function for all of them, so that Dynamo's guard on it
     holds across blocks (a callable object per feed-forward made each block recompile, run94)."""
-    g, u = ff.w1(x), ff.w3(x)
-    w2 = ff.w2
-    if _kernel_runs_on(g) and w2.takes_rowwise_fp8(g):
-        x8, scale = swiglu_rowwise_e4m3(g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1]))
-        return w2.forward_rowwise_fp8(x8, scale).reshape(*g.shape[:-1], -1)
-    return w2(ff._forward_silu_gating(g, u))
+    return _fused(ff, x, swiglu_rowwise_e4m3)
+
+
+def fused_forward_one_pass(ff, x: torch.Tensor) -> torch.Tensor:
+    """`fused_forward` with the one-pass kernel (NEWBIE_FP8_W2=kernel1)."""
+    return _fused(ff, x, swiglu_rowwise_e4m3_one_pass)
 
 
 def _feed_forwards(diffusion_model: torch.nn.Module):
@@ -240,14 +268,19 @@ def usable(device) -> bool:
 def attach(patcher) -> int:
     """Give each eligible FeedForward of the patcher's DiT `fused_forward` as its forward (ComfyUI's object patches,
     undone when ComfyUI unpatches the model). Returns how many."""
+    forward = fused_forward_one_pass if quantized_ops.w2_kernel_one_pass() else fused_forward
     n = 0
     for name, module in _feed_forwards(patcher.model.diffusion_model):
-        patcher.add_object_patch(f"diffusion_model.{name}.forward", types.MethodType(fused_forward, module))
+        patcher.add_object_patch(f"diffusion_model.{name}.forward", types.MethodType(forward, module))
         n += 1
     if n:
-        log.info("NewBie fp8: %d feed-forwards make w2's input with the pack's SwiGLU kernel (NEWBIE_FP8_W2=kernel)",
-                 n)
+        log.info("NewBie fp8: %d feed-forwards make w2's input with the pack's SwiGLU kernel (%s)", n, switch_words())
     return n
+
+
+def switch_words() -> str:
+    """The switch that chose the kernel, as the log and the loader's report name it."""
+    return "NEWBIE_FP8_W2=kernel1, in one pass" if quantized_ops.w2_kernel_one_pass() else "NEWBIE_FP8_W2=kernel"
 
 
 def attached(patcher) -> bool:

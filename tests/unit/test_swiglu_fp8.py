@@ -167,6 +167,34 @@ def test_kernel_mode_patches_every_feed_forward_and_keeps_the_rowwise_output(ker
 
 
 @pytest.mark.host
+def test_kernel1_mode_gives_every_feed_forward_the_one_pass_op(fp8_gpu, monkeypatch):
+    """NEWBIE_FP8_W2=kernel1: the same patches, each w2 input from the one-pass kernel's op (the two-pass op is not
+    called), and the log and the loader's report name the switch."""
+    from devkit import stress
+    from devkit.dit_calls import dit_call
+
+    monkeypatch.setenv("NEWBIE_FP8_W2", "kernel1")
+    monkeypatch.setattr(swiglu_fp8, "_kernel_runs_on", lambda t: True)
+    monkeypatch.setattr(swiglu_fp8, "swiglu_rowwise_e4m3_one_pass", _formula_op)
+    monkeypatch.setattr(swiglu_fp8, "swiglu_rowwise_e4m3", None)
+    _FORMULA_CALLS.clear()
+    patcher, cfg = _tiny_fp8_patcher()
+    ffs = [m for m in patcher.model.diffusion_model.modules() if type(m).__name__ == "FeedForward"]
+    default = dit_call(patcher, cfg)
+    patcher.patch_model()
+    try:
+        assert all(getattr(ff.forward, '__func__', None) is swiglu_fp8.fused_forward_one_pass for ff in ffs)
+        fused = dit_call(patcher, cfg)
+    finally:
+        patcher.unpatch_model()
+    assert len(_FORMULA_CALLS) == len(ffs), (len(ffs), _FORMULA_CALLS)
+    assert 0 < stress.relative_error(fused, default) < 0.02
+    assert swiglu_fp8.switch_words() == "NEWBIE_FP8_W2=kernel1, in one pass"
+    monkeypatch.setenv("NEWBIE_FP8_W2", "kernel")
+    assert swiglu_fp8.switch_words() == "NEWBIE_FP8_W2=kernel"
+
+
+@pytest.mark.host
 @pytest.mark.parametrize("switch", [None, "bf16"])
 def test_without_kernel_mode_no_feed_forward_is_patched(fp8_gpu, monkeypatch, switch):
     if switch is None:
@@ -178,12 +206,15 @@ def test_without_kernel_mode_no_feed_forward_is_patched(fp8_gpu, monkeypatch, sw
     assert not swiglu_fp8.attached(patcher)
 
 
-def test_compiled_code_calls_the_kernel_as_one_op_and_new_row_counts_do_not_recompile():
+@pytest.mark.parametrize("op_attr, op_name", [("swiglu_rowwise_e4m3", swiglu_fp8.OP_NAME),
+                                               ("swiglu_rowwise_e4m3_one_pass", swiglu_fp8.OP_NAME_ONE_PASS)])
+def test_compiled_code_calls_the_kernel_as_one_op_and_new_row_counts_do_not_recompile(op_attr, op_name):
     """Dynamo traces the op with fake tensors (no graph break, the op in the graph), and a third row count reuses
     the dynamic graph made at the second: a caption of new length costs no compile. Traced only: the kernel's
     arithmetic is the interpreter test's, and Triton's interpreter cannot run a `triton_op` (its `wrap_triton`
     takes compiled kernels only)."""
     graphs = []
+    op = getattr(swiglu_fp8, op_attr)
 
     def backend(gm, example_inputs):
         graphs.append(gm)
@@ -195,7 +226,7 @@ def test_compiled_code_calls_the_kernel_as_one_op_and_new_row_counts_do_not_reco
 
     @torch.compile(backend=backend)
     def w2_input(g, u):
-        return swiglu_fp8.swiglu_rowwise_e4m3(g * 1.0, u)
+        return op(g * 1.0, u)
 
     torch._dynamo.reset()
     try:
@@ -206,7 +237,7 @@ def test_compiled_code_calls_the_kernel_as_one_op_and_new_row_counts_do_not_reco
         torch._dynamo.reset()
     targets = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
     assert len(graphs) == 2, [gm.code for gm in graphs]
-    assert sum(t == swiglu_fp8.OP_NAME.replace("::", ".") + ".default" for t in targets) == 2, targets
+    assert sum(t == op_name.replace("::", ".") + ".default" for t in targets) == 2, targets
 
 
 class _NotRun(Exception):
