@@ -140,6 +140,18 @@ def _tiny_fp8_patcher():
     return tiny_models.dit_patcher(quantize.quantize_state_dict(dit, "fp8"), "fp8", "tiny-fp8")
 
 
+def _patched_call(patcher, cfg, ffs, forward) -> torch.Tensor:
+    """One DiT call with ComfyUI's patches applied, each feed-forward's forward being `forward`."""
+    from devkit.dit_calls import dit_call
+
+    patcher.patch_model()
+    try:
+        assert all(getattr(ff.forward, '__func__', None) is forward for ff in ffs)
+        return dit_call(patcher, cfg)
+    finally:
+        patcher.unpatch_model()
+
+
 @pytest.mark.host
 def test_kernel_mode_patches_every_feed_forward_and_keeps_the_rowwise_output(kernel_mode, monkeypatch):
     """With NEWBIE_FP8_W2=kernel every NextDiT feed-forward (refiners and main layers) gets the fused forward
@@ -154,12 +166,7 @@ def test_kernel_mode_patches_every_feed_forward_and_keeps_the_rowwise_output(ker
     assert ffs and len(keys) == len(ffs) and swiglu_fp8.attached(patcher), (len(ffs), keys)
     default = dit_call(patcher, cfg)  # object patches apply only when ComfyUI patches the model
     assert kernel_mode == []
-    patcher.patch_model()
-    try:
-        assert all(getattr(ff.forward, '__func__', None) is swiglu_fp8.fused_forward for ff in ffs)
-        fused = dit_call(patcher, cfg)
-    finally:
-        patcher.unpatch_model()
+    fused = _patched_call(patcher, cfg, ffs, swiglu_fp8.fused_forward)
     assert len(kernel_mode) == len(ffs), (len(ffs), kernel_mode)  # one DiT call: each feed-forward once
     assert 0 < stress.relative_error(fused, default) < 0.02
     assert not any(getattr(ff.forward, '__func__', None) is swiglu_fp8.fused_forward for ff in ffs)
@@ -181,12 +188,7 @@ def test_kernel1_mode_gives_every_feed_forward_the_one_pass_op(fp8_gpu, monkeypa
     patcher, cfg = _tiny_fp8_patcher()
     ffs = [m for m in patcher.model.diffusion_model.modules() if type(m).__name__ == "FeedForward"]
     default = dit_call(patcher, cfg)
-    patcher.patch_model()
-    try:
-        assert all(getattr(ff.forward, '__func__', None) is swiglu_fp8.fused_forward_one_pass for ff in ffs)
-        fused = dit_call(patcher, cfg)
-    finally:
-        patcher.unpatch_model()
+    fused = _patched_call(patcher, cfg, ffs, swiglu_fp8.fused_forward_one_pass)
     assert len(_FORMULA_CALLS) == len(ffs), (len(ffs), _FORMULA_CALLS)
     assert 0 < stress.relative_error(fused, default) < 0.02
     assert swiglu_fp8.switch_words() == "NEWBIE_FP8_W2=kernel1, in one pass"
