@@ -150,16 +150,21 @@ def one_pass_blocks(cols: int) -> tuple[int, int]:
     return block_a, (1 << (rest - 1).bit_length()) if rest else 0
 
 
-def _launch(kernel, g, u, out, scale, rows_per_program: int, block: int, num_warps: int) -> None:
-    """Launch the two-pass kernel (`block` columns at a time), or, where `block` is None, the one-pass kernel."""
+def _launch(g, u, out, scale, rows_per_program: int, block: int | None, num_warps: int, wrap=None) -> None:
+    """Launch the two-pass kernel (`block` columns at a time), or, where `block` is None, the one-pass kernel;
+    through `wrap` (torch.library.wrap_triton inside the ops) where given."""
     from triton import cdiv, next_power_of_2
 
     rows, cols = g.shape
     if block is None:
+        kernel = _one_pass_kernel()
         block_a, block_b = one_pass_blocks(cols)
         sizes = {"BLOCK_A": block_a, "BLOCK_B": block_b}
     else:
+        kernel = _kernel()
         sizes = {"BLOCK": min(block, next_power_of_2(cols))}
+    if wrap is not None:
+        kernel = wrap(kernel)
     kernel[(cdiv(rows, rows_per_program),)](g, u, out, scale, rows, COLS=cols, ITERS=rows_per_program, **sizes,
                                             MIN_AMAX=quantized_ops._MIN_ROW_AMAX, QMAX=quantized_ops._E4M3_MAX,
                                             num_warps=num_warps)
@@ -181,7 +186,15 @@ def launch(g: torch.Tensor, u: torch.Tensor, rows_per_program: int, block: int, 
         raise ValueError(f"swiglu_rowwise: g {tuple(g.shape)} and u {tuple(u.shape)} must be contiguous and alike")
     out, scale = _outputs(g, out_dtype)
     if g.shape[0]:
-        _launch(_kernel() if block else _one_pass_kernel(), g, u, out, scale, rows_per_program, block, num_warps)
+        _launch(g, u, out, scale, rows_per_program, block, num_warps)
+    return out, scale
+
+
+def _op_body(g, u, rows_per_program: int, block: int | None, num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What each op runs: the kernel chosen by `block` on contiguous g and u, launched through wrap_triton."""
+    g, u = g.contiguous(), u.contiguous()
+    out, scale = _outputs(g, torch.float8_e4m3fn)
+    _launch(g, u, out, scale, rows_per_program, block, num_warps, wrap=torch.library.wrap_triton)
     return out, scale
 
 
@@ -201,21 +214,14 @@ def swiglu_rowwise_e4m3(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor,
     `custom_op` its Python dispatch, allocations and Triton's launcher took about 150 us of CPU a call (run95),
     which the CPU-bound compiled fp8 step could not afford: 2.505 against 2.458 s a run, though the GPU's step fell
     from 93.0 to 90.2 ms."""
-    g, u = g.contiguous(), u.contiguous()
-    out, scale = _outputs(g, torch.float8_e4m3fn)
-    _launch(torch.library.wrap_triton(_kernel()), g, u, out, scale, ROWS_PER_PROGRAM, BLOCK, NUM_WARPS)
-    return out, scale
+    return _op_body(g, u, ROWS_PER_PROGRAM, BLOCK, NUM_WARPS)
 
 
 @_triton_op(OP_NAME_ONE_PASS)
 def swiglu_rowwise_e4m3_one_pass(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`swiglu_rowwise_e4m3` by the one-pass kernel (NEWBIE_FP8_W2=kernel1): the same bytes (the interpreter test
     and the GPU test hold the two kernels to each other)."""
-    g, u = g.contiguous(), u.contiguous()
-    out, scale = _outputs(g, torch.float8_e4m3fn)
-    _launch(torch.library.wrap_triton(_one_pass_kernel()), g, u, out, scale, ONE_PASS_ROWS_PER_PROGRAM, None,
-            ONE_PASS_NUM_WARPS)
-    return out, scale
+    return _op_body(g, u, ONE_PASS_ROWS_PER_PROGRAM, None, ONE_PASS_NUM_WARPS)
 
 
 def _kernel_runs_on(t: torch.Tensor) -> bool:
