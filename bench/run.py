@@ -93,6 +93,7 @@ CONFIGS = {
     "pack-fp8-native-w2kernel": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     "pack-fp8-native-graphs-w2kernel": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     "pack-fp8-native-graphs-w2kernel1": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
+    "pack-fp8-w2kernel1": ("pack", "fp8", [], "auto"),  # the one-pass kernel alone, against pack-fp8: a default?
     # the prompt pair batched into one DiT call a step (pipeline/cfg_batch.py; by default only a streamed DiT is),
     # half the calls for the CPU-bound resident fp8 step, with the SwiGLU kernel (run97: no faster; the GPU's work
     # grows by the padding, run96)
@@ -156,6 +157,7 @@ CONFIG_ENV.update({f"pack-{p}-native-graphs": {"NEWBIE_CUDA_GRAPHS": "1", "TORCH
 CONFIG_ENV["pack-fp8-native-w2kernel"] = SWITCHES["w2kernel"]
 CONFIG_ENV["pack-fp8-native-graphs-w2kernel"] = {**CONFIG_ENV["pack-fp8-native-graphs"], **SWITCHES["w2kernel"]}
 CONFIG_ENV["pack-fp8-native-graphs-w2kernel1"] = {**CONFIG_ENV["pack-fp8-native-graphs"], **SWITCHES["w2kernel1"]}
+CONFIG_ENV["pack-fp8-w2kernel1"] = SWITCHES["w2kernel1"]
 CONFIG_ENV["pack-fp8-native-fp32accum"] = SWITCHES["fp32accum"]
 CONFIG_ENV["pack-fp8-batched-w2kernel"] = {**SWITCHES["batched"], **SWITCHES["w2kernel"]}
 CONFIG_ENV["pack-fp8-native-graphs-batched-w2kernel"] = {**CONFIG_ENV["pack-fp8-native-graphs-w2kernel"],

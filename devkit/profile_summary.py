@@ -59,7 +59,25 @@ def gap_neighbours(kernels: list[tuple[float, float, str]], steps: int, top: int
     return {"idle_ms_per_step_all_gaps": round(idle / 1e3 / steps, 3),
             "gpu_ops_per_step": {k: round(v / steps, 1) for k, v in sorted(kinds.items())},
             "gap_pairs_per_step": {k: {"count": round(n / steps, 1), "ms": round(us / 1e3 / steps, 2)}
-                                   for k, (n, us) in ranked}}
+                                   for k, (n, us) in ranked},
+            "small_ops_between": small_op_neighbours(kernels, steps, top)}
+
+
+def small_op_neighbours(kernels: list[tuple[float, float, str]], steps: int, top: int = 8) -> dict:
+    """Where the memsets and device-to-device copies sit: for each, the GPU operations just before and just after
+    it in start order (names cut to 50 characters), grouped as "before -> op -> after" with their count per step.
+    Inside a CUDA graph each is a node of its own; the kernel they precede is usually the library that made them."""
+    kernels = sorted(kernels)
+    triples: dict[str, int] = {}
+    for i, (_, _, name) in enumerate(kernels):
+        if not (name.startswith("Memset") or name.startswith("Memcpy DtoD")):
+            continue
+        before = kernels[i - 1][2][:50] if i else "(start)"
+        after = kernels[i + 1][2][:50] if i + 1 < len(kernels) else "(end)"
+        key = f"{before} -> {name[:30]} -> {after}"
+        triples[key] = triples.get(key, 0) + 1
+    ranked = sorted(triples.items(), key=lambda kv: -kv[1])[:top]
+    return {k: round(n / steps, 1) for k, n in ranked}
 
 
 def _is_wait(name: str, calls: tuple) -> bool:

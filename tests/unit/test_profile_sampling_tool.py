@@ -38,7 +38,21 @@ def test_gap_neighbours_name_the_work_on_either_side_of_each_long_gap():
     assert pairs["norm -> attention"] == {"count": 0.5, "ms": 0.09}
     assert r["idle_ms_per_step_all_gaps"] == pytest.approx((180 + 10 + 200 + 200) / 1e3 / 2)
     assert r["gpu_ops_per_step"] == {"kernel": 2.5, "memset": 0.5, "Memcpy HtoD (Pageable -> Device)": 0.5}
+    assert r["small_ops_between"] == {"attention -> Memset (Device) -> gemm": 0.5}
     assert gap_neighbours([], steps=1) == {}
+
+
+def test_small_op_neighbours_name_what_each_memset_and_device_copy_sits_between():
+    from devkit.profile_summary import small_op_neighbours
+
+    ops = [(0, 1, "Memset (Device)"), (2, 50, "nvjet_gemm"), (60, 61, "Memset (Device)"), (62, 90, "nvjet_gemm"),
+           (100, 101, "Memcpy DtoD (Device -> Device)"), (102, 150, "flash_fwd"),
+           (160, 161, "Memcpy HtoD (Pageable -> Device)"), (170, 171, "Memset (Device)")]
+    r = small_op_neighbours(ops, steps=2)
+    assert r == {"nvjet_gemm -> Memset (Device) -> nvjet_gemm": 0.5,
+                 "(start) -> Memset (Device) -> nvjet_gemm": 0.5,
+                 "nvjet_gemm -> Memcpy DtoD (Device -> Device) -> flash_fwd": 0.5,
+                 "Memcpy HtoD (Pageable -> Device) -> Memset (Device) -> (end)": 0.5}, r
 
 
 def test_wait_sites_rank_where_the_host_waited_longest():
