@@ -338,6 +338,18 @@ COMMANDS = {
               "(the servers' check of ComfyUI's key/value copies failed under dynamic VRAM: copies kept)",
     "run109": "(the same H100, the next call, flash-attn-4) python3 bench/profile_sampling.py --variants fp8+compile,"
               "fp8+compile+inner --steps 25 --profile-steps 2 --warm 5",
+    "run110": "(H100, a new machine, 025d06a) source bench/device_env.sh carrying .whl, .whl-av and .carry; python3 -m "
+              "pytest -q tests/unit/test_swiglu_fp8.py (run110-pytest.log); python3 bench/swiglu_kernel.py --out $OUT",
+    "run111": "(the same H100, flash-attn-4 by bash bench/fa4_install.sh stash carrying .fa4a, then source "
+              "bench/fa4_install.sh carrying .fa4b) python3 bench/profile_sampling.py --variants "
+              "fp8+compile+w2kernel+graphs,fp8+compile+w2kernel1+graphs,fp8+compile --steps 25 --profile-steps 2 "
+              "--warm 5",
+    "run112": "(the same H100, the next call, flash-attn-4) python3 bench/run.py --configs "
+              "upstream-gpu-only-native@none,pack-fp8@none,pack-fp8-kvcopies@none,pack-fp8-native-graphs-w2kernel@none,"
+              "pack-fp8-native-graphs-w2kernel1@none,pack-bf16@none --warm 3 --timeout 120",
+    "run113": "(the same H100, the next call, flash-attn-4) python3 bench/run.py --configs "
+              "upstream-gpu-only-native@none,pack-fp8-native-graphs-w2kernel1@none,pack-fp8-native-graphs-w2kernel@none "
+              "--warm 5 --timeout 120",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
