@@ -131,7 +131,7 @@ def w2_kernel() -> bool:
 
 
 def w2_kernel_one_pass() -> bool:
-    """Whether that kernel is the one-pass form (NEWBIE_FP8_W2=kernel1; not yet timed on a GPU)."""
+    """Whether that kernel is the one-pass form (NEWBIE_FP8_W2=kernel1; 75.2 against 105.8 us a call, run110)."""
     return env_switch.value("NEWBIE_FP8_W2") == "kernel1"
 
 
