@@ -136,6 +136,26 @@ def wait_sites(events, steps: int, frames: int = 4, top: int = 12) -> dict:
             for k, (n, us) in ranked}
 
 
+def small_op_sites(events, steps: int, top: int = 8) -> dict:
+    """Which ops launch the memsets and device-to-device copies (outside CUDA graphs, whose nodes all come from one
+    cudaGraphLaunch): each cudaMemsetAsync, and each cudaMemcpyAsync the profile linked to a "Memcpy DtoD", by the
+    names of the ops it was made in (innermost first, up to three), counted per step."""
+    sites: dict[str, int] = {}
+    for e in events:
+        if e.name.startswith("cudaMemsetAsync"):
+            what = "memset"
+        elif e.name.startswith("cudaMemcpyAsync") and any(
+                k.name.startswith("Memcpy DtoD") for k in getattr(e, "kernels", ()) or ()):
+            what = "DtoD copy"
+        else:
+            continue
+        _, chain = _site(e, 0)
+        key = f"{what} in {' <- '.join(chain[:3]) or '(no op)'}"
+        sites[key] = sites.get(key, 0) + 1
+    ranked = sorted(sites.items(), key=lambda kv: -kv[1])[:top]
+    return {k: round(n / steps, 1) for k, n in ranked}
+
+
 def summarise(prof, steps: int, wall_s: float) -> dict:
     """Per-step figures of one profiled sampling run."""
     from torch.autograd import DeviceType
@@ -152,7 +172,7 @@ def summarise(prof, steps: int, wall_s: float) -> dict:
             "host_syncs_per_step": {k: round(v / steps, 2) for k, v in syncs.items() if v},
             "host_reads_per_step": {k: round(v / steps, 2) for k, v in reads.items() if v},
             "host_read_sites": read_sites(events), "host_wait_sites": wait_sites(events, steps),
-            "gaps": gap_neighbours(named, steps)}
+            "gaps": gap_neighbours(named, steps), "small_op_sites": small_op_sites(events, steps)}
 
 
 def tables(prof, top: int, cuda: bool) -> dict:

@@ -114,3 +114,19 @@ def test_a_graphs_variant_profiles_a_run_as_long_as_the_warm_ones():
     own and replay none (run98), so the profile would show no replay."""
     assert ps.profiled_step_count(["compile", "graphs"], 25, 2) == 25
     assert ps.profiled_step_count(["compile"], 25, 2) == 2
+
+
+def test_small_op_sites_name_the_ops_that_launched_memsets_and_device_copies():
+    from types import SimpleNamespace as NS
+
+    from devkit.profile_summary import small_op_sites
+
+    gemm = NS(name="aten::_scaled_mm", stack=[], cpu_parent=NS(name="newbie::linear", stack=[], cpu_parent=None))
+    clone = NS(name="aten::copy_", stack=[], cpu_parent=NS(name="aten::clone", stack=[], cpu_parent=None))
+    events = [NS(name="cudaMemsetAsync", cpu_parent=gemm, kernels=[]),
+              NS(name="cudaMemsetAsync", cpu_parent=gemm, kernels=[]),
+              NS(name="cudaMemcpyAsync", cpu_parent=clone, kernels=[NS(name="Memcpy DtoD (Device -> Device)")]),
+              NS(name="cudaMemcpyAsync", cpu_parent=clone, kernels=[NS(name="Memcpy HtoD (Pageable -> Device)")]),
+              NS(name="cudaLaunchKernel", cpu_parent=gemm, kernels=[])]
+    assert small_op_sites(events, steps=2) == {"memset in aten::_scaled_mm <- newbie::linear": 1.0,
+                                               "DtoD copy in aten::copy_ <- aten::clone": 0.5}
