@@ -18,7 +18,9 @@ this script's conditioning is on the CPU, as a server's text encoders leave it);
 +w2bf16: fp8's w2 multiplied in bf16 (NEWBIE_FP8_W2=bf16; by default it multiplies in fp8 with its input scaled per
 row, pipeline/quantized_ops.py, the `+w2rowwise` of runs 84-88);
 +w2kernel: that row-scaled input made by the pack's SwiGLU kernel (NEWBIE_FP8_W2=kernel, pipeline/swiglu_fp8.py);
-+w2kernel1: by its one-pass form (NEWBIE_FP8_W2=kernel1, not yet timed);
++w2kernel1: by its one-pass form (NEWBIE_FP8_W2=kernel1; 75 against 106 us a call, run110);
++adaln: the blocks' adaLN modulation as a product and a sum in compiled blocks (NEWBIE_ADALN=reduce,
+pipeline/adaln_reduce.py);
 +fastaccum: fp8 GEMMs accumulating in the tensor cores' accumulator (NEWBIE_FP8_ACCUM=fast, use_fast_accum; the
 default since run94-95, before which `fp8+compile` promoted their partial sums to fp32); +fp32accum: promoted again
 (NEWBIE_FP8_ACCUM=fp32);
@@ -169,6 +171,7 @@ def main():
         os.environ["NEWBIE_SDPA_GQA"] = "1" if "sdpagqa" in extras else "0"
         os.environ["NEWBIE_GUARD_SKIP"] = "0" if "guards" in extras else "1"
         os.environ["NEWBIE_FA4_REPLAY"] = "0" if "fa4launch" in extras else "1"
+        os.environ["NEWBIE_ADALN"] = "reduce" if "adaln" in extras else ""
         parts = loader.NewBieParts(dict(base_sd), {}, {}, {}, None, None, {"dit": "random"})
         patcher, cfg, _, _ = loader.build_model(parts, prec, dynamic=False)
         if "compile" in extras:  # +cppwrapper: Inductor's C++ launchers (block_compile.inductor_options)

@@ -94,6 +94,7 @@ CONFIGS = {
     "pack-fp8-native-graphs-w2kernel": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     "pack-fp8-native-graphs-w2kernel1": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     "pack-fp8-w2kernel1": ("pack", "fp8", [], "auto"),  # the one-pass kernel alone, against pack-fp8: a default?
+    "pack-fp8-native-graphs-w2kernel1-adaln": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     # the prompt pair batched into one DiT call a step (pipeline/cfg_batch.py; by default only a streamed DiT is),
     # half the calls for the CPU-bound resident fp8 step, with the SwiGLU kernel (run97: no faster; the GPU's work
     # grows by the padding, run96)
@@ -132,8 +133,10 @@ SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_C
             # default since run87), or in bf16 as before
             "w2rowwise": {"NEWBIE_FP8_W2": "rowwise"}, "w2bf16": {"NEWBIE_FP8_W2": "bf16"},
             "w2kernel": {"NEWBIE_FP8_W2": "kernel"},
-            # ... by its one-pass form (not yet timed)
+            # ... by its one-pass form (75 against 106 us a call, run110)
             "w2kernel1": {"NEWBIE_FP8_W2": "kernel1"},
+            # the blocks' adaLN modulation as a product and a sum in compiled blocks (pipeline/adaln_reduce.py)
+            "adaln": {"NEWBIE_ADALN": "reduce"},
             # fp8 GEMMs with their partial sums promoted to fp32, as before fast accumulation became the default
             # (use_fast_accum, pipeline/quantized_ops.py, run94-95)
             "fp32accum": {"NEWBIE_FP8_ACCUM": "fp32"},
@@ -158,6 +161,8 @@ CONFIG_ENV["pack-fp8-native-w2kernel"] = SWITCHES["w2kernel"]
 CONFIG_ENV["pack-fp8-native-graphs-w2kernel"] = {**CONFIG_ENV["pack-fp8-native-graphs"], **SWITCHES["w2kernel"]}
 CONFIG_ENV["pack-fp8-native-graphs-w2kernel1"] = {**CONFIG_ENV["pack-fp8-native-graphs"], **SWITCHES["w2kernel1"]}
 CONFIG_ENV["pack-fp8-w2kernel1"] = SWITCHES["w2kernel1"]
+CONFIG_ENV["pack-fp8-native-graphs-w2kernel1-adaln"] = {**CONFIG_ENV["pack-fp8-native-graphs-w2kernel1"],
+                                                         **SWITCHES["adaln"]}
 CONFIG_ENV["pack-fp8-native-fp32accum"] = SWITCHES["fp32accum"]
 CONFIG_ENV["pack-fp8-batched-w2kernel"] = {**SWITCHES["batched"], **SWITCHES["w2kernel"]}
 CONFIG_ENV["pack-fp8-native-graphs-batched-w2kernel"] = {**CONFIG_ENV["pack-fp8-native-graphs-w2kernel"],
