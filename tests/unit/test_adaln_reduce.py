@@ -10,10 +10,10 @@ import torch
 from pipeline import adaln_reduce
 
 
-def _modulation(in_f=64, out_f=256, dtype=torch.float32, bias=True):
-    """A block's `adaLN_modulation`: SiLU then a Linear, with ComfyUI's attributes of a plain layer."""
+def _modulation(bias=True):
+    """A block's `adaLN_modulation`: SiLU then a Linear of 64 -> 256, with ComfyUI's attributes of a plain layer."""
     torch.manual_seed(0)
-    lin = torch.nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
+    lin = torch.nn.Linear(64, 256, bias=bias)
     lin.comfy_cast_weights, lin.weight_function, lin.bias_function = False, [], []
     return torch.nn.Sequential(torch.nn.SiLU(), lin)
 
@@ -54,6 +54,15 @@ def test_only_a_plain_small_input_of_the_weights_dtype_and_device_takes_the_redu
     assert not adaln_reduce.takes_reduction(lin, x), "a bias function"
     lin.bias_function, lin.comfy_cast_weights = [], True
     assert not adaln_reduce.takes_reduction(lin, x), "weights ComfyUI casts at each call"
+    lin.comfy_cast_weights = False
+    weight = lin.weight.detach()
+    del lin.weight
+    lin.weight = weight.as_subclass(_Packed)
+    assert not adaln_reduce.takes_reduction(lin, x), "a weight of a tensor subclass (a quantized one, say)"
+
+
+class _Packed(torch.Tensor):
+    """A tensor subclass standing in for a quantized weight (ComfyUI's QuantizedTensor is one)."""
 
 
 def test_eagerly_the_layer_keeps_its_own_forward():
