@@ -21,11 +21,10 @@ reuses each weight it reads.
 from __future__ import annotations
 
 import logging
-import types
 
 import torch
 
-from . import env_switch
+from . import env_switch, forward_patches
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +79,7 @@ def _modulation_linears(diffusion_model: torch.nn.Module):
 def attach(patcher) -> int:
     """Give each modulation Linear of the patcher's DiT `reduced_forward` (ComfyUI's object patches, undone when
     ComfyUI unpatches the model). Returns how many."""
-    n = 0
-    for name, lin in _modulation_linears(patcher.model.diffusion_model):
-        patcher.add_object_patch(f"diffusion_model.{name}.forward", types.MethodType(reduced_forward, lin))
-        n += 1
+    n = forward_patches.patch_forwards(patcher, _modulation_linears(patcher.model.diffusion_model), reduced_forward)
     if n:
         log.info("NewBie: %d adaLN modulations as a reduction in compiled blocks (%s=reduce)", n, SWITCH)
     return n

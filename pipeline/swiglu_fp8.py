@@ -35,11 +35,10 @@ from __future__ import annotations
 
 import functools
 import logging
-import types
 
 import torch
 
-from . import quantized_ops
+from . import forward_patches, quantized_ops
 
 log = logging.getLogger(__name__)
 
@@ -279,10 +278,7 @@ def attach(patcher) -> int:
     """Give each eligible FeedForward of the patcher's DiT `fused_forward` as its forward (ComfyUI's object patches,
     undone when ComfyUI unpatches the model). Returns how many."""
     forward = fused_forward_one_pass if quantized_ops.w2_kernel_one_pass() else fused_forward
-    n = 0
-    for name, module in _feed_forwards(patcher.model.diffusion_model):
-        patcher.add_object_patch(f"diffusion_model.{name}.forward", types.MethodType(forward, module))
-        n += 1
+    n = forward_patches.patch_forwards(patcher, _feed_forwards(patcher.model.diffusion_model), forward)
     if n:
         log.info("NewBie fp8: %d feed-forwards make w2's input with the pack's SwiGLU kernel (%s)", n, switch_words())
     return n
