@@ -68,11 +68,14 @@ def reduced_forward(lin, x: torch.Tensor) -> torch.Tensor:
 
 
 def _modulation_linears(diffusion_model: torch.nn.Module):
-    """(name, Linear) of each block's `adaLN_modulation.<last>`: a Sequential whose last module is a Linear."""
+    """(name, layer) of each block's `adaLN_modulation.<last>`: a Sequential whose last module has a 2-D weight. Not
+    only `torch.nn.Linear`s: the Linear of ComfyUI's mixed-precision operations, which the quantized precisions
+    build (pipeline/quantized_ops.py), is a Module of its own."""
     for name, module in diffusion_model.named_modules():
         if name.endswith("adaLN_modulation") and isinstance(module, torch.nn.Sequential) and len(module):
             last = len(module) - 1
-            if isinstance(module[last], torch.nn.Linear):
+            weight = getattr(module[last], "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dim() == 2:
                 yield f"{name}.{last}", module[last]
 
 
@@ -82,6 +85,8 @@ def attach(patcher) -> int:
     n = forward_patches.patch_forwards(patcher, _modulation_linears(patcher.model.diffusion_model), reduced_forward)
     if n:
         log.info("NewBie: %d adaLN modulations as a reduction in compiled blocks (%s=reduce)", n, SWITCH)
+    else:
+        log.warning("NewBie: %s=reduce, but this DiT has no adaLN modulation layer to patch", SWITCH)
     return n
 
 

@@ -137,6 +137,22 @@ def test_without_the_switch_no_modulation_is_patched(monkeypatch):
 
 @pytest.mark.host
 @pytest.mark.usefixtures("comfy_on_cpu", "comfy_device_is_the_cpu")
+def test_the_fp8_layers_modulations_are_patched_and_take_the_reduction(monkeypatch):
+    """With fp8 layers the modulation Linear is ComfyUI's mixed-precision Linear, not a torch.nn.Linear, and kept
+    16-bit: it too gets the forward and, with an input of its weight's dtype, takes the reduction (run114's server
+    run patched none of them)."""
+    monkeypatch.setenv(adaln_reduce.SWITCH, "reduce")
+    patcher, _ = _tiny_patcher("fp8")
+    sequentials = [m for n, m in patcher.model.diffusion_model.named_modules() if n.endswith("adaLN_modulation")]
+    keys = [k for k in patcher.object_patches if ".adaLN_modulation." in k]
+    assert sequentials and len(keys) == len(sequentials), keys
+    lin = sequentials[0][len(sequentials[0]) - 1]
+    assert not isinstance(lin, torch.nn.Linear)
+    assert adaln_reduce.takes_reduction(lin, torch.randn(2, lin.weight.shape[1], dtype=lin.weight.dtype))
+
+
+@pytest.mark.host
+@pytest.mark.usefixtures("comfy_on_cpu", "comfy_device_is_the_cpu")
 def test_the_switch_patches_every_modulation_and_compiled_blocks_trace_sums_with_the_same_graphs(monkeypatch):
     """NEWBIE_ADALN=reduce: every modulation Linear gets the forward through ComfyUI's object patches; the compiled
     blocks (pipeline/block_compile.py, here with a backend that records each traced graph and runs it) trace one
