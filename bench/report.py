@@ -350,6 +350,19 @@ COMMANDS = {
     "run113": "(the same H100, the next call, flash-attn-4) python3 bench/run.py --configs "
               "upstream-gpu-only-native@none,pack-fp8-native-graphs-w2kernel1@none,pack-fp8-native-graphs-w2kernel@none "
               "--warm 5 --timeout 120",
+    "run114": "(H100, a new machine after 14 calls that got none or lost it, cuDNN attention; 14631ec) source "
+              "bench/device_env.sh carrying .whl, .whl-av and .carry; python3 bench/run.py --configs "
+              "upstream-gpu-only-native@none,pack-fp8-native-graphs-w2kernel1-adaln@none,"
+              "pack-fp8-native-graphs-w2kernel1@none --warm 3 --timeout 120; python3 bench/profile_sampling.py "
+              "--variants fp8+compile+w2kernel1+graphs+adaln,fp8+compile+w2kernel1+graphs --steps 25 --profile-steps 2 "
+              "--warm 3 (NEWBIE_ADALN=reduce patched no layer of the fp8 DiT: its modulation Linear is no "
+              "torch.nn.Linear; mended after)",
+    "run115": "(the same H100, the next call) python3 bench/profile_sampling.py --variants fp8+compile --steps 25 "
+              "--profile-steps 2 --warm 1 (small_op_sites: where the memsets come from)",
+    "run116": "(the same H100, the next call) CUBLASLT_WORKSPACE_SIZE=0 python3 bench/profile_sampling.py --variants "
+              "fp8+compile+w2kernel1+graphs --steps 25 --profile-steps 2 --warm 3",
+    "run117": "(the same H100, the next call) python3 bench/profile_sampling.py --variants "
+              "fp8+compile+w2kernel1+graphs --steps 25 --profile-steps 2 --warm 3 (run116's baseline)",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }

@@ -95,6 +95,7 @@ CONFIGS = {
     "pack-fp8-native-graphs-w2kernel1": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     "pack-fp8-w2kernel1": ("pack", "fp8", [], "auto"),  # the one-pass kernel alone, against pack-fp8: a default?
     "pack-fp8-native-graphs-w2kernel1-adaln": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
+    "pack-fp8-native-graphs-w2kernel1-nows": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     # the prompt pair batched into one DiT call a step (pipeline/cfg_batch.py; by default only a streamed DiT is),
     # half the calls for the CPU-bound resident fp8 step, with the SwiGLU kernel (run97: no faster; the GPU's work
     # grows by the padding, run96)
@@ -137,6 +138,9 @@ SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_C
             "w2kernel1": {"NEWBIE_FP8_W2": "kernel1"},
             # the blocks' adaLN modulation as a product and a sum in compiled blocks (pipeline/adaln_reduce.py)
             "adaln": {"NEWBIE_ADALN": "reduce"},
+            # cuBLASLt without a workspace (PyTorch reads CUBLASLT_WORKSPACE_SIZE, in KiB, once a process): its fp8
+            # GEMMs then choose kernels that need no zeroed workspace, without the 228 memsets a step (run115-117)
+            "nows": {"CUBLASLT_WORKSPACE_SIZE": "0"},
             # fp8 GEMMs with their partial sums promoted to fp32, as before fast accumulation became the default
             # (use_fast_accum, pipeline/quantized_ops.py, run94-95)
             "fp32accum": {"NEWBIE_FP8_ACCUM": "fp32"},
@@ -163,6 +167,8 @@ CONFIG_ENV["pack-fp8-native-graphs-w2kernel1"] = {**CONFIG_ENV["pack-fp8-native-
 CONFIG_ENV["pack-fp8-w2kernel1"] = SWITCHES["w2kernel1"]
 CONFIG_ENV["pack-fp8-native-graphs-w2kernel1-adaln"] = {**CONFIG_ENV["pack-fp8-native-graphs-w2kernel1"],
                                                          **SWITCHES["adaln"]}
+CONFIG_ENV["pack-fp8-native-graphs-w2kernel1-nows"] = {**CONFIG_ENV["pack-fp8-native-graphs-w2kernel1"],
+                                                        **SWITCHES["nows"]}
 CONFIG_ENV["pack-fp8-native-fp32accum"] = SWITCHES["fp32accum"]
 CONFIG_ENV["pack-fp8-batched-w2kernel"] = {**SWITCHES["batched"], **SWITCHES["w2kernel"]}
 CONFIG_ENV["pack-fp8-native-graphs-batched-w2kernel"] = {**CONFIG_ENV["pack-fp8-native-graphs-w2kernel"],
