@@ -96,6 +96,7 @@ CONFIGS = {
     "pack-fp8-w2kernel1": ("pack", "fp8", [], "auto"),  # the one-pass kernel alone, against pack-fp8: a default?
     "pack-fp8-native-graphs-w2kernel1-adaln": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     "pack-fp8-native-graphs-w2kernel1-nows": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
+    "pack-fp8-native-graphs-w2kernel1-adaln-nows": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     # the prompt pair batched into one DiT call a step (pipeline/cfg_batch.py; by default only a streamed DiT is),
     # half the calls for the CPU-bound resident fp8 step, with the SwiGLU kernel (run97: no faster; the GPU's work
     # grows by the padding, run96)
@@ -169,6 +170,8 @@ CONFIG_ENV["pack-fp8-native-graphs-w2kernel1-adaln"] = {**CONFIG_ENV["pack-fp8-n
                                                          **SWITCHES["adaln"]}
 CONFIG_ENV["pack-fp8-native-graphs-w2kernel1-nows"] = {**CONFIG_ENV["pack-fp8-native-graphs-w2kernel1"],
                                                         **SWITCHES["nows"]}
+CONFIG_ENV["pack-fp8-native-graphs-w2kernel1-adaln-nows"] = {**CONFIG_ENV["pack-fp8-native-graphs-w2kernel1-adaln"],
+                                                              **SWITCHES["nows"]}
 CONFIG_ENV["pack-fp8-native-fp32accum"] = SWITCHES["fp32accum"]
 CONFIG_ENV["pack-fp8-batched-w2kernel"] = {**SWITCHES["batched"], **SWITCHES["w2kernel"]}
 CONFIG_ENV["pack-fp8-native-graphs-batched-w2kernel"] = {**CONFIG_ENV["pack-fp8-native-graphs-w2kernel"],

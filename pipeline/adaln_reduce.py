@@ -4,15 +4,14 @@ not yet timed on a GPU).
 
 Every NextDiT block but the context refiner's (NewBie: 36 layers and 2 noise refiners) turns the timestep-and-
 caption vector, one row a sample, into its scales and gates through a Linear of min(dim, 1024) -> 4 * dim,
-`adaLN_modulation.1`, which the quantized precisions keep 16-bit (pipeline/quantize.py). One row times a 1024 x 9216 bf16 weight reads 18.9 MB to do 19 MFLOP: the
-weight's bytes are the whole cost. On an H100 (run111, fp8 with the kept CUDA graphs) cuBLAS ran it as
-`nvjet_sm90_tst_128x8_64x12_4x1_v_bz_bias_TNT` in 12.0 us a call, 1.6 TB/s where the weight takes about 6 us at
-3.35 TB/s: 38 a DiT call, 0.9 ms of the 83.8 ms step. The step also held 230 memsets, 3 for each of the 38
-modulated blocks a call and one more, the same with bf16 or fp8 layers and none from the pack's code: most likely
-this product's own (a split reduction's workspace), each a graph node of its own.
+`adaLN_modulation.1`, which the quantized precisions keep 16-bit (pipeline/quantize.py). One row times a
+1024 x 9216 bf16 weight reads 18.9 MB to do 19 MFLOP: the weight's bytes are the whole cost. On an H100 (run111, fp8
+with the kept CUDA graphs) cuBLAS ran it as `nvjet_sm90_tst_128x8_64x12_4x1_v_bz_bias_TNT` in 12.0 us a call,
+1.6 TB/s where the weight takes about 6 us at 3.35 TB/s: 38 a DiT call, 0.9 ms of the 83.8 ms step. (The step's
+memsets are not this product's: they come from the fp8 GEMMs' cuBLASLt workspace and cuDNN's attention, run115.)
 
 Written as `(x[:, None, :] * W).sum(-1) + b` in fp32, a compiled block's Inductor makes it a reduction kernel that
-reads the weight once, with the SiLU before it fused into its loads and no memset. Only where Dynamo is tracing
+reads the weight once, with the SiLU before it fused into its loads. Only where Dynamo is tracing
 (`torch.compiler.is_compiling()`): eagerly the product would be materialised, so an uncompiled block keeps
 ComfyUI's forward, as does a layer that ComfyUI casts or patches at each call (`comfy_cast_weights`, a LoRA's weight
 or bias function), a quantized or foreign-dtype weight, or more than MAX_ROWS samples, where a matrix product
