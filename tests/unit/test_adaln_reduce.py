@@ -153,7 +153,9 @@ def test_the_fp8_layers_modulations_are_patched_and_take_the_reduction(monkeypat
 
 @pytest.mark.host
 @pytest.mark.usefixtures("comfy_on_cpu", "comfy_device_is_the_cpu")
-def test_the_switch_patches_every_modulation_and_compiled_blocks_trace_sums_with_the_same_graphs(monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "fp8"])
+def test_the_switch_patches_every_modulation_and_compiled_blocks_trace_sums_with_the_same_graphs(monkeypatch,
+                                                                                              precision):
     """NEWBIE_ADALN=reduce: every modulation Linear gets the forward through ComfyUI's object patches; the compiled
     blocks (pipeline/block_compile.py, here with a backend that records each traced graph and runs it) trace one
     matrix product fewer and a sum more in each modulated block, make as many graphs as the unpatched DiT over two
@@ -168,7 +170,7 @@ def test_the_switch_patches_every_modulation_and_compiled_blocks_trace_sums_with
             monkeypatch.setenv(adaln_reduce.SWITCH, "reduce")
         else:
             monkeypatch.delenv(adaln_reduce.SWITCH, raising=False)
-        patcher, cfg = _tiny_patcher("fp32")
+        patcher, cfg = _tiny_patcher(precision)
         linears = [m[len(m) - 1] for n, m in patcher.model.diffusion_model.named_modules()
                    if n.endswith("adaLN_modulation")]
         keys = [k for k in patcher.object_patches if ".adaLN_modulation." in k]
