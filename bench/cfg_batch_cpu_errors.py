@@ -22,7 +22,7 @@ def main():
     from devkit import cfg_batch_errors, tiny_models
 
     tiny_models._comfy_cpu_safe()
-    dit = tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.float32)
+    dit = tiny_models.random_dit(torch.float32)
     for precision in ("fp32", "fp16"):
         print(f"batched vs separate, {precision}:", json.dumps(cfg_batch_errors.batched_vs_separate(dit, precision)),
               flush=True)

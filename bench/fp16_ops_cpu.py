@@ -27,7 +27,7 @@ def counts(precision: str) -> tuple[list[int], int]:
 
     tiny_models._comfy_cpu_safe()
     spec = dataclasses.replace(tiny_models.TINY, dit=dataclasses.replace(tiny_models.TINY.dit, n_layers=36))
-    dit = tiny_models.random_state_dict(tiny_models._meta_state_shapes(spec)["dit"], spec.seed, torch.float32)
+    dit = tiny_models.random_dit(torch.float32, spec, seed=spec.seed)
     parts = loader.NewBieParts(dit, {}, {}, {}, None, None, {"dit": "tiny"})
 
     class Count(TorchDispatchMode):

@@ -34,7 +34,7 @@ def main() -> None:
     tiny_models._comfy_cpu_safe()
     from pipeline import block_compile, guard_skip
 
-    dit = tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.bfloat16)
+    dit = tiny_models.random_dit(torch.bfloat16)
     for precision in ("bf16", "fp8"):  # the loader quantizes the 16-bit weights for fp8
         patcher, cfg = cfg_batch_errors.model(dit, precision)
         block_compile.own_cast_state(patcher.model.diffusion_model)

@@ -16,7 +16,7 @@ def compiled_tiny_dit(dynamic: bool | None = None):
 
     from pipeline import block_compile, rope_fusion
 
-    dit = tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.float32)
+    dit = tiny_models.random_dit(torch.float32)
     patcher, cfg = cfg_batch_errors.model(dit)
     rope_fusion.enable()
     set_torch_compile_wrapper(patcher, backend="inductor", dynamic=dynamic,

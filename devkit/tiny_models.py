@@ -184,6 +184,11 @@ def random_state_dict(shapes: dict[str, tuple], seed: int, dtype: torch.dtype,
     return {k: _init_tensor(k, s, gen, dtype) for k, s in shapes.items()}
 
 
+def random_dit(dtype: torch.dtype, spec: ModelSpec = TINY, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A seeded random DiT state dict of `spec`'s shapes, on the CPU (the tests' and CPU benches' tiny DiT)."""
+    return random_state_dict(_meta_state_shapes(spec)["dit"], seed, dtype)
+
+
 def train_tokenizer(vocab: int, pad_id: int, unk_id: int, bos_id: int, eos_id: int) -> bytes:
     """A small sentencepiece model trained on the spot (deterministic: one thread, fixed corpus)."""
     import sentencepiece as spm

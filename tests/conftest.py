@@ -84,7 +84,7 @@ def tiny_dit(comfy_import_path):
 
     from devkit import tiny_models
 
-    return tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.float32)
+    return tiny_models.random_dit(torch.float32)
 
 
 @pytest.fixture(scope="module")

@@ -123,7 +123,7 @@ def test_inductors_kernel_gives_the_linears_numbers():
 def _tiny_patcher(precision="bf16"):
     from devkit import tiny_models
 
-    dit = tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.bfloat16)
+    dit = tiny_models.random_dit(torch.bfloat16)
     return tiny_models.dit_patcher(dit, precision, "tiny-adaln")
 
 

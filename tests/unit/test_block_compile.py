@@ -17,7 +17,7 @@ def _parts_with_layers(n_layers: int):
     from pipeline import loader
 
     spec = dataclasses.replace(tiny_models.TINY, dit=dataclasses.replace(tiny_models.TINY.dit, n_layers=n_layers))
-    dit = tiny_models.random_state_dict(tiny_models._meta_state_shapes(spec)["dit"], spec.seed, torch.float32)
+    dit = tiny_models.random_dit(torch.float32, spec, seed=spec.seed)
     return loader.NewBieParts(dit, {}, {}, {}, None, None, {"dit": f"tiny-{n_layers}-layers"})
 
 

@@ -186,7 +186,7 @@ def test_a_compiled_sampling_run_skips_and_gives_the_same_latent(known, device, 
 
     if device == "cuda":
         monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda", 0))
-    sd = tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.float32)
+    sd = tiny_models.random_dit(torch.float32)
     patcher, cfg = tiny_models.dit_patcher(sd, precision, f"tiny-{precision}")
     block_compile.apply(patcher)
     latents = {}
@@ -212,7 +212,7 @@ def test_a_block_past_dynamos_recompile_limit_makes_the_run_check_every_guard(kn
     is the one without skipping."""
     from pipeline import block_compile
 
-    sd = tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.float32)
+    sd = tiny_models.random_dit(torch.float32)
     patcher, cfg = tiny_models.dit_patcher(sd, "bf16", "tiny-bf16")
     block_compile.apply(patcher)
     with torch._dynamo.config.patch(recompile_limit=1):

@@ -28,7 +28,7 @@ def fresh_checks(monkeypatch):
 
 
 def _patcher(spec=GQA, precision="fp32"):
-    sd = tiny_models.random_state_dict(tiny_models._meta_state_shapes(spec)["dit"], 0, torch.float32)
+    sd = tiny_models.random_dit(torch.float32, spec)
     return tiny_models.dit_patcher(sd, precision, "tiny-gqa")
 
 
@@ -229,7 +229,7 @@ def test_a_batched_prompt_pair_gives_flash_attn4_one_head_of_each_group_per_samp
     padding keys; each sample's keys then go to flash-attn-4 grouped, and the run is the two separate calls'."""
     from devkit import cfg_batch_errors
 
-    sd = tiny_models.random_state_dict(tiny_models._meta_state_shapes(GQA)["dit"], 0, torch.float32)
+    sd = tiny_models.random_dit(torch.float32, GQA)
     r = cfg_batch_errors.batched_vs_separate(sd, "fp32")
     assert r["batched_calls"] == [2] * cfg_batch_errors.STEPS
     assert set(fa4_stand_in) == {2} and r["rel_error"] < 1e-5, (set(fa4_stand_in), r["rel_error"])

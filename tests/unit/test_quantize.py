@@ -25,7 +25,7 @@ _build = quant_errors.build_dit
 
 @pytest.fixture(scope="module")
 def tiny_dit(comfy_import_path):
-    return tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.bfloat16)
+    return tiny_models.random_dit(torch.bfloat16)
 
 
 # --- round trip of single weights ------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def test_full_width_block_error_beats_a_plain_fp8_cast(comfy_import_path):
     # Measured (CPU, fp32 compute): fp8 0.0048, int8 0.0025, plain fp8 cast 0.025.
     spec = dataclasses.replace(tiny_models.TINY, dit=dataclasses.replace(tiny_models.FULL.dit, n_layers=1,
                                                                           n_refiner_layers=1))
-    sd = tiny_models.random_state_dict(tiny_models._meta_state_shapes(spec)["dit"], 0, torch.bfloat16)
+    sd = tiny_models.random_dit(torch.bfloat16, spec)
     err = _errors(sd)
     assert err["fp8"] < 0.008 and err["int8"] < 0.004, err
     assert err["fp8"] < err["plain_fp8_cast"] / 3, err

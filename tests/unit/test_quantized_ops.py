@@ -22,7 +22,7 @@ def comfy_on_cpu(comfy_import_path):
 
 @pytest.fixture(scope="module")
 def dit16(comfy_import_path):
-    return tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.bfloat16)
+    return tiny_models.random_dit(torch.bfloat16)
 
 
 @pytest.fixture(scope="module")

@@ -136,7 +136,7 @@ def _tiny_fp8_patcher():
     from devkit import tiny_models
     from pipeline import quantize
 
-    dit = tiny_models.random_state_dict(tiny_models._meta_state_shapes(tiny_models.TINY)["dit"], 0, torch.bfloat16)
+    dit = tiny_models.random_dit(torch.bfloat16)
     return tiny_models.dit_patcher(quantize.quantize_state_dict(dit, "fp8"), "fp8", "tiny-fp8")
 
 
