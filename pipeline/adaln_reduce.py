@@ -59,8 +59,7 @@ def reduced(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 def reduced_forward(lin, x: torch.Tensor) -> torch.Tensor:
     """A modulation Linear's forward: `reduced` while Dynamo traces a compiled block and the layer `takes_reduction`,
-    ComfyUI's forward otherwise. Bound to each Linear as a method: one function for all of them, so that Dynamo's
-    guard on it holds across blocks (pipeline/swiglu_fp8.py, run94)."""
+    ComfyUI's forward otherwise. Bound to each Linear as a method (pipeline/forward_patches.py says why)."""
     if torch.compiler.is_compiling() and takes_reduction(lin, x):
         return reduced(x, lin.weight, lin.bias)
     return type(lin).forward(lin, x)
