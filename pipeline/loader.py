@@ -17,7 +17,7 @@ import torch
 
 from . import (adaln_reduce, block_compile, block_prefetch, block_stream, cfg_batch, checkpoint, compat, cuda_graphs,
                detect, device_conds, guard_skip, host_copies, host_sigmas, kv_repeat, precision as precision_mod,
-               prompt_limits, quantize, quantized_ops, sdpa, swiglu_fp8, te_quantize, vae_memory, vram_budget)
+               prompt_limits, qkv_rope, quantize, quantized_ops, sdpa, swiglu_fp8, te_quantize, vae_memory, vram_budget)
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -299,6 +299,8 @@ def _finish_model(model_config, dit: dict, load_device, budget, dynamic: bool, f
         swiglu_fp8.attach(patcher)
     if adaln_reduce.enabled():
         adaln_reduce.attach(patcher)
+    if qkv_rope.enabled() and fp16_state is None and qkv_rope.usable(load_device):  # the fp16 path scales q and k
+        qkv_rope.attach(patcher)
     if not compat.is_dynamic(patcher):
         block_stream.attach(patcher)
     cuda_graphs.attach(patcher)  # last: the innermost DIFFUSION_MODEL wrapper

@@ -38,15 +38,11 @@ def _kitchen_cuda_kernel_active() -> bool:
 
 def rms_rope1(x, freqs_cis, scale, epsilon: float = 1e-6):
     """comfy_kitchen::rms_rope1, out of place: per-head RMSNorm (weight `scale`), then interleaved RoPE."""
-    import torch
     from comfy_kitchen._rope_utils import trim_rope_freqs
 
-    xf = x.float()
-    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + epsilon) * scale.float()).to(x.dtype)
-    pairs = normed.to(freqs_cis.dtype).reshape(*x.shape[:-1], -1, 1, 2)
-    freqs_cis = trim_rope_freqs(x, freqs_cis)
-    out = freqs_cis[..., 0] * pairs[..., 0] + freqs_cis[..., 1] * pairs[..., 1]
-    return out.reshape(*x.shape).type_as(x)
+    from .qkv_rope import rms_rope
+
+    return rms_rope(x, trim_rope_freqs(x, freqs_cis), scale, epsilon)
 
 
 def enable() -> bool:

@@ -1,0 +1,225 @@
+"""NextDiT's attention inputs in one kernel: the q/k RMSNorm and RoPE, and v, from the qkv projection's output
+(NEWBIE_QKV_ROPE=1; opt-in until measured in the server).
+
+ComfyUI's JointAttention (comfy/ldm/lumina/model.py) splits the qkv projection into q, k and v, normalises q and
+k per head and rotates them (comfy-kitchen's `rms_rope1`, or RMSNorm and `apply_rope` on hosts without it), then
+hands all three to the attention. In a compiled block Inductor fuses this into three kernels a layer. On an H100
+(fp8, flash-attn-4, the kept CUDA graphs; bench/results/run119) they took 42 + 16 + 8 us a main-layer call for
+about 67 MB read and written: 1 TB/s, where the GPU moves some 3 TB/s. Their q kernel reads the 192 bytes of a
+head with the 768 bytes of its RoPE frequencies, in fp32, once for each of the 24 heads.
+
+This kernel (`_kernel`) gives each program one token: it reads the token's row of the projection once, and its
+frequencies once for all heads; normalises and rotates q's heads, then k's, and copies v, each into a contiguous
+[B, N, heads, head_dim] tensor, the layout flash-attn-4 takes. The arithmetic is comfy-kitchen's `rms_rope1`
+(the norm in fp32, its output rounded to the input's dtype and then rotated in the frequencies' dtype), so the
+values are those of the host's op but for the order of one sum (tests/unit/test_qkv_rope.py).
+
+`attach` gives each JointAttention of a pack-loaded DiT `fused_forward` through ComfyUI's object patches. That
+forward runs the kernel where it applies (`applies`: a 16-bit input on a CUDA GPU with Triton, q/k norm layers that
+hold their weights as they are, frequencies of NextDiT's layout) and the host's own forward otherwise; after the
+kernel it repeats k and v for the grouped heads and calls the attention exactly as the host's forward does.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+
+from . import env_switch, forward_patches
+
+log = logging.getLogger(__name__)
+
+SWITCH = "NEWBIE_QKV_ROPE"
+OP_NAME = "newbie_lowvram::qkv_norm_rope"
+NUM_WARPS = 4
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def enabled() -> bool:
+    """NEWBIE_QKV_ROPE=1."""
+    return env_switch.switch(SWITCH, False)
+
+
+def _kernel():
+    """The Triton kernel, imported at first use (Triton is imported only where the kernel runs)."""
+    from ._qkv_rope_kernel import qkv_norm_rope_kernel
+
+    return qkv_norm_rope_kernel
+
+
+def _p2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _freqs_strides(freqs: torch.Tensor) -> tuple[int, int]:
+    """The sample and token strides of [B or 1, N, 1, D/2, 2, 2] frequencies (0 for a sample dimension of 1)."""
+    return (0 if freqs.shape[0] == 1 else freqs.stride(0)), freqs.stride(1)
+
+
+def _outputs(qkv: torch.Tensor, heads: int, kv_heads: int):
+    b, n, width = qkv.shape
+    d = width // (heads + 2 * kv_heads)
+    return (qkv.new_empty(b, n, heads, d), qkv.new_empty(b, n, kv_heads, d), qkv.new_empty(b, n, kv_heads, d))
+
+
+def _launch(qkv, freqs, q_weight, k_weight, eps: float, heads: int, kv_heads: int, outs, wrap=None) -> None:
+    b, n, width = qkv.shape
+    d = width // (heads + 2 * kv_heads)
+    kernel = _kernel() if wrap is None else wrap(_kernel())
+    stride_b, stride_n = _freqs_strides(freqs)
+    kernel[(b * n,)](qkv, freqs, q_weight, k_weight, *outs, n, stride_b, stride_n, eps, H=heads, HKV=kv_heads, D=d,
+                     H_BLOCK=_p2(heads), HKV_BLOCK=_p2(kv_heads), PAIRS_BLOCK=_p2(d // 2),
+                     V_BLOCK=_p2(kv_heads * d), num_warps=NUM_WARPS)
+
+
+def launch(qkv: torch.Tensor, freqs: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+           heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v) as `reference` computes them, by the kernel launched directly: as the tests (under Triton's
+    interpreter) and the benches run it (the pack calls `qkv_norm_rope`)."""
+    qkv, freqs = qkv.contiguous(), freqs.contiguous()
+    outs = _outputs(qkv, heads, kv_heads)
+    if qkv.shape[0] * qkv.shape[1]:
+        _launch(qkv, freqs, q_weight.contiguous(), k_weight.contiguous(), eps, heads, kv_heads, outs)
+    return outs
+
+
+def _triton_op(name: str):
+    """torch.library.triton_op where this PyTorch has it (2.6 and newer); else None, and the kernel is not used."""
+    def register(fn):
+        return torch.library.triton_op(name, mutates_args=())(fn) if hasattr(torch.library, "triton_op") else None
+    return register
+
+
+@_triton_op(OP_NAME)
+def qkv_norm_rope(qkv: torch.Tensor, freqs: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                  eps: float, heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel as a `triton_op`, which compiled blocks launch from Inductor's own wrapper code
+    (pipeline/swiglu_fp8.py says why not a `custom_op`): q, k, v ([B, N, heads or kv_heads, D], contiguous) from
+    the projection `qkv` ([B, N, (heads + 2 kv_heads) D], contiguous) and the frequencies ([B or 1, N, 1, D/2, 2,
+    2], contiguous)."""
+    qkv, freqs = qkv.contiguous(), freqs.contiguous()
+    outs = _outputs(qkv, heads, kv_heads)
+    _launch(qkv, freqs, q_weight, k_weight, eps, heads, kv_heads, outs, wrap=torch.library.wrap_triton)
+    return outs
+
+
+def rms_rope(x: torch.Tensor, freqs: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """comfy-kitchen's `rms_rope1` in plain PyTorch, for x [B, N, heads, D]: per-head RMSNorm (fp32 statistics,
+    output in x's dtype), then interleaved RoPE in the frequencies' dtype."""
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    pairs = normed.to(freqs.dtype).reshape(*x.shape[:-1], -1, 1, 2)
+    return (freqs[..., 0] * pairs[..., 0] + freqs[..., 1] * pairs[..., 1]).reshape(x.shape).type_as(x)
+
+
+def reference(qkv: torch.Tensor, freqs: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+              heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the kernel computes, in PyTorch: the host's split, view and `rms_rope1` of q and k, and v."""
+    b, n, width = qkv.shape
+    d = width // (heads + 2 * kv_heads)
+    q, k, v = torch.split(qkv, [heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    return (rms_rope(q.view(b, n, heads, d), freqs, q_weight, eps),
+            rms_rope(k.view(b, n, kv_heads, d), freqs, k_weight, eps), v.reshape(b, n, kv_heads, d))
+
+
+def _plain_norm(norm, device) -> bool:
+    """A q/k norm layer whose weight is used as it is: a plain tensor on `device`, no cast or weight function."""
+    w = getattr(norm, "weight", None)
+    return (isinstance(w, torch.Tensor) and not hasattr(w, "__tensor_flatten__") and w.device == device
+            and not getattr(norm, "comfy_cast_weights", False) and not getattr(norm, "weight_function", None))
+
+
+def _frequencies_fit(freqs, x: torch.Tensor, head_dim: int) -> bool:
+    """NextDiT's RoPE frequencies for x: [B or 1, N, 1, head_dim / 2, 2, 2], the last three contiguous."""
+    return (isinstance(freqs, torch.Tensor) and freqs.dim() == 6 and freqs.device == x.device
+            and freqs.shape[0] in (1, x.shape[0]) and freqs.shape[1] == x.shape[1] and freqs.shape[2] == 1
+            and tuple(freqs.shape[3:]) == (head_dim // 2, 2, 2) and freqs.stride()[3:] == (4, 2, 1)
+            and freqs.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+def _in_training() -> bool:
+    import comfy.model_management as mm
+
+    return bool(getattr(mm, "in_training", False))
+
+
+def applies(attn, x: torch.Tensor, freqs) -> bool:
+    """Whether `fused_forward` runs the kernel for this call of JointAttention `attn`."""
+    return (qkv_norm_rope is not None and x.is_cuda and x.dtype in _KERNEL_DTYPES and x.dim() == 3
+            and getattr(attn, "qk_norm", False) and attn.head_dim % 2 == 0
+            and attn.n_local_heads % attn.n_local_kv_heads == 0
+            and _plain_norm(attn.q_norm, x.device) and _plain_norm(attn.k_norm, x.device)
+            and _frequencies_fit(freqs, x, attn.head_dim) and not _in_training())
+
+
+def _epsilon(attn) -> float:
+    """The norms' epsilon as the host's fused path takes it: the q norm's, for both."""
+    eps = getattr(attn.q_norm, "eps", None)
+    return eps if eps is not None else torch.finfo(torch.float32).eps
+
+
+def _attention_of(attn):
+    """The attention function the host's JointAttention calls, from the module that defines it."""
+    return sys.modules[type(attn).__module__].optimized_attention_masked
+
+
+def _project(attn, x, freqs):
+    """q, k, v of the call, by the kernel where the projection came out as it expects, else by `reference`."""
+    qkv = attn.qkv(x)
+    args = (freqs, attn.q_norm.weight, attn.k_norm.weight, _epsilon(attn), attn.n_local_heads,
+            attn.n_local_kv_heads)
+    if qkv.dtype == x.dtype and qkv.is_contiguous():
+        return qkv_norm_rope(qkv, *args)
+    return reference(qkv, *args)
+
+
+def fused_forward(attn, x: torch.Tensor, x_mask, freqs_cis, transformer_options={}):  # noqa: B006 (the host's)
+    """A JointAttention's forward: q, k and v by the kernel where it `applies`, then what the host's forward does
+    with them (k and v repeated for the grouped heads, its attention function, the output projection); the host's
+    forward otherwise. Bound to each attention as a method (pipeline/forward_patches.py says why)."""
+    if not applies(attn, x, freqs_cis):
+        return type(attn).forward(attn, x, x_mask, freqs_cis, transformer_options=transformer_options)
+    xq, xk, xv = _project(attn, x, freqs_cis)
+    n_rep = attn.n_local_heads // attn.n_local_kv_heads
+    if n_rep >= 1:
+        xk = xk.unsqueeze(3).repeat(1, 1, 1, n_rep, 1).flatten(2, 3)
+        xv = xv.unsqueeze(3).repeat(1, 1, 1, n_rep, 1).flatten(2, 3)
+    output = _attention_of(attn)(xq.movedim(1, 2), xk.movedim(1, 2), xv.movedim(1, 2), attn.n_local_heads, x_mask,
+                                 skip_reshape=True, transformer_options=transformer_options)
+    return attn.out(output)
+
+
+def _attentions(diffusion_model: torch.nn.Module):
+    """(name, module) of every NextDiT JointAttention: the host's class, with the attributes its forward uses."""
+    for name, module in diffusion_model.named_modules():
+        if (type(module).__name__ == "JointAttention"
+                and all(hasattr(module, a) for a in ("qkv", "out", "q_norm", "k_norm", "n_local_heads",
+                                                     "n_local_kv_heads", "head_dim", "qk_norm"))
+                and hasattr(sys.modules.get(type(module).__module__), "optimized_attention_masked")):
+            yield name, module
+
+
+def usable(device) -> bool:
+    """Whether the kernel can run for a model on `device`: a CUDA device with Triton, and a PyTorch with
+    `triton_op`."""
+    if torch.device(device).type != "cuda" or qkv_norm_rope is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def attach(patcher) -> int:
+    """Give each JointAttention of the patcher's DiT `fused_forward` (ComfyUI's object patches, undone when ComfyUI
+    unpatches the model). Returns how many."""
+    n = forward_patches.patch_forwards(patcher, _attentions(patcher.model.diffusion_model), fused_forward)
+    if n:
+        log.info("NewBie: %d attentions take q, k and v from one kernel (%s=1)", n, SWITCH)
+    return n
+
+
+def attached(patcher) -> bool:
+    return any(k.startswith("diffusion_model.") and k.endswith(".attention.forward") for k in patcher.object_patches)
