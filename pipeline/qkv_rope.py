@@ -124,10 +124,11 @@ def reference(qkv: torch.Tensor, freqs: torch.Tensor, q_weight: torch.Tensor, k_
 
 
 def _plain_norm(norm, device) -> bool:
-    """A q/k norm layer whose weight is used as it is: a plain tensor on `device`, no cast or weight function."""
+    """A q/k norm layer whose weight the kernel can read: a plain tensor already on `device`, no weight function (a
+    LoRA's, say) to apply first. (The host casts it to the input's dtype, as `_project` does.)"""
     w = getattr(norm, "weight", None)
     return (isinstance(w, torch.Tensor) and not hasattr(w, "__tensor_flatten__") and w.device == device
-            and not getattr(norm, "comfy_cast_weights", False) and not getattr(norm, "weight_function", None))
+            and not getattr(norm, "weight_function", None))
 
 
 def _frequencies_fit(freqs, x: torch.Tensor, head_dim: int) -> bool:
@@ -167,8 +168,9 @@ def _attention_of(attn):
 def _project(attn, x, freqs):
     """q, k, v of the call, by the kernel where the projection came out as it expects, else by `reference`."""
     qkv = attn.qkv(x)
-    args = (freqs, attn.q_norm.weight, attn.k_norm.weight, _epsilon(attn), attn.n_local_heads,
-            attn.n_local_kv_heads)
+    # the norms' weights in the input's dtype, as the host's comfy.ops.cast_bias_weight hands them to rms_rope1
+    args = (freqs, attn.q_norm.weight.to(x.dtype), attn.k_norm.weight.to(x.dtype), _epsilon(attn),
+            attn.n_local_heads, attn.n_local_kv_heads)
     if qkv.dtype == x.dtype and qkv.is_contiguous():
         return qkv_norm_rope(qkv, *args)
     return reference(qkv, *args)

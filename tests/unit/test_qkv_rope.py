@@ -131,9 +131,12 @@ def test_the_patched_attentions_give_the_hosts_output(monkeypatch, precision):
     the host's DiT gets the forward, which hands the host's attention the same q, k and v and gives the DiT's
     output within rounding; where the kernel does not apply (here: the CPU) the host's forward runs, bit for bit.
     The fp16 path, which scales q and k itself, is left alone."""
+    import comfy.model_management as mm
+
     from devkit import stress
     from devkit.dit_calls import dit_call, dit_inputs
 
+    monkeypatch.setattr(mm, "supports_fp8_compute", lambda device=None: False)  # a CPU's answer, on a GPU's machine
     monkeypatch.setattr(qkv_rope, "usable", lambda device: True)
     monkeypatch.delenv(qkv_rope.SWITCH, raising=False)
     plain, cfg = _tiny_patcher(precision)
@@ -209,3 +212,21 @@ def test_compiled_blocks_of_a_patched_dit_make_as_many_graphs_and_the_same_outpu
     assert graphs == plain_graphs and graphs > 0, (plain_graphs, graphs)
     for a, b in zip(fused, plain):
         assert stress.relative_error(a, b) < 1e-5
+
+
+def test_the_kernel_takes_norm_weights_the_host_casts_but_not_those_a_weight_function_patches():
+    norm = torch.nn.RMSNorm(8)
+    norm.comfy_cast_weights, norm.weight_function = True, []
+    assert qkv_rope._plain_norm(norm, torch.device("cpu")), "ComfyUI's cast layer: cast to the input's dtype"
+    norm.weight_function = [lambda w: w]
+    assert not qkv_rope._plain_norm(norm, torch.device("cpu")), "a LoRA's weight function"
+    assert not qkv_rope._plain_norm(torch.nn.RMSNorm(8), torch.device("meta")), "a weight elsewhere"
+
+
+def test_only_nextdits_frequency_layout_takes_the_kernel():
+    x = torch.zeros(2, 5, 4 * 8)
+    assert qkv_rope._frequencies_fit(_freqs(1, 5, 8), x, 8) and qkv_rope._frequencies_fit(_freqs(2, 5, 8), x, 8)
+    assert not qkv_rope._frequencies_fit(_freqs(1, 6, 8), x, 8), "more frequencies than tokens"
+    assert not qkv_rope._frequencies_fit(_freqs(3, 5, 8), x, 8), "another batch"
+    assert not qkv_rope._frequencies_fit(_freqs(1, 5, 8).transpose(-1, -2), x, 8), "pairs not contiguous"
+    assert not qkv_rope._frequencies_fit(_freqs(1, 5, 8)[..., 0], x, 8), "not [.., D/2, 2, 2]"
