@@ -49,3 +49,42 @@ def qkv_norm_rope_kernel(qkv_ptr, freqs_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr, v_ptr
     live_c = c < HKV * D
     v = tl.load(src + (H + HKV) * D + c, mask=live_c, other=0.0)
     tl.store(v_ptr + row * (HKV * D) + c, v, mask=live_c)
+
+
+@jit
+def qkv_norm_rope_head_kernel(qkv_ptr, freqs_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr, v_ptr, seq, freqs_stride_b,
+                              freqs_stride_n, eps, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                              PAIRS_BLOCK: tl.constexpr):
+    """The same as qkv_norm_rope_kernel, one program a head: program (row, j) takes head j of the token's
+    H + 2 HKV (q's, then k's, normalised and rotated; then v's, copied)."""
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    src = qkv_ptr + row * ((H + 2 * HKV) * D) + j * D
+    p = tl.arange(0, PAIRS_BLOCK)
+    live = p < D // 2
+    if j < H + HKV:
+        if j < H:
+            w_ptr = qw_ptr
+            dst = q_ptr + row * (H * D) + j * D
+        else:
+            w_ptr = kw_ptr
+            dst = k_ptr + row * (HKV * D) + (j - H) * D
+        b = row // seq
+        f = freqs_ptr + b * freqs_stride_b + (row - b * seq) * freqs_stride_n + 4 * p
+        f00 = tl.load(f, mask=live, other=0.0)
+        f01 = tl.load(f + 1, mask=live, other=0.0)
+        f10 = tl.load(f + 2, mask=live, other=0.0)
+        f11 = tl.load(f + 3, mask=live, other=0.0)
+        x0 = tl.load(src + 2 * p, mask=live, other=0.0).to(tl.float32)
+        x1 = tl.load(src + 2 * p + 1, mask=live, other=0.0).to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(x0 * x0 + x1 * x1, axis=0) / D + eps)
+        w0 = tl.load(w_ptr + 2 * p, mask=live, other=0.0).to(tl.float32)
+        w1 = tl.load(w_ptr + 2 * p + 1, mask=live, other=0.0).to(tl.float32)
+        n0 = (x0 * rstd * w0).to(dst.dtype.element_ty).to(f00.dtype)
+        n1 = (x1 * rstd * w1).to(dst.dtype.element_ty).to(f00.dtype)
+        tl.store(dst + 2 * p, (f00 * n0 + f01 * n1).to(dst.dtype.element_ty), mask=live)
+        tl.store(dst + 2 * p + 1, (f10 * n0 + f11 * n1).to(dst.dtype.element_ty), mask=live)
+    else:
+        c = tl.arange(0, 2 * PAIRS_BLOCK)
+        dst = v_ptr + row * (HKV * D) + (j - H - HKV) * D
+        tl.store(dst + c, tl.load(src + c, mask=c < D, other=0.0), mask=c < D)

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 SWITCH = "NEWBIE_QKV_ROPE"
 OP_NAME = "newbie_lowvram::qkv_norm_rope"
+# The kernel's form and launch (bench/qkv_rope_kernel.py times them): "token", a program a token; "head", a
+# program a head.
+FORM = "token"
 NUM_WARPS = 4
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -41,11 +44,12 @@ def enabled() -> bool:
     return env_switch.switch(SWITCH, False)
 
 
-def _kernel():
-    """The Triton kernel, imported at first use (Triton is imported only where the kernel runs)."""
-    from ._qkv_rope_kernel import qkv_norm_rope_kernel
+def _kernel(form: str):
+    """The Triton kernel of `form` ("token": a program a token; "head": a program a head), imported at first use
+    (Triton is imported only where the kernel runs)."""
+    from . import _qkv_rope_kernel as k
 
-    return qkv_norm_rope_kernel
+    return k.qkv_norm_rope_kernel if form == "token" else k.qkv_norm_rope_head_kernel
 
 
 def _p2(n: int) -> int:
@@ -63,24 +67,31 @@ def _outputs(qkv: torch.Tensor, heads: int, kv_heads: int):
     return (qkv.new_empty(b, n, heads, d), qkv.new_empty(b, n, kv_heads, d), qkv.new_empty(b, n, kv_heads, d))
 
 
-def _launch(qkv, freqs, q_weight, k_weight, eps: float, heads: int, kv_heads: int, outs, wrap=None) -> None:
+def _launch(qkv, freqs, q_weight, k_weight, eps: float, heads: int, kv_heads: int, outs, wrap=None,
+            form: str = FORM, num_warps: int = NUM_WARPS) -> None:
     b, n, width = qkv.shape
     d = width // (heads + 2 * kv_heads)
-    kernel = _kernel() if wrap is None else wrap(_kernel())
+    kernel = _kernel(form) if wrap is None else wrap(_kernel(form))
     stride_b, stride_n = _freqs_strides(freqs)
-    kernel[(b * n,)](qkv, freqs, q_weight, k_weight, *outs, n, stride_b, stride_n, eps, H=heads, HKV=kv_heads, D=d,
-                     H_BLOCK=_p2(heads), HKV_BLOCK=_p2(kv_heads), PAIRS_BLOCK=_p2(d // 2),
-                     V_BLOCK=_p2(kv_heads * d), num_warps=NUM_WARPS)
+    args = (qkv, freqs, q_weight, k_weight, *outs, n, stride_b, stride_n, eps)
+    if form == "token":
+        kernel[(b * n,)](*args, H=heads, HKV=kv_heads, D=d, H_BLOCK=_p2(heads), HKV_BLOCK=_p2(kv_heads),
+                         PAIRS_BLOCK=_p2(d // 2), V_BLOCK=_p2(kv_heads * d), num_warps=num_warps)
+    else:
+        kernel[(b * n, heads + 2 * kv_heads)](*args, H=heads, HKV=kv_heads, D=d, PAIRS_BLOCK=_p2(d // 2),
+                                              num_warps=num_warps)
 
 
 def launch(qkv: torch.Tensor, freqs: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
-           heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q, k, v) as `reference` computes them, by the kernel launched directly: as the tests (under Triton's
-    interpreter) and the benches run it (the pack calls `qkv_norm_rope`)."""
+           heads: int, kv_heads: int, form: str = FORM,
+           num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v) as `reference` computes them, by the kernel of `form` launched directly: as the tests (under
+    Triton's interpreter) and bench/qkv_rope_kernel.py run it (the pack calls `qkv_norm_rope`)."""
     qkv, freqs = qkv.contiguous(), freqs.contiguous()
     outs = _outputs(qkv, heads, kv_heads)
     if qkv.shape[0] * qkv.shape[1]:
-        _launch(qkv, freqs, q_weight.contiguous(), k_weight.contiguous(), eps, heads, kv_heads, outs)
+        _launch(qkv, freqs, q_weight.contiguous(), k_weight.contiguous(), eps, heads, kv_heads, outs, form=form,
+                num_warps=num_warps)
     return outs
 
 

@@ -33,7 +33,7 @@ for dtype in (torch.float32, torch.bfloat16):
         c, s = torch.cos(angle), torch.sin(angle)
         freqs = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
         qw, kw = (torch.randn(D, generator=g).to(dtype) for _ in range(2))
-        got = qkv_rope.launch(qkv, freqs, qw, kw, 1e-6, H, HKV)
+        got = qkv_rope.launch(qkv, freqs, qw, kw, 1e-6, H, HKV, form={form!r})
         want = qkv_rope.reference(qkv, freqs, qw, kw, 1e-6, H, HKV)
         out[f"{{dtype}} {{freqs_batch}}"] = {{
             "shapes": [list(t.shape) == list(w.shape) and t.is_contiguous() for t, w in zip(got, want)],
@@ -47,13 +47,14 @@ print(json.dumps(out))
 """
 
 
-def test_the_kernel_computes_the_pytorch_form_under_the_interpreter():
+@pytest.mark.parametrize("form", ["token", "head"])
+def test_the_kernel_computes_the_pytorch_form_under_the_interpreter(form):
     """q and k normalised and rotated, v copied, each contiguous: in fp32 equal to the PyTorch form but for the
     order of one sum; in bf16 at most two roundings apart (the normalised value's and the output's, each 2**-8 of
     the largest value, the frequencies being at most 1), as Triton's interpreter rounds toward zero where a GPU
     rounds to nearest (the GPU test below holds the kernel closer); with the frequencies of one sample for all and
     of each sample."""
-    script = _INTERPRETED.format(root=str(ROOT))
+    script = _INTERPRETED.format(root=str(ROOT), form=form)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

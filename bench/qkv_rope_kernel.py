@@ -1,0 +1,76 @@
+"""NextDiT's attention inputs (q/k RMSNorm + RoPE, v) by the pack's kernel (pipeline/qkv_rope.py) against Inductor's
+kernels for the same function and PyTorch's eager ops, at NewBie's size: 24 heads and 8 key/value heads of 96 over
+a 1024x1024 image and its caption (4356 tokens), bf16. Each form and launch of the pack's kernel is checked against
+the PyTorch form (the share of values a rounding apart) and timed with CUDA events; the bytes it must move (the
+projection read once, q, k, v written once) give the bandwidth.
+
+    python3 bench/qkv_rope_kernel.py --out $OUT      # CUDA: OUT/qkv_rope_kernel.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline import qkv_rope  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM, TOKENS = 24, 8, 96, 4356
+
+
+def _time_us(fn, iters: int = 100, repeats: int = 5) -> list[float]:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / iters)
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
+    qkv = torch.randn(1, TOKENS, width, generator=g, device="cuda", dtype=torch.bfloat16) * 2
+    angle = torch.rand(1, TOKENS, 1, HEAD_DIM // 2, generator=g, device="cuda") * 6.3
+    c, s = torch.cos(angle), torch.sin(angle)
+    freqs = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    qw, kw = (torch.rand(HEAD_DIM, generator=g, device="cuda", dtype=torch.bfloat16) + 0.5 for _ in range(2))
+    call = (qkv, freqs, qw, kw, 1e-6, HEADS, KV_HEADS)
+    want = qkv_rope.reference(*call)
+    moved = qkv.numel() * 2 * 2  # read once, written once as q, k, v
+    compiled = torch.compile(lambda *a: tuple(t.contiguous() for t in qkv_rope.reference(*a)))
+    candidates = {"eager PyTorch": lambda: qkv_rope.reference(*call), "Inductor": lambda: compiled(*call),
+                  "op (pack's launch)": lambda: qkv_rope.qkv_norm_rope(*call)}
+    for form, warps in (("token", 1), ("token", 2), ("token", 4), ("token", 8), ("head", 1), ("head", 2),
+                        ("head", 4)):
+        candidates[f"{form} {warps} warps"] = (lambda f=form, w=warps: qkv_rope.launch(*call, form=f, num_warps=w))
+    results = {}
+    for name, fn in candidates.items():
+        out = fn()
+        unequal = max((a != b).float().mean().item() for a, b in zip(out, want))
+        times = _time_us(fn)
+        us = statistics.median(times)
+        results[name] = {"us": round(us, 2), "spread_us": [round(min(times), 2), round(max(times), 2)],
+                         "tb_per_s": round(moved / us / 1e6, 2), "unequal_share": round(unequal, 5)}
+        print(f"{name:>22}: {us:8.2f} us  {moved / us / 1e6:5.2f} TB/s  unequal {unequal:.5f}", flush=True)
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": TOKENS,
+              "bytes_moved": moved, "results": results}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "qkv_rope_kernel.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
