@@ -49,7 +49,8 @@ def _kernel(form: str):
     (Triton is imported only where the kernel runs)."""
     from . import _qkv_rope_kernel as k
 
-    return k.qkv_norm_rope_kernel if form == "token" else k.qkv_norm_rope_head_kernel
+    return {"token": k.qkv_norm_rope_kernel, "head": k.qkv_norm_rope_head_kernel,
+            "rows": k.qkv_norm_rope_rows_kernel}[form]
 
 
 def _p2(n: int) -> int:
@@ -77,6 +78,9 @@ def _launch(qkv, freqs, q_weight, k_weight, eps: float, heads: int, kv_heads: in
     if form == "token":
         kernel[(b * n,)](*args, H=heads, HKV=kv_heads, D=d, H_BLOCK=_p2(heads), HKV_BLOCK=_p2(kv_heads),
                          PAIRS_BLOCK=_p2(d // 2), V_BLOCK=_p2(kv_heads * d), num_warps=num_warps)
+    elif form == "rows":
+        kernel[(b * n,)](*args, H=heads, HKV=kv_heads, D=d, QK_BLOCK=_p2(heads + kv_heads), PAIRS_BLOCK=_p2(d // 2),
+                         V_BLOCK=_p2(kv_heads * d), num_warps=num_warps)
     else:
         kernel[(b * n, heads + 2 * kv_heads)](*args, H=heads, HKV=kv_heads, D=d, PAIRS_BLOCK=_p2(d // 2),
                                               num_warps=num_warps)

@@ -47,7 +47,7 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("form", ["token", "head"])
+@pytest.mark.parametrize("form", ["token", "head", "rows"])
 def test_the_kernel_computes_the_pytorch_form_under_the_interpreter(form):
     """q and k normalised and rotated, v copied, each contiguous: in fp32 equal to the PyTorch form but for the
     order of one sum; in bf16 at most two roundings apart (the normalised value's and the output's, each 2**-8 of
