@@ -34,7 +34,7 @@ SWITCH = "NEWBIE_QKV_ROPE"
 OP_NAME = "newbie_lowvram::qkv_norm_rope"
 # The kernel's form and launch (bench/qkv_rope_kernel.py times them): "token", a program a token; "head", a
 # program a head.
-FORM = "token"
+FORM = "rows"
 NUM_WARPS = 4
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
