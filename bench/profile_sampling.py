@@ -21,7 +21,9 @@ row, pipeline/quantized_ops.py, the `+w2rowwise` of runs 84-88);
 +w2kernel1: by its one-pass form (NEWBIE_FP8_W2=kernel1; 75 against 106 us a call, run110);
 +adaln: the blocks' adaLN modulation as a product and a sum in compiled blocks (NEWBIE_ADALN=reduce,
 pipeline/adaln_reduce.py);
-+qkvrope: q/k RMSNorm + RoPE and v from the pack's one kernel a layer (NEWBIE_QKV_ROPE=1, pipeline/qkv_rope.py);
++noqkvrope: q/k RMSNorm + RoPE and v from ComfyUI's ops (fused by Inductor where compiled), not from the pack's
+kernel (NEWBIE_QKV_ROPE=0, pipeline/qkv_rope.py); until run125 the kernel was opt-in (+qkvrope), and a variant
+without it ran without the kernel;
 +fastaccum: fp8 GEMMs accumulating in the tensor cores' accumulator (NEWBIE_FP8_ACCUM=fast, use_fast_accum; the
 default since run94-95, before which `fp8+compile` promoted their partial sums to fp32); +fp32accum: promoted again
 (NEWBIE_FP8_ACCUM=fp32);
@@ -173,7 +175,7 @@ def main():
         os.environ["NEWBIE_GUARD_SKIP"] = "0" if "guards" in extras else "1"
         os.environ["NEWBIE_FA4_REPLAY"] = "0" if "fa4launch" in extras else "1"
         os.environ["NEWBIE_ADALN"] = "reduce" if "adaln" in extras else ""
-        os.environ["NEWBIE_QKV_ROPE"] = "1" if "qkvrope" in extras else "0"
+        os.environ["NEWBIE_QKV_ROPE"] = "0" if "noqkvrope" in extras else "1"
         parts = loader.NewBieParts(dict(base_sd), {}, {}, {}, None, None, {"dit": "random"})
         patcher, cfg, _, _ = loader.build_model(parts, prec, dynamic=False)
         if "compile" in extras:  # +cppwrapper: Inductor's C++ launchers (block_compile.inductor_options)

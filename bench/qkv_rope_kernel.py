@@ -54,9 +54,8 @@ def main():
     compiled = torch.compile(lambda *a: tuple(t.contiguous() for t in qkv_rope.reference(*a)))
     candidates = {"eager PyTorch": lambda: qkv_rope.reference(*call), "Inductor": lambda: compiled(*call),
                   "op (pack's launch)": lambda: qkv_rope.qkv_norm_rope(*call)}
-    for form, warps in (("token", 1), ("token", 2), ("token", 4), ("token", 8), ("head", 1), ("head", 2),
-                        ("rows", 1), ("rows", 2), ("rows", 4), ("rows", 8), ("rows", 16)):
-        candidates[f"{form} {warps} warps"] = (lambda f=form, w=warps: qkv_rope.launch(*call, form=f, num_warps=w))
+    for warps in (2, 4, 8):
+        candidates[f"kernel, {warps} warps"] = (lambda w=warps: qkv_rope.launch(*call, num_warps=w))
     results = {}
     for name, fn in candidates.items():
         out = fn()

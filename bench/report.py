@@ -363,6 +363,35 @@ COMMANDS = {
               "fp8+compile+w2kernel1+graphs --steps 25 --profile-steps 2 --warm 3",
     "run117": "(the same H100, the next call) python3 bench/profile_sampling.py --variants "
               "fp8+compile+w2kernel1+graphs --steps 25 --profile-steps 2 --warm 3 (run116's baseline)",
+    "run118": "(H100, a new machine, flash-attn-4; cefcf83) source bench/device_env.sh carrying .whl, .whl-av and "
+              ".carry; bash bench/fa4_install.sh stash carrying .fa4a; source bench/fa4_install.sh carrying .fa4b; "
+              "python3 bench/run.py --configs upstream-gpu-only-native@none,"
+              "pack-fp8-native-graphs-w2kernel1-adaln-nows@none,pack-fp8-native-graphs-w2kernel1-nows@none,"
+              "pack-fp8-native-graphs-w2kernel1-adaln@none,pack-fp8-native-graphs-w2kernel1@none --warm 5 "
+              "--timeout 120",
+    "run119": "(the same H100, the next call) CUBLASLT_WORKSPACE_SIZE=0 python3 bench/profile_sampling.py --variants "
+              "fp8+compile+w2kernel1+graphs+adaln,fp8+compile+w2kernel1+graphs --steps 25 --profile-steps 2 --warm 5",
+    "run120": "(H100, a new machine, cuDNN attention; b9e308d) source bench/device_env.sh; python3 -m pytest -q "
+              "tests/unit/test_qkv_rope.py (run120-pytest.log: the fp8 test's loader asked the CPU for fp8 compute on "
+              "a GPU's machine, mended after); CUBLASLT_WORKSPACE_SIZE=0 python3 bench/profile_sampling.py "
+              "--variants fp8+compile+w2kernel1+graphs+qkvrope,fp8+compile+w2kernel1+graphs --steps 25 "
+              "--profile-steps 2 --warm 5 (the kernel ran in no layer: fp8's q/k norms are ComfyUI's cast layers, "
+              "which the first form refused; mended after)",
+    "run121": "(H100, a new machine, cuDNN attention) the same commands as run120 with --warm 3 (the kernel's first "
+              "form, a program a token: 199 us a call, the run 2.543 against 2.324 s)",
+    "run122": "(H100, a new machine) source bench/device_env.sh; python3 bench/qkv_rope_kernel.py --out $OUT (the "
+              "first two forms: a program a token, a program a head)",
+    "run123": "(H100, a new machine) the same, with the rows form (whole head rows, pairs split in registers), the "
+              "form the pack keeps",
+    "run124": "(the same H100, flash-attn-4; its rows form, opt-in then) bash bench/fa4_install.sh stash carrying "
+              ".fa4a; source bench/fa4_install.sh carrying .fa4b; python3 bench/run.py --configs "
+              "upstream-gpu-only-native@none,pack-fp8-native-graphs-w2kernel1-nows-qkvrope@none,"
+              "pack-fp8-native-graphs-w2kernel1-nows@none,pack-bf16-qkvrope@none,pack-bf16@none --warm 3 "
+              "--timeout 120",
+    "run125": "(the same H100, the next call, flash-attn-4) CUBLASLT_WORKSPACE_SIZE=0 python3 "
+              "bench/profile_sampling.py --variants fp8+compile+w2kernel1+graphs+qkvrope,fp8+compile+w2kernel1+graphs,"
+              "bf16+compile+qkvrope,bf16+compile --steps 25 --profile-steps 2 --warm 5 (variants without +qkvrope "
+              "ran without the kernel then)",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }

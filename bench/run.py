@@ -97,7 +97,8 @@ CONFIGS = {
     "pack-fp8-native-graphs-w2kernel1-adaln": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     "pack-fp8-native-graphs-w2kernel1-nows": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     "pack-fp8-native-graphs-w2kernel1-adaln-nows": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
-    # ... with q, k and v from the pack's one kernel (NEWBIE_QKV_ROPE=1, pipeline/qkv_rope.py)
+    # ... with q, k and v from the pack's one kernel (NEWBIE_QKV_ROPE=1, pipeline/qkv_rope.py; the default since
+    # run124, so that the configuration without `-qkvrope` has it too from then on)
     "pack-fp8-native-graphs-w2kernel1-nows-qkvrope": ("pack", "fp8", ["--disable-cuda-malloc"], "auto"),
     # the prompt pair batched into one DiT call a step (pipeline/cfg_batch.py; by default only a streamed DiT is),
     # half the calls for the CPU-bound resident fp8 step, with the SwiGLU kernel (run97: no faster; the GPU's work
@@ -144,8 +145,9 @@ SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_C
             # cuBLASLt without a workspace (PyTorch reads CUBLASLT_WORKSPACE_SIZE, in KiB, once a process): its fp8
             # GEMMs then choose kernels that need no zeroed workspace, without the 228 memsets a step (run115-117)
             "nows": {"CUBLASLT_WORKSPACE_SIZE": "0"},
-            # q/k RMSNorm + RoPE and v from the pack's one kernel a layer (pipeline/qkv_rope.py)
-            "qkvrope": {"NEWBIE_QKV_ROPE": "1"},
+            # q/k RMSNorm + RoPE and v from the pack's one kernel a layer (pipeline/qkv_rope.py; opt-in until run124,
+            # on by default since), or from ComfyUI's ops as Inductor fuses them
+            "qkvrope": {"NEWBIE_QKV_ROPE": "1"}, "noqkvrope": {"NEWBIE_QKV_ROPE": "0"},
             # fp8 GEMMs with their partial sums promoted to fp32, as before fast accumulation became the default
             # (use_fast_accum, pipeline/quantized_ops.py, run94-95)
             "fp32accum": {"NEWBIE_FP8_ACCUM": "fp32"},

@@ -299,7 +299,7 @@ def _finish_model(model_config, dit: dict, load_device, budget, dynamic: bool, f
         swiglu_fp8.attach(patcher)
     if adaln_reduce.enabled():
         adaln_reduce.attach(patcher)
-    if qkv_rope.enabled() and fp16_state is None and qkv_rope.usable(load_device):  # the fp16 path scales q and k
+    if qkv_rope.enabled() and fp16_state is None and qkv_rope.usable(load_device):  # fp16 scales q and k itself
         qkv_rope.attach(patcher)
     if not compat.is_dynamic(patcher):
         block_stream.attach(patcher)
@@ -613,6 +613,7 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
          f"block kind; ComfyUI's non-dynamic model patcher; {compile_why})" if compiled
          else f"compile: off (eager; {compile_why})"),
         sdpa.describe(device, *kv_repeat.from_options(model.model_options.get("transformer_options"))),
+        qkv_rope.describe(model),
         *([guard_skip.describe()] if compiled else []),
         cuda_graphs.describe(model),
         "from: " + ", ".join(f"{k}={Path(str(v)).name}" for k, v in parts.paths.items()),

@@ -1,22 +1,33 @@
 """NextDiT's attention inputs in one kernel: the q/k RMSNorm and RoPE, and v, from the qkv projection's output
-(NEWBIE_QKV_ROPE=1; opt-in until measured in the server).
+(on by default where it runs; NEWBIE_QKV_ROPE=0 turns it off).
 
 ComfyUI's JointAttention (comfy/ldm/lumina/model.py) splits the qkv projection into q, k and v, normalises q and
 k per head and rotates them (comfy-kitchen's `rms_rope1`, or RMSNorm and `apply_rope` on hosts without it), then
-hands all three to the attention. In a compiled block Inductor fuses this into three kernels a layer. On an H100
-(fp8, flash-attn-4, the kept CUDA graphs; bench/results/run119) they took 42 + 16 + 8 us a main-layer call for
-about 67 MB read and written: 1 TB/s, where the GPU moves some 3 TB/s. Their q kernel reads the 192 bytes of a
-head with the 768 bytes of its RoPE frequencies, in fp32, once for each of the 24 heads.
+hands all three to the attention. In a compiled block Inductor made that four kernels a main layer; on an H100 (fp8,
+cuDNN attention, run121) they took 43.3 + 15.5 + 10.9 + 7.2 us a call to move about 67 MB, under 1 TB/s where the
+GPU moves some 3 TB/s.
 
-This kernel (`_kernel`) gives each program one token: it reads the token's row of the projection once, and its
-frequencies once for all heads; normalises and rotates q's heads, then k's, and copies v, each into a contiguous
-[B, N, heads, head_dim] tensor, the layout flash-attn-4 takes. The arithmetic is comfy-kitchen's `rms_rope1`
-(the norm in fp32, its output rounded to the input's dtype and then rotated in the frequencies' dtype), so the
-values are those of the host's op but for the order of one sum (tests/unit/test_qkv_rope.py).
+This kernel gives each program one token: its q and k heads, the first (24 + 8) x 96 values of its row of the
+projection, are loaded as one block, contiguous along each head, normalised, split into each pair's two values,
+rotated by the token's frequencies (read once for all its heads), joined again and stored contiguously; its v
+heads are copied. q, k and v come out as contiguous [B, N, heads, head_dim] tensors, the layout flash-attn-4 takes.
+The arithmetic is comfy-kitchen's `rms_rope1` (the norm in fp32, its output rounded to the input's dtype, then
+rotated in the frequencies' dtype), so the values are the host's op's but for the order of one sum: 2 in 100,000
+a rounding apart at NewBie's size (Inductor's kernels, which skip the rounding, differ in a third of them).
+
+Measured (H100; bench/qkv_rope_kernel.py, run123): 29.9 us a call at 4 warps, 2.2 TB/s, against 91.5 for Inductor's
+kernels of the same function and 546 for PyTorch's eager ops. Two first forms were slower than Inductor: a program
+a token reading each pair's values with stride-2 loads took 205-216 us (run122-123), a program a head 108.6 us. In
+the sampled DiT with flash-attn-4 (in-process, 25 steps, medians of 5 warm runs, run125): fp8 with the kept CUDA
+graphs 2.052 against 2.085 s a run (82.1 against 83.4 ms a step), bf16 compiled 2.920 against 2.972 s (its GPU
+105.8 against 112.6 ms a step; its CPU bounds it); in the server (run124, medians of 3 warm images) fp8 2.33 against
+2.39 s a warm image, sampling 2.04 against 2.08 s (12.24 against 12.05 steps a second), bf16 3.20 against 3.24 s.
+With cuDNN's attention (no flash-attn-4) ComfyUI's repeated key/value heads are still copied after the kernel (two
+copies of about 9 us a layer); that path is on too, its step not yet timed with this kernel.
 
 `attach` gives each JointAttention of a pack-loaded DiT `fused_forward` through ComfyUI's object patches. That
-forward runs the kernel where it applies (`applies`: a 16-bit input on a CUDA GPU with Triton, q/k norm layers that
-hold their weights as they are, frequencies of NextDiT's layout) and the host's own forward otherwise; after the
+forward runs the kernel where it applies (`applies`: a 16-bit input on a CUDA GPU with Triton, q/k norm weights on
+the GPU without a weight function, frequencies of NextDiT's layout) and the host's own forward otherwise; after the
 kernel it repeats k and v for the grouped heads and calls the attention exactly as the host's forward does.
 """
 from __future__ import annotations
@@ -32,25 +43,22 @@ log = logging.getLogger(__name__)
 
 SWITCH = "NEWBIE_QKV_ROPE"
 OP_NAME = "newbie_lowvram::qkv_norm_rope"
-# The kernel's form and launch (bench/qkv_rope_kernel.py times them): "token", a program a token; "head", a
-# program a head.
-FORM = "rows"
+# Warps a program (a token): 4 was fastest on an H100, 29.9 us a call against 33.8 with 2 and 55.5 with 8
+# (bench/qkv_rope_kernel.py, run123).
 NUM_WARPS = 4
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def enabled() -> bool:
-    """NEWBIE_QKV_ROPE=1."""
-    return env_switch.switch(SWITCH, False)
+    """On unless NEWBIE_QKV_ROPE=0."""
+    return env_switch.switch(SWITCH, True)
 
 
-def _kernel(form: str):
-    """The Triton kernel of `form` ("token": a program a token; "head": a program a head), imported at first use
-    (Triton is imported only where the kernel runs)."""
-    from . import _qkv_rope_kernel as k
+def _kernel():
+    """The Triton kernel, imported at first use (Triton is imported only where the kernel runs)."""
+    from ._qkv_rope_kernel import qkv_norm_rope_kernel
 
-    return {"token": k.qkv_norm_rope_kernel, "head": k.qkv_norm_rope_head_kernel,
-            "rows": k.qkv_norm_rope_rows_kernel}[form]
+    return qkv_norm_rope_kernel
 
 
 def _p2(n: int) -> int:
@@ -69,32 +77,24 @@ def _outputs(qkv: torch.Tensor, heads: int, kv_heads: int):
 
 
 def _launch(qkv, freqs, q_weight, k_weight, eps: float, heads: int, kv_heads: int, outs, wrap=None,
-            form: str = FORM, num_warps: int = NUM_WARPS) -> None:
+            num_warps: int = NUM_WARPS) -> None:
     b, n, width = qkv.shape
     d = width // (heads + 2 * kv_heads)
-    kernel = _kernel(form) if wrap is None else wrap(_kernel(form))
+    kernel = _kernel() if wrap is None else wrap(_kernel())
     stride_b, stride_n = _freqs_strides(freqs)
-    args = (qkv, freqs, q_weight, k_weight, *outs, n, stride_b, stride_n, eps)
-    if form == "token":
-        kernel[(b * n,)](*args, H=heads, HKV=kv_heads, D=d, H_BLOCK=_p2(heads), HKV_BLOCK=_p2(kv_heads),
-                         PAIRS_BLOCK=_p2(d // 2), V_BLOCK=_p2(kv_heads * d), num_warps=num_warps)
-    elif form == "rows":
-        kernel[(b * n,)](*args, H=heads, HKV=kv_heads, D=d, QK_BLOCK=_p2(heads + kv_heads), PAIRS_BLOCK=_p2(d // 2),
-                         V_BLOCK=_p2(kv_heads * d), num_warps=num_warps)
-    else:
-        kernel[(b * n, heads + 2 * kv_heads)](*args, H=heads, HKV=kv_heads, D=d, PAIRS_BLOCK=_p2(d // 2),
-                                              num_warps=num_warps)
+    kernel[(b * n,)](qkv, freqs, q_weight, k_weight, *outs, n, stride_b, stride_n, eps, H=heads, HKV=kv_heads, D=d,
+                     QK_BLOCK=_p2(heads + kv_heads), PAIRS_BLOCK=_p2(d // 2), V_BLOCK=_p2(kv_heads * d),
+                     num_warps=num_warps)
 
 
 def launch(qkv: torch.Tensor, freqs: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
-           heads: int, kv_heads: int, form: str = FORM,
-           num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q, k, v) as `reference` computes them, by the kernel of `form` launched directly: as the tests (under
-    Triton's interpreter) and bench/qkv_rope_kernel.py run it (the pack calls `qkv_norm_rope`)."""
+           heads: int, kv_heads: int, num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v) as `reference` computes them, by the kernel launched directly: as the tests (under Triton's
+    interpreter) and bench/qkv_rope_kernel.py run it (the pack calls `qkv_norm_rope`)."""
     qkv, freqs = qkv.contiguous(), freqs.contiguous()
     outs = _outputs(qkv, heads, kv_heads)
     if qkv.shape[0] * qkv.shape[1]:
-        _launch(qkv, freqs, q_weight.contiguous(), k_weight.contiguous(), eps, heads, kv_heads, outs, form=form,
+        _launch(qkv, freqs, q_weight.contiguous(), k_weight.contiguous(), eps, heads, kv_heads, outs,
                 num_warps=num_warps)
     return outs
 
@@ -240,3 +240,14 @@ def attach(patcher) -> int:
 
 def attached(patcher) -> bool:
     return any(k.startswith("diffusion_model.") and k.endswith(".attention.forward") for k in patcher.object_patches)
+
+
+def describe(patcher) -> str:
+    """The loader report's line."""
+    if attached(patcher):
+        return (f"attention inputs: q/k RMSNorm + RoPE and v by the pack's kernel, one launch a layer "
+                f"({SWITCH}=0 for ComfyUI's)")
+    why = (f"{SWITCH}=0" if not enabled() else "the fp16 path scales q and k itself"
+           if getattr(patcher.model, "newbie_fp16", None) is not None
+           else "the pack's kernel needs a CUDA GPU with Triton")
+    return f"attention inputs: ComfyUI's q/k RMSNorm + RoPE ({why})"

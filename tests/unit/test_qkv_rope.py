@@ -1,4 +1,4 @@
-"""pipeline/qkv_rope.py: NextDiT's q/k RMSNorm + RoPE and v from one kernel (NEWBIE_QKV_ROPE=1). On the CPU the
+"""pipeline/qkv_rope.py: NextDiT's q/k RMSNorm + RoPE and v from one kernel (on where it runs; NEWBIE_QKV_ROPE=0). On the CPU the
 kernel's arithmetic runs under Triton's interpreter (which decides at import, hence the subprocess) against the
 pack's PyTorch form (`rms_rope`, which tests/unit/test_rope_fusion.py holds to comfy-kitchen's own `rms_rope1`); the patched attention runs in the real
 host's DiT with that PyTorch form standing in for the kernel (the interpreter cannot run a `triton_op`), and gives
@@ -33,7 +33,7 @@ for dtype in (torch.float32, torch.bfloat16):
         c, s = torch.cos(angle), torch.sin(angle)
         freqs = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
         qw, kw = (torch.randn(D, generator=g).to(dtype) for _ in range(2))
-        got = qkv_rope.launch(qkv, freqs, qw, kw, 1e-6, H, HKV, form={form!r})
+        got = qkv_rope.launch(qkv, freqs, qw, kw, 1e-6, H, HKV)
         want = qkv_rope.reference(qkv, freqs, qw, kw, 1e-6, H, HKV)
         out[f"{{dtype}} {{freqs_batch}}"] = {{
             "shapes": [list(t.shape) == list(w.shape) and t.is_contiguous() for t, w in zip(got, want)],
@@ -47,14 +47,13 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("form", ["token", "head", "rows"])
-def test_the_kernel_computes_the_pytorch_form_under_the_interpreter(form):
+def test_the_kernel_computes_the_pytorch_form_under_the_interpreter():
     """q and k normalised and rotated, v copied, each contiguous: in fp32 equal to the PyTorch form but for the
     order of one sum; in bf16 at most two roundings apart (the normalised value's and the output's, each 2**-8 of
     the largest value, the frequencies being at most 1), as Triton's interpreter rounds toward zero where a GPU
     rounds to nearest (the GPU test below holds the kernel closer); with the frequencies of one sample for all and
     of each sample."""
-    script = _INTERPRETED.format(root=str(ROOT), form=form)
+    script = _INTERPRETED.format(root=str(ROOT))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -116,19 +115,27 @@ def _tiny_patcher(precision="bf16"):
 
 @pytest.mark.host
 @pytest.mark.usefixtures("comfy_on_cpu", "comfy_device_is_the_cpu")
-def test_without_the_switch_or_on_a_cpu_no_attention_is_patched(monkeypatch):
+def test_on_by_default_where_the_kernel_runs_and_off_on_a_cpu_or_by_the_switch(monkeypatch):
     monkeypatch.delenv(qkv_rope.SWITCH, raising=False)
-    assert not qkv_rope.attached(_tiny_patcher()[0])
-    monkeypatch.setenv(qkv_rope.SWITCH, "1")
     assert not qkv_rope.usable("cpu")
-    assert not qkv_rope.attached(_tiny_patcher()[0]), "no kernel on a CPU"
+    patcher = _tiny_patcher()[0]
+    assert not qkv_rope.attached(patcher), "no kernel on a CPU"
+    assert qkv_rope.describe(patcher).endswith("(the pack's kernel needs a CUDA GPU with Triton)")
+    monkeypatch.setattr(qkv_rope, "usable", lambda device: True)  # a GPU's answer
+    patcher = _tiny_patcher()[0]
+    assert qkv_rope.attached(patcher)
+    assert qkv_rope.describe(patcher).startswith("attention inputs: q/k RMSNorm + RoPE and v by the pack's kernel")
+    monkeypatch.setenv(qkv_rope.SWITCH, "0")
+    patcher = _tiny_patcher()[0]
+    assert not qkv_rope.attached(patcher)
+    assert qkv_rope.describe(patcher) == "attention inputs: ComfyUI's q/k RMSNorm + RoPE (NEWBIE_QKV_ROPE=0)"
 
 
 @pytest.mark.host
 @pytest.mark.usefixtures("comfy_on_cpu", "comfy_device_is_the_cpu")
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp8"])
 def test_the_patched_attentions_give_the_hosts_output(monkeypatch, precision):
-    """With the switch on a GPU (played on the CPU: the kernel's PyTorch form stands in for it), every attention of
+    """On a GPU (played on the CPU: the kernel's PyTorch form stands in for it), every attention of
     the host's DiT gets the forward, which hands the host's attention the same q, k and v and gives the DiT's
     output within rounding; where the kernel does not apply (here: the CPU) the host's forward runs, bit for bit.
     The fp16 path, which scales q and k itself, is left alone."""
@@ -139,7 +146,7 @@ def test_the_patched_attentions_give_the_hosts_output(monkeypatch, precision):
 
     monkeypatch.setattr(mm, "supports_fp8_compute", lambda device=None: False)  # a CPU's answer, on a GPU's machine
     monkeypatch.setattr(qkv_rope, "usable", lambda device: True)
-    monkeypatch.delenv(qkv_rope.SWITCH, raising=False)
+    monkeypatch.setenv(qkv_rope.SWITCH, "0")
     plain, cfg = _tiny_patcher(precision)
     inputs = dit_inputs(cfg, "cpu", (8, 8), 12)
     plain.patch_model()
@@ -148,7 +155,7 @@ def test_the_patched_attentions_give_the_hosts_output(monkeypatch, precision):
     finally:
         plain.unpatch_model()
 
-    monkeypatch.setenv(qkv_rope.SWITCH, "1")
+    monkeypatch.delenv(qkv_rope.SWITCH)  # on by default
     patcher, cfg = _tiny_patcher(precision)
     attentions = [n for n, m in patcher.model.diffusion_model.named_modules() if type(m).__name__ == "JointAttention"]
     keys = [k for k in patcher.object_patches if k.endswith(".attention.forward")]
@@ -170,7 +177,9 @@ def test_the_patched_attentions_give_the_hosts_output(monkeypatch, precision):
         patcher.unpatch_model()
     assert len(used) == len(attentions), used
     assert stress.relative_error(got, want) < (1e-5 if precision == "fp32" else 1e-2)
-    assert not qkv_rope.attached(_tiny_patcher("fp16")[0]), "the fp16 path keeps its own attention"
+    fp16 = _tiny_patcher("fp16")[0]
+    assert not qkv_rope.attached(fp16), "the fp16 path keeps its own attention"
+    assert qkv_rope.describe(fp16).endswith("(the fp16 path scales q and k itself)")
 
 
 @pytest.mark.host
