@@ -19,8 +19,8 @@ this script's conditioning is on the CPU, as a server's text encoders leave it);
 row, pipeline/quantized_ops.py, the `+w2rowwise` of runs 84-88);
 +w2kernel: that row-scaled input made by the pack's SwiGLU kernel (NEWBIE_FP8_W2=kernel, pipeline/swiglu_fp8.py);
 +w2kernel1: by its one-pass form (NEWBIE_FP8_W2=kernel1; 75 against 106 us a call, run110);
-+adaln: the blocks' adaLN modulation as a product and a sum in compiled blocks (NEWBIE_ADALN=reduce,
-pipeline/adaln_reduce.py);
++adaln (runs 114 and 119): the blocks' adaLN modulation as a product and a sum in compiled blocks (NEWBIE_ADALN=reduce,
+pipeline/adaln_reduce.py, removed after run119: its reduction kernel took as long as cuBLAS's product);
 +noqkvrope: q/k RMSNorm + RoPE and v from ComfyUI's ops (fused by Inductor where compiled), not from the pack's
 kernel (NEWBIE_QKV_ROPE=0, pipeline/qkv_rope.py); until run125 the kernel was opt-in (+qkvrope), and a variant
 without it ran without the kernel;
@@ -174,7 +174,6 @@ def main():
         os.environ["NEWBIE_SDPA_GQA"] = "1" if "sdpagqa" in extras else "0"
         os.environ["NEWBIE_GUARD_SKIP"] = "0" if "guards" in extras else "1"
         os.environ["NEWBIE_FA4_REPLAY"] = "0" if "fa4launch" in extras else "1"
-        os.environ["NEWBIE_ADALN"] = "reduce" if "adaln" in extras else ""
         os.environ["NEWBIE_QKV_ROPE"] = "0" if "noqkvrope" in extras else "1"
         parts = loader.NewBieParts(dict(base_sd), {}, {}, {}, None, None, {"dit": "random"})
         patcher, cfg, _, _ = loader.build_model(parts, prec, dynamic=False)

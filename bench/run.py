@@ -140,7 +140,8 @@ SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_C
             "w2kernel": {"NEWBIE_FP8_W2": "kernel"},
             # ... by its one-pass form (75 against 106 us a call, run110)
             "w2kernel1": {"NEWBIE_FP8_W2": "kernel1"},
-            # the blocks' adaLN modulation as a product and a sum in compiled blocks (pipeline/adaln_reduce.py)
+            # the blocks' adaLN modulation as a product and a sum in compiled blocks (pipeline/adaln_reduce.py, runs
+            # 114 and 118; removed after them, no gain: the variable is no longer read)
             "adaln": {"NEWBIE_ADALN": "reduce"},
             # cuBLASLt without a workspace (PyTorch reads CUBLASLT_WORKSPACE_SIZE, in KiB, once a process): its fp8
             # GEMMs then choose kernels that need no zeroed workspace, without the 228 memsets a step (run115-117)

@@ -1,5 +1,5 @@
 """Forwards of the DiT's own modules replaced through ComfyUI's object patches, which ComfyUI undoes when it unpatches
-the model (pipeline/swiglu_fp8.py, pipeline/adaln_reduce.py)."""
+the model (pipeline/swiglu_fp8.py, pipeline/qkv_rope.py)."""
 from __future__ import annotations
 
 import types

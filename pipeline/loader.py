@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from . import (adaln_reduce, block_compile, block_prefetch, block_stream, cfg_batch, checkpoint, compat, cuda_graphs,
-               detect, device_conds, guard_skip, host_copies, host_sigmas, kv_repeat, precision as precision_mod,
+from . import (block_compile, block_prefetch, block_stream, cfg_batch, checkpoint, compat, cuda_graphs, detect,
+               device_conds, guard_skip, host_copies, host_sigmas, kv_repeat, precision as precision_mod,
                prompt_limits, qkv_rope, quantize, quantized_ops, sdpa, swiglu_fp8, te_quantize, vae_memory, vram_budget)
 from .errors import ModelFileError
 
@@ -297,8 +297,6 @@ def _finish_model(model_config, dit: dict, load_device, budget, dynamic: bool, f
     block_prefetch.attach(patcher)
     if quantized_ops.w2_kernel() and swiglu_fp8.usable(load_device):
         swiglu_fp8.attach(patcher)
-    if adaln_reduce.enabled():
-        adaln_reduce.attach(patcher)
     if qkv_rope.enabled() and fp16_state is None and qkv_rope.usable(load_device):  # fp16 scales q and k itself
         qkv_rope.attach(patcher)
     if not compat.is_dynamic(patcher):
