@@ -163,7 +163,7 @@ def _in_training() -> bool:
 def applies(attn, x: torch.Tensor, freqs) -> bool:
     """Whether `fused_forward` runs the kernel for this call of JointAttention `attn`."""
     return (qkv_norm_rope is not None and x.is_cuda and x.dtype in _KERNEL_DTYPES and x.dim() == 3
-            and getattr(attn, "qk_norm", False) and attn.head_dim % 2 == 0
+            and getattr(attn, "qk_norm", True) and attn.head_dim % 2 == 0
             and attn.n_local_heads % attn.n_local_kv_heads == 0
             and _plain_norm(attn.q_norm, x.device) and _plain_norm(attn.k_norm, x.device)
             and _frequencies_fit(freqs, x, attn.head_dim) and not _in_training())
@@ -208,11 +208,13 @@ def fused_forward(attn, x: torch.Tensor, x_mask, freqs_cis, transformer_options=
 
 
 def _attentions(diffusion_model: torch.nn.Module):
-    """(name, module) of every NextDiT JointAttention: the host's class, with the attributes its forward uses."""
+    """(name, module) of every NextDiT JointAttention: the host's class, with the attributes its forward uses (v0.8's
+    has no `qk_norm`; its norms without q/k norm are Identity layers, which `applies` refuses for their lack of a
+    weight)."""
     for name, module in diffusion_model.named_modules():
         if (type(module).__name__ == "JointAttention"
                 and all(hasattr(module, a) for a in ("qkv", "out", "q_norm", "k_norm", "n_local_heads",
-                                                     "n_local_kv_heads", "head_dim", "qk_norm"))
+                                                     "n_local_kv_heads", "head_dim"))
                 and hasattr(sys.modules.get(type(module).__module__), "optimized_attention_masked")):
             yield name, module
 

@@ -231,6 +231,7 @@ def test_the_kernel_takes_norm_weights_the_host_casts_but_not_those_a_weight_fun
     norm.weight_function = [lambda w: w]
     assert not qkv_rope._plain_norm(norm, torch.device("cpu")), "a LoRA's weight function"
     assert not qkv_rope._plain_norm(torch.nn.RMSNorm(8), torch.device("meta")), "a weight elsewhere"
+    assert not qkv_rope._plain_norm(torch.nn.Identity(), torch.device("cpu")), "no q/k norm (ComfyUI v0.8's Identity)"
 
 
 def test_only_nextdits_frequency_layout_takes_the_kernel():
