@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from devkit.cuda_timing import time_us  # noqa: E402
 from pipeline import quantized_ops, swiglu_fp8  # noqa: E402
 
 
@@ -43,22 +44,6 @@ def reference(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """What the pack computes today (ComfyUI's SwiGLU in the input's dtype, then fp8_linear_rowwise's scaling);
     compiled, this is the kernel Inductor fuses."""
     return quantized_ops.rowwise_e4m3(torch.nn.functional.silu(g) * u)
-
-
-def _time_us(fn, iters: int = 50, repeats: int = 5) -> list[float]:
-    """Microseconds a call, `repeats` times over `iters` back-to-back calls (CUDA events)."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / iters)
-    return times
 
 
 def _agreement(ours, theirs) -> dict:
@@ -92,14 +77,14 @@ def main():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": args.rows,
               "cols": args.cols, "moved_MB": (2 * 2 + 1) * args.rows * args.cols / 1e6,
-              "inductor_us": statistics.median(_time_us(lambda: compiled(g, u))), "ours": []}
+              "inductor_us": statistics.median(time_us(lambda: compiled(g, u))), "ours": []}
     # the bandwidth yardstick: Inductor's SwiGLU alone, one read of g and u and a bf16 write (74 us on an H100, run87)
     swiglu = torch.compile(lambda a, b: torch.nn.functional.silu(a) * b)
-    result["inductor_swiglu_only_us"] = statistics.median(_time_us(lambda: swiglu(g, u)))
+    result["inductor_swiglu_only_us"] = statistics.median(time_us(lambda: swiglu(g, u)))
     for per_sm in (1, 2, 4, 8):
         for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 16)):  # 1024 divides 9216
             run = lambda: swiglu_rowwise(g, u, sms * per_sm, block, warps)  # noqa: E731
-            times = _time_us(run)
+            times = time_us(run)
             result["ours"].append({"programs_per_sm": per_sm, "block": block, "num_warps": warps,
                                    "us": statistics.median(times), "us_range": [min(times), max(times)],
                                    **_agreement(run(), theirs)})
@@ -108,7 +93,7 @@ def main():
     for rows_per_program in (1, 2, 4):
         for warps in (4, 8, 16):
             run = lambda: swiglu_fp8.launch(g, u, rows_per_program, None, warps)  # noqa: E731
-            times = _time_us(run)
+            times = time_us(run)
             result["ours"].append({"one_pass": True, "rows_per_program": rows_per_program, "num_warps": warps,
                                    "us": statistics.median(times), "us_range": [min(times), max(times)],
                                    **_agreement(run(), theirs)})
@@ -116,7 +101,7 @@ def main():
     # the pack's op as the feed-forward calls it (its default launch; eager here, through the triton_op's dispatch)
     op = lambda: swiglu_fp8.swiglu_rowwise_e4m3(g, u)  # noqa: E731
     result["pack_op"] = {"rows_per_program": swiglu_fp8.ROWS_PER_PROGRAM, "block": swiglu_fp8.BLOCK,
-                         "num_warps": swiglu_fp8.NUM_WARPS, "us": statistics.median(_time_us(op)),
+                         "num_warps": swiglu_fp8.NUM_WARPS, "us": statistics.median(time_us(op)),
                          **_agreement(op(), theirs)}
     print("pack op", json.dumps(result["pack_op"]), flush=True)
     best = min(result["ours"], key=lambda r: r["us"])

@@ -37,7 +37,7 @@ import sys
 
 import torch
 
-from . import env_switch, forward_patches
+from . import env_switch, forward_patches, triton_ops
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +99,7 @@ def launch(qkv: torch.Tensor, freqs: torch.Tensor, q_weight: torch.Tensor, k_wei
     return outs
 
 
-def _triton_op(name: str):
-    """torch.library.triton_op where this PyTorch has it (2.6 and newer); else None, and the kernel is not used."""
-    def register(fn):
-        return torch.library.triton_op(name, mutates_args=())(fn) if hasattr(torch.library, "triton_op") else None
-    return register
-
-
-@_triton_op(OP_NAME)
+@triton_ops.register(OP_NAME)
 def qkv_norm_rope(qkv: torch.Tensor, freqs: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
                   eps: float, heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The kernel as a `triton_op`, which compiled blocks launch from Inductor's own wrapper code
@@ -222,13 +215,7 @@ def _attentions(diffusion_model: torch.nn.Module):
 def usable(device) -> bool:
     """Whether the kernel can run for a model on `device`: a CUDA device with Triton, and a PyTorch with
     `triton_op`."""
-    if torch.device(device).type != "cuda" or qkv_norm_rope is None:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton_ops.runs_on(device, qkv_norm_rope)
 
 
 def attach(patcher) -> int:

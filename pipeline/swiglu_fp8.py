@@ -38,7 +38,7 @@ import logging
 
 import torch
 
-from . import forward_patches, quantized_ops
+from . import forward_patches, quantized_ops, triton_ops
 
 log = logging.getLogger(__name__)
 
@@ -201,14 +201,7 @@ def _op_body(g, u, rows_per_program: int, block: int | None, num_warps: int) -> 
     return out, scale
 
 
-def _triton_op(name: str):
-    """torch.library.triton_op where this PyTorch has it (2.6 and newer); else None, and the kernel is not used."""
-    def register(fn):
-        return torch.library.triton_op(name, mutates_args=())(fn) if hasattr(torch.library, "triton_op") else None
-    return register
-
-
-@_triton_op(OP_NAME)
+@triton_ops.register(OP_NAME)
 def swiglu_rowwise_e4m3(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """silu(g) * u for 2-D bf16 g and u on a GPU, quantized to e4m3 with one scale per row: (the fp8 values, the
     scales (rows, 1) in float32), as `quantized_ops.rowwise_e4m3(silu(g) * u)` but with the product kept in fp32.
@@ -220,7 +213,7 @@ def swiglu_rowwise_e4m3(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor,
     return _op_body(g, u, ROWS_PER_PROGRAM, BLOCK, NUM_WARPS)
 
 
-@_triton_op(OP_NAME_ONE_PASS)
+@triton_ops.register(OP_NAME_ONE_PASS)
 def swiglu_rowwise_e4m3_one_pass(g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`swiglu_rowwise_e4m3` by the one-pass kernel (NEWBIE_FP8_W2=kernel1): the same bytes (the interpreter test
     and the GPU test hold the two kernels to each other)."""
@@ -265,13 +258,7 @@ def _feed_forwards(diffusion_model: torch.nn.Module):
 def usable(device) -> bool:
     """Whether the kernel can run for a model on `device`: a CUDA device with Triton, and a PyTorch with
     `triton_op`."""
-    if torch.device(device).type != "cuda" or swiglu_rowwise_e4m3 is None:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton_ops.runs_on(device, swiglu_rowwise_e4m3)
 
 
 def attach(patcher) -> int:
