@@ -1,8 +1,8 @@
-"""pipeline/qkv_rope.py: NextDiT's q/k RMSNorm + RoPE and v from one kernel (on where it runs; NEWBIE_QKV_ROPE=0). On the CPU the
-kernel's arithmetic runs under Triton's interpreter (which decides at import, hence the subprocess) against the
-pack's PyTorch form (`rms_rope`, which tests/unit/test_rope_fusion.py holds to comfy-kitchen's own `rms_rope1`); the patched attention runs in the real
-host's DiT with that PyTorch form standing in for the kernel (the interpreter cannot run a `triton_op`), and gives
-the host's output."""
+"""pipeline/qkv_rope.py: NextDiT's q/k RMSNorm + RoPE and v from one kernel (on where it runs; NEWBIE_QKV_ROPE=0).
+On the CPU the kernel's arithmetic runs under Triton's interpreter (which decides at import, hence the subprocess)
+against the pack's PyTorch form (`rms_rope`, which tests/unit/test_rope_fusion.py holds to comfy-kitchen's own
+`rms_rope1`); the patched attention runs in the real host's DiT with that PyTorch form standing in for the kernel
+(the interpreter cannot run a `triton_op`), and gives the host's output."""
 from __future__ import annotations
 
 import json
