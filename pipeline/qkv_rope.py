@@ -61,10 +61,6 @@ def _kernel():
     return qkv_norm_rope_kernel
 
 
-def _p2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def _freqs_strides(freqs: torch.Tensor) -> tuple[int, int]:
     """The sample and token strides of [B or 1, N, 1, D/2, 2, 2] frequencies (0 for a sample dimension of 1)."""
     return (0 if freqs.shape[0] == 1 else freqs.stride(0)), freqs.stride(1)
@@ -76,27 +72,31 @@ def _outputs(qkv: torch.Tensor, heads: int, kv_heads: int):
     return (qkv.new_empty(b, n, heads, d), qkv.new_empty(b, n, kv_heads, d), qkv.new_empty(b, n, kv_heads, d))
 
 
-def _launch(qkv, freqs, q_weight, k_weight, eps: float, heads: int, kv_heads: int, outs, wrap=None,
-            num_warps: int = NUM_WARPS) -> None:
+def _run(qkv, freqs, q_weight, k_weight, eps: float, heads: int, kv_heads: int, wrap=None,
+         num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v from the kernel on contiguous inputs, launched through `wrap` (torch.library.wrap_triton inside the
+    op) where given."""
+    from triton import next_power_of_2 as p2
+
+    qkv, freqs = qkv.contiguous(), freqs.contiguous()
+    outs = _outputs(qkv, heads, kv_heads)
     b, n, width = qkv.shape
     d = width // (heads + 2 * kv_heads)
     kernel = _kernel() if wrap is None else wrap(_kernel())
     stride_b, stride_n = _freqs_strides(freqs)
-    kernel[(b * n,)](qkv, freqs, q_weight, k_weight, *outs, n, stride_b, stride_n, eps, H=heads, HKV=kv_heads, D=d,
-                     QK_BLOCK=_p2(heads + kv_heads), PAIRS_BLOCK=_p2(d // 2), V_BLOCK=_p2(kv_heads * d),
-                     num_warps=num_warps)
+    kernel[(b * n,)](qkv, freqs, q_weight.contiguous(), k_weight.contiguous(), *outs, n, stride_b, stride_n, eps,
+                     H=heads, HKV=kv_heads, D=d, QK_BLOCK=p2(heads + kv_heads), PAIRS_BLOCK=p2(d // 2),
+                     V_BLOCK=p2(kv_heads * d), num_warps=num_warps)
+    return outs
 
 
 def launch(qkv: torch.Tensor, freqs: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
            heads: int, kv_heads: int, num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q, k, v) as `reference` computes them, by the kernel launched directly: as the tests (under Triton's
     interpreter) and bench/qkv_rope_kernel.py run it (the pack calls `qkv_norm_rope`)."""
-    qkv, freqs = qkv.contiguous(), freqs.contiguous()
-    outs = _outputs(qkv, heads, kv_heads)
-    if qkv.shape[0] * qkv.shape[1]:
-        _launch(qkv, freqs, q_weight.contiguous(), k_weight.contiguous(), eps, heads, kv_heads, outs,
-                num_warps=num_warps)
-    return outs
+    if qkv.shape[0] * qkv.shape[1] == 0:
+        return _outputs(qkv, heads, kv_heads)
+    return _run(qkv, freqs, q_weight, k_weight, eps, heads, kv_heads, num_warps=num_warps)
 
 
 @triton_ops.register(OP_NAME)
@@ -106,10 +106,7 @@ def qkv_norm_rope(qkv: torch.Tensor, freqs: torch.Tensor, q_weight: torch.Tensor
     (pipeline/swiglu_fp8.py says why not a `custom_op`): q, k, v ([B, N, heads or kv_heads, D], contiguous) from
     the projection `qkv` ([B, N, (heads + 2 kv_heads) D], contiguous) and the frequencies ([B or 1, N, 1, D/2, 2,
     2], contiguous)."""
-    qkv, freqs = qkv.contiguous(), freqs.contiguous()
-    outs = _outputs(qkv, heads, kv_heads)
-    _launch(qkv, freqs, q_weight, k_weight, eps, heads, kv_heads, outs, wrap=torch.library.wrap_triton)
-    return outs
+    return _run(qkv, freqs, q_weight, k_weight, eps, heads, kv_heads, wrap=torch.library.wrap_triton)
 
 
 def rms_rope(x: torch.Tensor, freqs: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
