@@ -31,7 +31,8 @@ default since run94-95, before which `fp8+compile` promoted their partial sums t
 runs PyTorch's own allocator, as the graphs need); their log lines are kept in `cuda_graphs`. Until run75 this
 script's call counter sat inside the graphs' wrapper, which then declined every run (run75 replayed none);
 +kvcopies: flash-attn-4 given ComfyUI's repeated key/value heads (NEWBIE_FA4_GQA=0; by default one of each,
-pipeline/kv_repeat.py); +sdpagqa: PyTorch SDPA (cuDNN) given one of each too, with enable_gqa (NEWBIE_SDPA_GQA=1);
+pipeline/kv_repeat.py); +nosdpagqa: PyTorch SDPA (cuDNN) given the copies (NEWBIE_SDPA_GQA=0; by default one of
+each with enable_gqa where its backend takes that, since run126; until then +sdpagqa switched that on);
 +guards: every Dynamo guard checked at every compiled block call (NEWBIE_GUARD_SKIP=0; by default a call met before
 in the run skips the weights' guards, pipeline/guard_skip.py);
 +fa4launch: flash-attn-4's own Python finds and launches its kernel at every call (NEWBIE_FA4_REPLAY=0; by default a
@@ -171,7 +172,7 @@ def main():
                                         else "")  # read when the model is built, as is
         os.environ["NEWBIE_FP8_ACCUM"] = "fp32" if "fp32accum" in extras else "fast" if "fastaccum" in extras else ""
         os.environ["NEWBIE_FA4_GQA"] = "0" if "kvcopies" in extras else "1"
-        os.environ["NEWBIE_SDPA_GQA"] = "1" if "sdpagqa" in extras else "0"
+        os.environ["NEWBIE_SDPA_GQA"] = "0" if "nosdpagqa" in extras else "1"
         os.environ["NEWBIE_GUARD_SKIP"] = "0" if "guards" in extras else "1"
         os.environ["NEWBIE_FA4_REPLAY"] = "0" if "fa4launch" in extras else "1"
         os.environ["NEWBIE_QKV_ROPE"] = "0" if "noqkvrope" in extras else "1"

@@ -154,8 +154,9 @@ SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_C
             "fp32accum": {"NEWBIE_FP8_ACCUM": "fp32"},
             # flash-attn-4 given ComfyUI's repeated key/value heads, as before pipeline/kv_repeat.py
             "kvcopies": {"NEWBIE_FA4_GQA": "0"},
-            # PyTorch SDPA (cuDNN first) given NewBie's 8 key/value heads with enable_gqa (opt-in)
-            "sdpagqa": {"NEWBIE_SDPA_GQA": "1"},
+            # PyTorch SDPA (cuDNN first) given NewBie's 8 key/value heads with enable_gqa where its backend takes
+            # them (opt-in until run126, the default since), or ComfyUI's copies
+            "sdpagqa": {"NEWBIE_SDPA_GQA": "1"}, "nosdpagqa": {"NEWBIE_SDPA_GQA": "0"},
             # every Dynamo guard checked at every compiled block call, as before pipeline/guard_skip.py
             "guards": {"NEWBIE_GUARD_SKIP": "0"},
             # flash-attn-4's own Python finds and launches its kernel at every call, as before pipeline/fa4_replay.py

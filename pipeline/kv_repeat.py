@@ -18,10 +18,12 @@ layers have no weights until a state dict loads, the check failed, and every ser
 run108 kept the copies (its log: "checking ComfyUI's repeat failed").
 
 PyTorch SDPA takes grouped heads too (`enable_gqa`; on PyTorch 2.8 and newer cuDNN's attention among its
-backends). There it is opt-in, NEWBIE_SDPA_GQA=1: cuDNN took them on torch 2.11 and gained about 1 % (fp8 2.442
-against 2.474 s, bf16 3.170 against 3.188 s, run99; in the server bf16 3.48 against 3.49 s, run100), and where the
-backend put first declines grouped heads, PyTorch would pick another (cuDNN's attention was 35 against
-FlashAttention-2's 47 ms a step on an H200).
+backends). It gets them where the backend it runs with the copies takes them as well (pipeline/sdpa.py
+`takes_grouped`, PyTorch's own capability checks; where a backend declined them PyTorch would pick a slower one:
+cuDNN's attention was 35 against FlashAttention-2's 47 ms a step on an H200). Until run126 that was opt-in: cuDNN
+took them on torch 2.11 and gained about 1 % (fp8 2.442 against 2.474 s, bf16 3.170 against 3.188 s, run99; in
+the server bf16 3.48 against 3.49 s, run100), before the pack's q/k/v kernel (pipeline/qkv_rope.py) made k and v
+with 8 heads, which ComfyUI's forward would copy 3 times again. NEWBIE_SDPA_GQA=0 keeps the copies for SDPA.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 # taken away: inside compiled blocks a key that some calls lack makes Dynamo guard the dict's length; the fp16
 # path's attention is its own and keeps the copies)
 KEY = "newbie_kv_repeat"
-# ... and whether PyTorch SDPA gets them grouped too (NEWBIE_SDPA_GQA=1), set with it
+# ... and whether PyTorch SDPA may get them grouped too (NEWBIE_SDPA_GQA=0: never), set with it
 SDPA_KEY = "newbie_kv_repeat_sdpa"
 
 _CHECKED: dict = {}
@@ -53,8 +55,9 @@ _SDPA_HAS_GQA = "enable_gqa" in (torch.nn.functional.scaled_dot_product_attentio
 
 
 def sdpa_grouped() -> bool:
-    """NEWBIE_SDPA_GQA=1, where this PyTorch's SDPA has `enable_gqa`."""
-    return _SDPA_HAS_GQA and env_switch.switch("NEWBIE_SDPA_GQA", False)
+    """Whether PyTorch SDPA may get grouped heads (where its backend takes them, pipeline/sdpa.py): this PyTorch's
+    SDPA has `enable_gqa`, and NEWBIE_SDPA_GQA is not 0."""
+    return _SDPA_HAS_GQA and env_switch.switch("NEWBIE_SDPA_GQA", True)
 
 
 def side_by_side(t: torch.Tensor, n_rep: int) -> bool:

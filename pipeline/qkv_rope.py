@@ -22,13 +22,16 @@ the sampled DiT with flash-attn-4 (in-process, 25 steps, medians of 5 warm runs,
 graphs 2.052 against 2.085 s a run (82.1 against 83.4 ms a step), bf16 compiled 2.920 against 2.972 s (its GPU
 105.8 against 112.6 ms a step; its CPU bounds it); in the server (run124, medians of 3 warm images) fp8 2.33 against
 2.39 s a warm image, sampling 2.04 against 2.08 s (12.24 against 12.05 steps a second), bf16 3.20 against 3.24 s.
-With cuDNN's attention (no flash-attn-4) ComfyUI's repeated key/value heads are still copied after the kernel (two
-copies of about 9 us a layer); that path is on too, its step not yet timed with this kernel.
+With cuDNN's attention (no flash-attn-4) ComfyUI's forward copied the 8 key/value heads 3 times again after the
+kernel (two copies of about 9 us a layer); the pack's own attention (pipeline/precision.py `sdpa_override`) now
+gets them once each, and hands them to flash-attn-4 as they are, to PyTorch SDPA grouped where its backend takes
+that (pipeline/sdpa.py `takes_grouped`), else copied there.
 
 `attach` gives each JointAttention of a pack-loaded DiT `fused_forward` through ComfyUI's object patches. That
 forward runs the kernel where it applies (`applies`: a 16-bit input on a CUDA GPU with Triton, q/k norm weights on
 the GPU without a weight function, frequencies of NextDiT's layout) and the host's own forward otherwise; after the
-kernel it repeats k and v for the grouped heads and calls the attention exactly as the host's forward does.
+kernel it calls the attention as the host's forward does, with k and v repeated for the grouped heads unless the
+attention is the pack's own.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import sys
 
 import torch
 
-from . import env_switch, forward_patches, triton_ops
+from . import env_switch, forward_patches, precision, triton_ops
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ OP_NAME = "newbie_lowvram::qkv_norm_rope"
 # (bench/qkv_rope_kernel.py, run123).
 NUM_WARPS = 4
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+OVERRIDE = "optimized_attention_override"  # ComfyUI's transformer_options key for an attention function
 
 
 def enabled() -> bool:
@@ -181,15 +185,24 @@ def _project(attn, x, freqs):
     return reference(qkv, *args)
 
 
+def _takes_grouped_heads(transformer_options) -> bool:
+    """Whether the call's attention is the pack's own (pipeline/precision.py `sdpa_override`), which takes k and v
+    with each group's head once (pipeline/sdpa.py); any other gets ComfyUI's copies. (A membership test and an
+    identity: what Dynamo guards in a compiled block, pipeline/cfg_batch.py says why.)"""
+    return (transformer_options is not None and OVERRIDE in transformer_options
+            and transformer_options[OVERRIDE] is precision.sdpa_override)
+
+
 def fused_forward(attn, x: torch.Tensor, x_mask, freqs_cis, transformer_options={}):  # noqa: B006 (the host's)
     """A JointAttention's forward: q, k and v by the kernel where it `applies`, then what the host's forward does
     with them (k and v repeated for the grouped heads, its attention function, the output projection); the host's
-    forward otherwise. Bound to each attention as a method (pipeline/forward_patches.py says why)."""
+    forward otherwise; the pack's own attention gets k and v without the copies. Bound to each attention as a method
+    (pipeline/forward_patches.py says why)."""
     if not applies(attn, x, freqs_cis):
         return type(attn).forward(attn, x, x_mask, freqs_cis, transformer_options=transformer_options)
     xq, xk, xv = _project(attn, x, freqs_cis)
     n_rep = attn.n_local_heads // attn.n_local_kv_heads
-    if n_rep >= 1:
+    if n_rep >= 1 and not _takes_grouped_heads(transformer_options):
         xk = xk.unsqueeze(3).repeat(1, 1, 1, n_rep, 1).flatten(2, 3)
         xv = xv.unsqueeze(3).repeat(1, 1, 1, n_rep, 1).flatten(2, 3)
     output = _attention_of(attn)(xq.movedim(1, 2), xk.movedim(1, 2), xv.movedim(1, 2), attn.n_local_heads, x_mask,

@@ -27,6 +27,7 @@ another.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 
 import torch
@@ -98,22 +99,90 @@ def _sdpa_first_constant(device: torch.device) -> str | None:
 
 def sdpa(q, k, v, attn_mask=None, kv_repeat: int = 1, grouped_sdpa: bool = False):
     """F.scaled_dot_product_attention(q, k, v, attn_mask) ([B, H, N, D]) by the backend `first_backend` chose.
-    `kv_repeat` > 1: k's and v's heads are each that many side-by-side copies of one (ComfyUI's grouped-query
-    attention, pipeline/kv_repeat.py); FlashAttention-4 then takes one of each, and PyTorch SDPA too where
-    `grouped_sdpa` (its `enable_gqa`; opt-in, NEWBIE_SDPA_GQA=1), else all of them."""
+    Grouped key/value heads come in one of two forms: `kv_repeat` > 1, k's and v's heads each that many side-by-side
+    copies of one (ComfyUI's grouped-query attention, pipeline/kv_repeat.py); or k and v with fewer heads than q,
+    each group's head once (pipeline/qkv_rope.py's forward). FlashAttention-4 takes one of each; so does PyTorch
+    SDPA with `grouped_sdpa` (its `enable_gqa`) where its backend takes grouped heads (`takes_grouped`); otherwise
+    SDPA gets copies."""
+    repeat = kv_repeat if k.shape[1] == q.shape[1] else 1  # k and v that came grouped hold no copies to take away
     first = _first_backend_constant(q.device)
     if first == "fa4":
         if attn_mask is None and flash_attn4.takes(q, k, v):
-            return flash_attn4.attention(q, *one_of_each(k, v, kv_repeat))
+            return flash_attn4.attention(q, *one_of_each(k, v, repeat))
         first = _sdpa_first_constant(q.device)
     grouped = {}
-    if grouped_sdpa and kv_repeat > 1 and attn_mask is None:
-        k, v = one_of_each(k, v, kv_repeat)
-        grouped = {"enable_gqa": True}
+    kv_heads = k.shape[1] // max(repeat, 1)
+    if kv_heads < q.shape[1]:
+        if (grouped_sdpa and attn_mask is None and _takes_grouped_constant(
+                first, q.device, q.dtype, q.shape[1], kv_heads, q.shape[3])):
+            k, v = one_of_each(k, v, repeat)
+            grouped = {"enable_gqa": True}
+        elif k.shape[1] < q.shape[1]:  # the copies SDPA then needs, side by side as ComfyUI makes them
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     if first is None or torch.compiler.is_compiling():  # compiled: the order is set by around_call
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **grouped)
     with _priority(first):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **grouped)
+
+
+# The fused backends PyTorch SDPA may choose, by the name `sdpa_first` gives each, with their capability checks
+# (torch.backends.cuda, PyTorch 2.3 and newer; the math backend takes anything)
+_CHECKS = {"cudnn": "can_use_cudnn_attention", "flash": "can_use_flash_attention",
+           "efficient": "can_use_efficient_attention"}
+
+
+def grouped_keeps_the_backend(order, takes) -> bool:
+    """Whether grouped heads leave PyTorch SDPA on the backend it runs with copies: `takes(name, grouped)` says
+    whether a backend runs the call. `order`: the backend names in the priority set (`sdpa_first`), or None for
+    PyTorch's own order, which this does not know: then every backend that runs the copies must run the grouped
+    call."""
+    names = list(_CHECKS) if order is None else list(order)
+    chosen = [n for n in names if takes(n, False)]
+    if not chosen:
+        return False  # the math backend runs the copies; grouped, it would too, but nothing fused is won
+    if order is not None:
+        return takes(chosen[0], True)
+    return all(takes(n, True) for n in chosen)
+
+
+# Tokens of the calls `takes_grouped` asks about: not the call's own (a compiled block may trace them as a symbol,
+# which a constant result cannot take); the backends' token limits are the same with grouped heads as without
+PROBE_TOKENS = 1024
+
+
+@functools.cache
+def takes_grouped(first: str | None, device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
+                  head_dim: int) -> bool:
+    """Whether PyTorch SDPA, with `first` put first (`sdpa_first`), runs a call with `kv_heads` grouped key/value
+    heads (enable_gqa) on the backend it would run with `heads` copies of them: asked of PyTorch's own capability
+    checks once a kind of call, on empty tensors (batch 1, PROBE_TOKENS tokens). False where this PyTorch cannot
+    say (no grouped SDPAParams, no checks): the copies are the safe side, since a backend that declines grouped
+    heads leaves the call to a slower one (FlashAttention-2 took 47 against cuDNN's 35 ms a step on an H200)."""
+    backends = getattr(torch.backends, "cuda", None)
+    params_cls = getattr(backends, "SDPAParams", None)
+    if device.type != "cuda" or params_cls is None:
+        return False
+    q = torch.empty(1, heads, PROBE_TOKENS, head_dim, device=device, dtype=dtype)
+    kv = {grouped: torch.empty(1, kv_heads if grouped else heads, PROBE_TOKENS, head_dim, device=device, dtype=dtype)
+          for grouped in (False, True)}
+    try:
+        params = {grouped: params_cls(q, t, t, None, 0.0, False, grouped) for grouped, t in kv.items()}
+    except TypeError:  # a PyTorch whose SDPAParams has no enable_gqa
+        return False
+
+    def takes(name: str, grouped: bool) -> bool:
+        check = getattr(backends, _CHECKS[name], None)
+        return bool(check is not None and check(params[grouped]))
+
+    order = None if first is None else [b for b in ("cudnn", "flash") if b == first] + [
+        b for b in ("cudnn", "flash", "efficient") if b != first]
+    return grouped_keeps_the_backend(order, takes)
+
+
+@torch.compiler.assume_constant_result
+def _takes_grouped_constant(first, device, dtype, heads, kv_heads, head_dim) -> bool:
+    """takes_grouped as a compiled block traces it: evaluated once and baked in."""
+    return takes_grouped(first, device, dtype, heads, kv_heads, head_dim)
 
 
 def one_of_each(k, v, kv_repeat: int):
@@ -163,8 +232,9 @@ def around_call(executor, *args, **kwargs):
 def describe(device: torch.device, kv_repeat: int = 1, grouped_sdpa: bool = False) -> str:
     """The loader report's line (`kv_repeat`, `grouped_sdpa`: pipeline/kv_repeat.py's options for the model)."""
     first = first_backend(device)
-    grouped = (f"; ComfyUI's {kv_repeat} copies of each key/value head go to flash-attn-4"
-               f"{' and PyTorch SDPA' if grouped_sdpa else ''} as one" if kv_repeat > 1 else "")
+    grouped = (f"; ComfyUI's {kv_repeat} copies of each key/value head go to flash-attn-4 as one"
+               f"{', and to PyTorch SDPA so where its backend takes grouped heads' if grouped_sdpa else ''}"
+               if kv_repeat > 1 else "")
     if first == "fa4":
         direct = ("; from a shape's third call its kernel is launched directly" if fa4_replay.enabled()
                   else "")

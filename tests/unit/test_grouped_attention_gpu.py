@@ -86,3 +86,31 @@ def test_flash_attn4_launched_directly_gives_its_own_output_bit_for_bit(qkv_copi
     outs1 = [replays.call(attention, q1, k1, v1) for _ in range(3)]
     assert len([r for r in replays.launches.values() if r is not None]) == 2
     assert torch.equal(outs1[-1], attention(q1, k1, v1)[0])
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("route", ["fa4", "cudnn"])
+def test_key_and_value_heads_that_come_grouped_give_the_attention_of_the_copies(qkv_copies, route, compiled,
+                                                                                 monkeypatch):
+    """k and v with each group's head once, in the layout pipeline/qkv_rope.py's kernel makes ([B, N, H, D]
+    contiguous, seen as [B, H, N, D]): flash-attn-4 takes them as they are, and with cuDNN first PyTorch's own checks
+    say it takes them grouped (`takes_grouped`; on this GPU it must, or the default would copy them again)."""
+    if route == "fa4" and not flash_attn4.installed():
+        pytest.skip("flash-attn-4 is not installed")
+    monkeypatch.setenv("NEWBIE_SDPA", route)
+    q, k, v = qkv_copies
+    kg, vg = (t[:, ::REP].transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+    if route == "cudnn":
+        assert sdpa.takes_grouped("cudnn", q.device, q.dtype, HQ, HKV, D), "cuDNN's check refused grouped heads"
+    sdpa.takes_grouped.cache_clear()
+
+    def grouped(q, k, v):
+        return sdpa.sdpa(q, k, v, kv_repeat=REP, grouped_sdpa=True)
+
+    if compiled:
+        torch._dynamo.reset()
+        grouped = torch.compile(grouped, fullgraph=True)
+    out = grouped(q, kg, vg)
+    assert out.shape == (B, HQ, N, D)
+    _close(out, _reference(q, k, v))
+    assert not flash_attn4._FAILED, f"flash-attn-4 fell back to SDPA: {flash_attn4._FAILED}"

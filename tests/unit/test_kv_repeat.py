@@ -140,33 +140,81 @@ def sdpa_heads(monkeypatch):
     return seen
 
 
-def test_pytorch_sdpa_gets_comfys_copies_unless_switched_on(comfy_import_path, sdpa_heads, monkeypatch):
-    """PyTorch SDPA (cuDNN first on Hopper) keeps the 4 heads by default: where the backend put first declined
-    grouped heads, PyTorch would pick another. NEWBIE_SDPA_GQA=1 gives it one of each with enable_gqa, and the
-    same call."""
-    from pipeline import kv_repeat
+def test_pytorch_sdpa_gets_grouped_heads_where_its_backend_takes_them(comfy_import_path, sdpa_heads, monkeypatch):
+    """PyTorch SDPA gets one of each with enable_gqa where the backend it runs with the copies takes grouped heads
+    too (pipeline/sdpa.py `takes_grouped`, which says no on a CPU: the copies), and the same call;
+    NEWBIE_SDPA_GQA=0 keeps the copies anyway."""
+    from pipeline import kv_repeat, sdpa
 
     patcher, cfg = _patcher()
+    assert kv_repeat.from_options(patcher.model_options["transformer_options"]) == (2, True), "allowed by default"
     copies = dit_calls.dit_call(patcher, cfg)
-    assert sdpa_heads and set(sdpa_heads) == {(4, False)}
-    assert kv_repeat.from_options(patcher.model_options["transformer_options"]) == (2, False)
-    monkeypatch.setenv("NEWBIE_SDPA_GQA", "1")
+    assert sdpa_heads and set(sdpa_heads) == {(4, False)}, "the CPU's backends: the copies"
     sdpa_heads.clear()
-    grouped_patcher, _ = _patcher()
-    assert kv_repeat.from_options(grouped_patcher.model_options["transformer_options"]) == (2, True)
-    grouped = dit_calls.dit_call(grouped_patcher, cfg)
+    monkeypatch.setattr(sdpa, "_takes_grouped_constant", lambda *args: True)  # a GPU backend's answer
+    grouped = dit_calls.dit_call(patcher, cfg)
     assert set(sdpa_heads) == {(2, True)}
     assert torch.allclose(grouped, copies, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("NEWBIE_SDPA_GQA", "0")
+    sdpa_heads.clear()
+    kept, _ = _patcher()
+    assert kv_repeat.from_options(kept.model_options["transformer_options"]) == (2, False)
+    dit_calls.dit_call(kept, cfg)
+    assert set(sdpa_heads) == {(4, False)}
     plain, _ = _patcher(dataclasses.replace(GQA, dit=dataclasses.replace(GQA.dit, n_kv_heads=4)))
     assert kv_repeat.from_options(plain.model_options["transformer_options"]) == (1, False), "nothing grouped"
 
 
-def test_compiled_blocks_give_pytorch_sdpa_grouped_heads_when_switched_on(comfy_import_path, monkeypatch):
-    from pipeline import block_compile
+def test_grouped_heads_go_only_where_the_backend_run_with_copies_takes_them():
+    """`grouped_keeps_the_backend` with stand-in capability checks: in a known order the first backend that runs
+    the copies must take grouped heads; in PyTorch's own order (unknown) every one that runs the copies must."""
+    from pipeline.sdpa import grouped_keeps_the_backend
+
+    def backends(plain, grouped):
+        return lambda name, g: name in (grouped if g else plain)
+
+    cudnn_first = ["cudnn", "flash", "efficient"]
+    assert grouped_keeps_the_backend(cudnn_first, backends({"cudnn", "flash"}, {"cudnn"}))
+    assert not grouped_keeps_the_backend(cudnn_first, backends({"cudnn", "flash"}, {"flash"})), "cuDNN would drop"
+    assert grouped_keeps_the_backend(cudnn_first, backends({"flash"}, {"flash"})), "cuDNN declines both: flash runs"
+    assert not grouped_keeps_the_backend(cudnn_first, backends(set(), set())), "only math runs: nothing to win"
+    assert not grouped_keeps_the_backend(None, backends({"cudnn", "flash"}, {"cudnn"}))
+    assert grouped_keeps_the_backend(None, backends({"cudnn", "flash"}, {"cudnn", "flash", "efficient"}))
+
+
+def test_pytorch_is_asked_once_a_kind_of_call_and_a_cpu_keeps_the_copies():
+    from pipeline import sdpa
+
+    sdpa.takes_grouped.cache_clear()
+    assert not sdpa.takes_grouped("cudnn", torch.device("cpu"), torch.bfloat16, 24, 8, 96)
+    assert sdpa.takes_grouped.cache_info().misses == 1
+    sdpa.takes_grouped("cudnn", torch.device("cpu"), torch.bfloat16, 24, 8, 96)
+    assert sdpa.takes_grouped.cache_info().hits == 1
+
+
+def test_k_and_v_that_come_grouped_are_copied_for_sdpa_where_it_does_not_take_them(monkeypatch):
+    """pipeline/qkv_rope.py's forward hands the pack's attention k and v with each group's head once: SDPA gets them
+    grouped where it takes them, copied side by side where not (a mask, a backend that declines), the same call
+    either way."""
+    from pipeline import sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 6, 8, generator=g) for h in (4, 2, 2))
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    for takes in (False, True):
+        monkeypatch.setattr(sdpa, "_takes_grouped_constant", lambda *args, t=takes: t)
+        for grouped_sdpa in (False, True):
+            assert torch.allclose(sdpa.sdpa(q, k, v, kv_repeat=2, grouped_sdpa=grouped_sdpa), want, atol=1e-6)
+    mask = torch.ones(1, 1, 6, 6, dtype=torch.bool)
+    assert torch.allclose(sdpa.sdpa(q, k, v, attn_mask=mask, kv_repeat=2, grouped_sdpa=True), want, atol=1e-6)
+
+
+def test_compiled_blocks_give_pytorch_sdpa_grouped_heads_where_it_takes_them(comfy_import_path, monkeypatch):
+    from pipeline import block_compile, sdpa
 
     patcher, cfg = _patcher()
     copies = dit_calls.dit_call(patcher, cfg)
-    monkeypatch.setenv("NEWBIE_SDPA_GQA", "1")
+    monkeypatch.setattr(sdpa, "_takes_grouped_constant", lambda *args: True)
     try:
         torch._dynamo.reset()
         compiled, _ = _patcher()
@@ -219,7 +267,8 @@ def test_the_loader_report_says_when_the_copies_go_as_one(comfy_import_path):
     cpu = torch.device("cpu")
     assert sdpa.describe(cpu, 3) == ("attention: PyTorch SDPA (PyTorch's own order; ComfyUI's 3 copies of each "
                                      "key/value head go to flash-attn-4 as one)")
-    assert sdpa.describe(cpu, 3, True).endswith("go to flash-attn-4 and PyTorch SDPA as one)")
+    assert sdpa.describe(cpu, 3, True).endswith("go to flash-attn-4 as one, and to PyTorch SDPA so where its "
+                                               "backend takes grouped heads)")
     assert sdpa.describe(cpu, 1) == sdpa.describe(cpu) == "attention: PyTorch SDPA (PyTorch's own order)"
 
 

@@ -184,6 +184,42 @@ def test_the_patched_attentions_give_the_hosts_output(monkeypatch, precision):
 
 @pytest.mark.host
 @pytest.mark.usefixtures("comfy_on_cpu", "comfy_device_is_the_cpu")
+def test_the_packs_attention_gets_each_groups_key_and_value_head_once(monkeypatch):
+    """After the kernel the pack's own attention gets k and v as the kernel made them, each group's head once (the
+    tiny DiT: 2 query heads, 1 key/value head), where ComfyUI's forward copies them; another node's attention
+    override gets the copies. The DiT's output is the same either way."""
+    from devkit.dit_calls import dit_call, dit_inputs
+    from pipeline import precision
+
+    monkeypatch.setattr(qkv_rope, "usable", lambda device: True)
+    monkeypatch.setattr(qkv_rope, "applies", lambda attn, x, freqs: True)
+    monkeypatch.setattr(qkv_rope, "qkv_norm_rope", qkv_rope.reference)
+    heads, real = [], precision.sdpa
+
+    def recording(q, k, v, **kwargs):
+        heads.append((q.shape[1], k.shape[1], v.shape[1]))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(precision, "sdpa", recording)
+    patcher, cfg = _tiny_patcher("fp32")
+    inputs = dit_inputs(cfg, "cpu", (8, 8), 12)
+    opts = patcher.model_options["transformer_options"]
+    assert opts[qkv_rope.OVERRIDE] is precision.sdpa_override
+    patcher.patch_model()
+    try:
+        grouped = dit_call(patcher, cfg, inputs)
+        assert heads and set(heads) == {(2, 1, 1)}, heads
+        heads.clear()
+        opts[qkv_rope.OVERRIDE] = lambda func, *args, **kwargs: precision.sdpa_override(func, *args, **kwargs)
+        copies = dit_call(patcher, cfg, inputs)
+        assert heads and set(heads) == {(2, 2, 2)}, heads
+    finally:
+        patcher.unpatch_model()
+    assert torch.allclose(grouped, copies, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.host
+@pytest.mark.usefixtures("comfy_on_cpu", "comfy_device_is_the_cpu")
 def test_compiled_blocks_of_a_patched_dit_make_as_many_graphs_and_the_same_output(monkeypatch):
     """Compiled blocks (pipeline/block_compile.py, with a backend that records each traced graph and runs it) of a
     DiT whose attentions take the kernel (its PyTorch form standing in) trace as many graphs as the unpatched DiT
