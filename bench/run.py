@@ -157,6 +157,8 @@ SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_C
             # PyTorch SDPA (cuDNN first) given NewBie's 8 key/value heads with enable_gqa where its backend takes
             # them (opt-in until run126, the default since), or ComfyUI's copies
             "sdpagqa": {"NEWBIE_SDPA_GQA": "1"}, "nosdpagqa": {"NEWBIE_SDPA_GQA": "0"},
+            # the VAE beside a resident DiT under ComfyUI's dynamic VRAM, as before pipeline/vae_resident.py
+            "dynvae": {"NEWBIE_VAE_RESIDENT": "0"},
             # every Dynamo guard checked at every compiled block call, as before pipeline/guard_skip.py
             "guards": {"NEWBIE_GUARD_SKIP": "0"},
             # flash-attn-4's own Python finds and launches its kernel at every call, as before pipeline/fa4_replay.py
