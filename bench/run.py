@@ -157,7 +157,9 @@ SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_C
             # PyTorch SDPA (cuDNN first) given NewBie's 8 key/value heads with enable_gqa where its backend takes
             # them (opt-in until run126, the default since), or ComfyUI's copies
             "sdpagqa": {"NEWBIE_SDPA_GQA": "1"}, "nosdpagqa": {"NEWBIE_SDPA_GQA": "0"},
-            # the VAE beside a resident DiT under ComfyUI's dynamic VRAM, as before pipeline/vae_resident.py
+            # the VAE beside a resident DiT under ComfyUI's dynamic VRAM: the default again since run129, where
+            # ComfyUI's non-dynamic patcher for it (pipeline/vae_resident.py, then removed) gained nothing; the
+            # variable is no longer read
             "dynvae": {"NEWBIE_VAE_RESIDENT": "0"},
             # every Dynamo guard checked at every compiled block call, as before pipeline/guard_skip.py
             "guards": {"NEWBIE_GUARD_SKIP": "0"},

@@ -17,8 +17,7 @@ import torch
 
 from . import (block_compile, block_prefetch, block_stream, cfg_batch, checkpoint, compat, cuda_graphs, detect,
                device_conds, guard_skip, host_copies, host_sigmas, kv_repeat, precision as precision_mod,
-               prompt_limits, qkv_rope, quantize, quantized_ops, sdpa, swiglu_fp8, te_quantize, vae_memory,
-               vae_resident, vram_budget)
+               prompt_limits, qkv_rope, quantize, quantized_ops, sdpa, swiglu_fp8, te_quantize, vae_memory, vram_budget)
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -489,9 +488,7 @@ def build_clip(parts: NewBieParts, te_precision: str | None, disable_dynamic: bo
     return clip, gemma_cfg, jina_cfg, model_options.get("dtype") or mm.text_encoder_dtype()
 
 
-def build_vae(parts: NewBieParts, resident: bool = False):
-    """ComfyUI's VAE object for the FLUX VAE; kept on the GPU between decodes where the DiT stays `resident`
-    (pipeline/vae_resident.py)."""
+def build_vae(parts: NewBieParts):
     import comfy.sd
 
     w = parts.vae.get("decoder.conv_in.weight")
@@ -502,8 +499,6 @@ def build_vae(parts: NewBieParts, resident: bool = False):
                              "the FLUX.1 VAE with 16 latent channels (ae.safetensors)")
     vae = comfy.sd.VAE(sd=parts.vae)
     vae_memory.fit(vae)
-    if resident:
-        vae_resident.keep(vae, settle_weight_dtypes)
     return vae
 
 
@@ -597,7 +592,7 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
     clip, gemma_cfg, jina_cfg, te_dtype = build_clip(parts, te_precision)
     clip.patcher.cached_patcher_init = (reload_clip_patcher, (dict(parts.paths), te_precision))
     step(1)
-    vae = build_vae(parts, resident=resident and not budget)
+    vae = build_vae(parts)
     step(1)
     n_params = sum(v.numel() for k, v in parts.dit.items() if not k.endswith(quantize.QUANT_KEY)) / 1e6
     if precision == "fp16":
