@@ -392,6 +392,21 @@ COMMANDS = {
               "bench/profile_sampling.py --variants fp8+compile+w2kernel1+graphs+qkvrope,fp8+compile+w2kernel1+graphs,"
               "bf16+compile+qkvrope,bf16+compile --steps 25 --profile-steps 2 --warm 5 (variants without +qkvrope "
               "ran without the kernel then)",
+    "run126": "(H100, a new machine, cuDNN attention; bb879ee) source bench/device_env.sh; python3 -m pytest -q "
+              "tests/unit/test_qkv_rope.py (run126-pytest.log); python3 bench/run.py --configs "
+              "upstream-gpu-only-native@none,pack-bf16@none,pack-bf16-noqkvrope@none,pack-fp8@none,"
+              "pack-fp8-noqkvrope@none,pack-fp8-w2kernel1@none --warm 3 --timeout 120",
+    "run127": "(H100, a new machine, cuDNN attention; a2ad573, grouped heads to SDPA by default) source "
+              "bench/device_env.sh; python3 -m pytest -q tests/unit/test_grouped_attention_gpu.py "
+              "tests/unit/test_qkv_rope.py (run127-pytest.log); python3 bench/run.py --configs "
+              "upstream-gpu-only-native@none,pack-bf16@none,pack-bf16-nosdpagqa@none,pack-fp8@none --warm 5 "
+              "--timeout 120",
+    "run128": "(the same H100, the next call, cuDNN attention) python3 bench/run.py --configs "
+              "upstream-gpu-only-native@none,pack-bf16@none --rounds 2 --warm 5 --timeout 120",
+    "run129": "(H100, a new machine, cuDNN attention; 3bfa5f1, its pack-bf16 with the VAE in ComfyUI's non-dynamic "
+              "patcher, removed after: pack-bf16-dynvae is the code that stays) source bench/device_env.sh; python3 "
+              "bench/run.py --configs upstream-gpu-only-native@none,pack-bf16@none,pack-bf16-dynvae@none --rounds 2 "
+              "--warm 5 --timeout 120",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
