@@ -220,6 +220,53 @@ def test_the_packs_attention_gets_each_groups_key_and_value_head_once(monkeypatc
 
 @pytest.mark.host
 @pytest.mark.usefixtures("comfy_on_cpu", "comfy_device_is_the_cpu")
+def test_flash_attn4_gets_the_kernels_key_and_value_heads_eager_and_compiled(monkeypatch):
+    """With flash-attn-4 chosen (its op, whose SDPA fallback runs on a CPU), the kernel's k and v reach the op as the
+    kernel made them (the tiny DiT's one key/value head), eager and in compiled blocks, and the DiT's output is the
+    host forward's."""
+    from devkit import stress
+    from devkit.dit_calls import dit_call, dit_inputs
+    from pipeline import block_compile, flash_attn4, sdpa
+
+    monkeypatch.setattr(qkv_rope, "usable", lambda device: True)
+    monkeypatch.setattr(sdpa, "_first_backend_constant", lambda device: "fa4")
+    monkeypatch.setattr(flash_attn4, "takes", lambda q, k, v: q.shape[1] % k.shape[1] == 0)  # fp32 too, here
+    heads, body = [], flash_attn4._flash_layout_attention
+
+    def recording(q, k, v):  # the op's body, [B, N, H, D]
+        heads.append((q.shape[2], k.shape[2], v.shape[2]))
+        return body(q, k, v)
+
+    monkeypatch.setattr(flash_attn4, "_flash_layout_attention", recording)
+    monkeypatch.setenv(qkv_rope.SWITCH, "0")
+    plain, cfg = _tiny_patcher("fp32")
+    inputs = dit_inputs(cfg, "cpu", (8, 8), 12)
+    want = dit_call(plain, cfg, inputs)
+    monkeypatch.setenv(qkv_rope.SWITCH, "1")
+    monkeypatch.setattr(qkv_rope, "applies", lambda attn, x, freqs: True)
+    monkeypatch.setattr(qkv_rope, "qkv_norm_rope", qkv_rope.reference)
+    try:
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            patcher, _ = _tiny_patcher("fp32")
+            if compiled:
+                block_compile.apply(patcher)
+            heads.clear()
+            before = block_compile.compiled_graph_count()
+            patcher.patch_model()
+            try:
+                got = dit_call(patcher, cfg, inputs)
+            finally:
+                patcher.unpatch_model()
+            assert (block_compile.compiled_graph_count() > before) == compiled
+            assert heads and set(heads) == {(2, 1, 1)}, (compiled, heads)
+            assert stress.relative_error(got, want) < 1e-5, compiled
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.host
+@pytest.mark.usefixtures("comfy_on_cpu", "comfy_device_is_the_cpu")
 def test_compiled_blocks_of_a_patched_dit_make_as_many_graphs_and_the_same_output(monkeypatch):
     """Compiled blocks (pipeline/block_compile.py, with a backend that records each traced graph and runs it) of a
     DiT whose attentions take the kernel (its PyTorch form standing in) trace as many graphs as the unpatched DiT
