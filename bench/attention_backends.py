@@ -6,7 +6,9 @@ does. For each backend PyTorch offers (flash, cuDNN, memory-efficient), FlashAtt
 route (pipeline/flash_attn4.py) where flash-attn-4 imports, and each dtype: the median time of one call (CUDA
 events, 30 calls after 5 warm-up calls), the time a step spends in attention (38 calls a DiT call, two DiT calls a
 CFG step), the largest difference from fp32 math attention and, for FlashAttention-4, the seconds its first call
-took (the kernel's compilation). Writes OUT/attention_backends.json.
+took (the kernel's compilation). `-bhnd` and `-gqa` rows time cuDNN and FlashAttention-2 on q, k, v with the heads
+outermost in memory and on NewBie's 8 key/value heads once each (`layout_and_groups`). Writes
+OUT/attention_backends.json.
 
     python3 bench/attention_backends.py --out $OUT
 """
@@ -55,11 +57,37 @@ def padded_head(backend, to: int, prepared: bool):
     return run
 
 
+REP = 3  # ComfyUI's copies of each of NewBie's 8 key/value heads
+
+
+def layout_and_groups(backend, heads_outer: bool, grouped: bool):
+    """`backend` on q, k, v given another form before the timed call: `heads_outer`, [B, H, N, D] contiguous (as a
+    kernel could write them) instead of views of [B, N, H, D] memory; `grouped`, k and v with NewBie's 8 key/value
+    heads once each (enable_gqa, as pipeline/sdpa.py gives them where the backend takes them) instead of ComfyUI's
+    24 copies."""
+    def prepare(q, k, v):
+        if grouped:
+            k, v = k[:, ::REP], v[:, ::REP]
+        if heads_outer:
+            return tuple(t.contiguous() for t in (q, k, v))
+        return tuple(t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+
+    def run(q, k, v):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, **({"enable_gqa": True} if grouped else {}))
+    run.prepare = prepare
+    return run
+
+
 def runners() -> dict:
     found = {name: sdpa_backend(b) for name, b in BACKENDS.items()}
     found.update({"cudnn-pad128": padded_head(SDPBackend.CUDNN_ATTENTION, 128, False),
                   "cudnn-pad128-prepared": padded_head(SDPBackend.CUDNN_ATTENTION, 128, True),
                   "flash-pad128-prepared": padded_head(SDPBackend.FLASH_ATTENTION, 128, True)})
+    for name in ("cudnn", "flash"):
+        found.update({f"{name}-bhnd": layout_and_groups(BACKENDS[name], True, False),
+                      f"{name}-gqa": layout_and_groups(BACKENDS[name], False, True),
+                      f"{name}-gqa-bhnd": layout_and_groups(BACKENDS[name], True, True)})
     sys.path.insert(0, str(REPO))
     from pipeline import flash_attn4
 
@@ -89,7 +117,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--backends", default="", help="comma-separated subset of flash,cudnn,efficient,fa4,"
-                    "cudnn-pad128,cudnn-pad128-prepared,flash-pad128-prepared (default all)")
+                    "cudnn-pad128,cudnn-pad128-prepared,flash-pad128-prepared, and cudnn or flash with -bhnd, -gqa "
+                    "or -gqa-bhnd (layout_and_groups) (default all)")
     args = ap.parse_args()
     torch.manual_seed(0)
     results = []
@@ -102,9 +131,11 @@ def main():
         step_ms = {}
         for shape, n in shapes.items():
             for batch in (1, 2):
-                # [B, H, N, D] views of [B, N, H, D] memory, as ComfyUI's Next-DiT hands them to attention
-                q, k, v = (torch.randn(batch, n, 24, 96, device="cuda", dtype=dtype).transpose(1, 2)
-                           for _ in range(3))
+                # [B, H, N, D] views of [B, N, H, D] memory, as ComfyUI's Next-DiT hands them to attention, with
+                # k and v as its copies of 8 heads (so that one head of each gives the same attention)
+                q = torch.randn(batch, n, 24, 96, device="cuda", dtype=dtype).transpose(1, 2)
+                k, v = (torch.randn(batch, n, 8, 96, device="cuda", dtype=dtype).repeat_interleave(REP, dim=2)
+                        .transpose(1, 2) for _ in range(2))
                 ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
                 for name, run in backends.items():
                     row = {"dtype": str(dtype).split(".")[-1], "shape": shape, "batch": batch, "backend": name}
