@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devkit.cuda_timing import time_us  # noqa: E402
+from devkit.rope_freqs import rotations  # noqa: E402
 from pipeline import qkv_rope  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, TOKENS = 24, 8, 96, 4356
@@ -32,9 +33,7 @@ def main():
     g = torch.Generator(device="cuda").manual_seed(0)
     width = (HEADS + 2 * KV_HEADS) * HEAD_DIM
     qkv = torch.randn(1, TOKENS, width, generator=g, device="cuda", dtype=torch.bfloat16) * 2
-    angle = torch.rand(1, TOKENS, 1, HEAD_DIM // 2, generator=g, device="cuda") * 6.3
-    c, s = torch.cos(angle), torch.sin(angle)
-    freqs = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    freqs = rotations(torch.rand(1, TOKENS, 1, HEAD_DIM // 2, generator=g, device="cuda") * 6.3)
     qw, kw = (torch.rand(HEAD_DIM, generator=g, device="cuda", dtype=torch.bfloat16) + 0.5 for _ in range(2))
     call = (qkv, freqs, qw, kw, 1e-6, HEADS, KV_HEADS)
     want = qkv_rope.reference(*call)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from devkit.rope_freqs import rotations
 from pipeline import qkv_rope
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 _INTERPRETED = r"""
 import json, sys, torch
 sys.path.insert(0, {root!r})
+from devkit.rope_freqs import rotations
 from pipeline import qkv_rope
 g = torch.Generator().manual_seed(0)
 B, N, H, HKV, D = 2, 5, 3, 1, 10  # 3 heads (a block of 4), 5 pairs (a block of 8): masked lanes in both
@@ -29,9 +31,7 @@ for dtype in (torch.float32, torch.bfloat16):
     for freqs_batch in (1, B):
         qkv = (torch.randn(B, N, (H + 2 * HKV) * D, generator=g) * 3).to(dtype)
         qkv[1, 2, :D] = 0  # a head of zeros: the epsilon keeps it finite
-        angle = torch.randn(freqs_batch, N, 1, D // 2, generator=g)
-        c, s = torch.cos(angle), torch.sin(angle)
-        freqs = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+        freqs = rotations(torch.randn(freqs_batch, N, 1, D // 2, generator=g))
         qw, kw = (torch.randn(D, generator=g).to(dtype) for _ in range(2))
         got = qkv_rope.launch(qkv, freqs, qw, kw, 1e-6, H, HKV)
         want = qkv_rope.reference(qkv, freqs, qw, kw, 1e-6, H, HKV)
@@ -88,9 +88,7 @@ def test_on_a_gpu_the_kernel_is_the_pytorch_form_at_newbies_shapes():
 
 def _freqs(batch, n, d, seed=1):
     g = torch.Generator().manual_seed(seed)
-    angle = torch.randn(batch, n, 1, d // 2, generator=g)
-    c, s = torch.cos(angle), torch.sin(angle)
-    return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    return rotations(torch.randn(batch, n, 1, d // 2, generator=g))
 
 
 def test_the_reference_splits_as_the_host_does():
