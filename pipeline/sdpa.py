@@ -59,11 +59,16 @@ def _major(index) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
+def _fused_order(first: str) -> list[str]:
+    """The fused backends in the pack's priority order with `first` ("cudnn" or "flash") first."""
+    return [first] + [name for name in ("cudnn", "flash", "efficient") if name != first]
+
+
 def _order(first: str):
     from torch.nn.attention import SDPBackend as B
 
-    head = [B.CUDNN_ATTENTION, B.FLASH_ATTENTION] if first == "cudnn" else [B.FLASH_ATTENTION, B.CUDNN_ATTENTION]
-    return head + [B.EFFICIENT_ATTENTION, B.MATH]
+    backends = {"cudnn": B.CUDNN_ATTENTION, "flash": B.FLASH_ATTENTION, "efficient": B.EFFICIENT_ATTENTION}
+    return [backends[name] for name in _fused_order(first)] + [B.MATH]
 
 
 def sdpa_first(device: torch.device) -> str | None:
@@ -174,9 +179,7 @@ def takes_grouped(first: str | None, device: torch.device, dtype: torch.dtype, h
         check = getattr(backends, _CHECKS[name], None)
         return bool(check is not None and check(params[grouped]))
 
-    order = None if first is None else [b for b in ("cudnn", "flash") if b == first] + [
-        b for b in ("cudnn", "flash", "efficient") if b != first]
-    return grouped_keeps_the_backend(order, takes)
+    return grouped_keeps_the_backend(None if first is None else _fused_order(first), takes)
 
 
 @torch.compiler.assume_constant_result
