@@ -1,0 +1,109 @@
+"""How long the FLUX VAE's decode of one 1024x1024 latent takes, and where its GPU time goes.
+
+In the server the pack's decode + SaveImage takes 0.33-0.45 s against upstream `--gpu-only`'s 0.29-0.31 s (runs
+127-129), which weighs on the warm image's ratio. This times, in-process on full-size random weights, the decoder
+alone (`first_stage_model.decode`) and ComfyUI's whole `VAE.decode` (which also copies the image to the CPU as
+fp32) in bf16, in these forms of the same weights:
+- `nchw`: as ComfyUI runs it;
+- `channels_last`: the decoder's 4-D weights in channels-last memory, so that cuDNN's convolutions run NHWC and
+  their outputs stay so;
+- `benchmark`: `torch.backends.cudnn.benchmark` on (cuDNN times its algorithms at each new shape).
+Medians of --runs warm decodes (CUDA events), and a profile's top kernels of one `nchw` decode.
+
+    python3 bench/vae_decode.py --models /tmp/models --out $OUT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def timed(fn, runs: int) -> list[float]:
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append(round(time.perf_counter() - t0, 4))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", type=Path, default=Path("/tmp/models"))
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    sys.path[:0] = [os.environ["COMFYUI_PATH"], str(REPO)]
+    import torch
+    import comfy.model_management as mm
+    from devkit import tiny_models
+    from pipeline import checkpoint, loader
+
+    spec = tiny_models.FULL
+    path = args.models / tiny_models.SINGLE_FILE_NAMES["vae"].format(name=spec.name)
+    if not path.exists():
+        tiny_models.write_single_files(args.models, spec, device="cuda")
+    parts = loader.NewBieParts({}, {}, {}, checkpoint.load_state_dict(path, "VAE"), None, None, {"vae": str(path)})
+    vae = loader.build_vae(parts)
+    mm.load_models_gpu([vae.patcher], force_full_load=True)
+    dtype = vae.vae_dtype
+    torch.manual_seed(0)
+    latent = torch.randn(1, 16, 128, 128, device="cuda", dtype=dtype)
+    cpu_latent = latent.float().cpu()
+    results = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "dtype": str(dtype),
+               "allocator": torch.cuda.get_allocator_backend(), "forms": {}}
+    decoder = vae.first_stage_model
+
+    def measure(form):
+        with torch.inference_mode():
+            alone = timed(lambda: decoder.decode(latent), args.runs)
+            whole = timed(lambda: vae.decode(cpu_latent), args.runs)
+        r = {"decoder_s": statistics.median(alone), "decoder_runs_s": alone,
+             "vae_decode_s": statistics.median(whole), "vae_decode_runs_s": whole}
+        results["forms"][form] = r
+        print(form, json.dumps(r), flush=True)
+
+    measure("nchw")
+    with torch.inference_mode():
+        ref = decoder.decode(latent).float()
+    from torch.profiler import ProfilerActivity, profile
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        decoder.decode(latent)
+        torch.cuda.synchronize()
+    results["nchw_top_cuda"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+    print(results["nchw_top_cuda"], flush=True)
+
+    for p in decoder.parameters():
+        if p.dim() == 4:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+    measure("channels_last")
+    with torch.inference_mode():
+        results["channels_last_max_diff"] = float((decoder.decode(latent).float() - ref).abs().max())
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        decoder.decode(latent)
+        torch.cuda.synchronize()
+    results["channels_last_top_cuda"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+    print(results["channels_last_top_cuda"], flush=True)
+    for p in decoder.parameters():
+        if p.dim() == 4:
+            p.data = p.data.contiguous()
+    torch.backends.cudnn.benchmark = True
+    measure("benchmark")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "vae_decode.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
