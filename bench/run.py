@@ -161,6 +161,8 @@ SWITCHES = {"noprefetch": {"NEWBIE_BLOCK_PREFETCH": "0"}, "separate": {"NEWBIE_C
             # ComfyUI's non-dynamic patcher for it (pipeline/vae_resident.py, then removed) gained nothing; the
             # variable is no longer read
             "dynvae": {"NEWBIE_VAE_RESIDENT": "0"},
+            # the VAE's GroupNorms by PyTorch's kernel, as before pipeline/group_norm.py (run130 on)
+            "nogn": {"NEWBIE_VAE_GROUP_NORM": "0"},
             # every Dynamo guard checked at every compiled block call, as before pipeline/guard_skip.py
             "guards": {"NEWBIE_GUARD_SKIP": "0"},
             # flash-attn-4's own Python finds and launches its kernel at every call, as before pipeline/fa4_replay.py

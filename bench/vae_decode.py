@@ -7,7 +7,9 @@ fp32) in bf16, in these forms of the same weights:
 - `nchw`: as ComfyUI runs it;
 - `channels_last`: the decoder's 4-D weights in channels-last memory, so that cuDNN's convolutions run NHWC and
   their outputs stay so;
-- `benchmark`: `torch.backends.cudnn.benchmark` on (cuDNN times its algorithms at each new shape).
+- `benchmark`: `torch.backends.cudnn.benchmark` on (cuDNN times its algorithms at each new shape);
+- `pack`: the GroupNorms by the pack's kernels (pipeline/group_norm.py, as the pack's loader gives its VAE), with the
+  largest difference from the `nchw` image.
 Medians of --runs warm decodes (CUDA events), and a profile's top kernels of one `nchw` decode.
 
     python3 bench/vae_decode.py --models /tmp/models --out $OUT
@@ -56,6 +58,7 @@ def main():
     if not path.exists():
         tiny_models.write_single_files(args.models, spec, device="cuda")
     parts = loader.NewBieParts({}, {}, {}, checkpoint.load_state_dict(path, "VAE"), None, None, {"vae": str(path)})
+    os.environ["NEWBIE_VAE_GROUP_NORM"] = "0"  # ComfyUI's VAE as it comes; the pack's GroupNorms are attached below
     vae = loader.build_vae(parts)
     mm.load_models_gpu([vae.patcher], force_full_load=True)
     dtype = vae.vae_dtype
@@ -101,6 +104,22 @@ def main():
             p.data = p.data.contiguous()
     torch.backends.cudnn.benchmark = True
     measure("benchmark")
+    torch.backends.cudnn.benchmark = False
+    from pipeline import group_norm
+
+    group_norm.attach(vae)
+    mm.unload_all_models()
+    mm.load_models_gpu([vae.patcher], force_full_load=True)  # ComfyUI applies the object patches at its load
+    measure("pack")
+    with torch.inference_mode():
+        results["pack_max_diff"] = float((decoder.decode(latent).float() - ref).abs().max())
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        decoder.decode(latent)
+        torch.cuda.synchronize()
+    results["pack_top_cuda"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+    print(results["pack_top_cuda"], flush=True)
+    print("max diff against nchw: channels_last", results["channels_last_max_diff"], "pack",
+          results["pack_max_diff"], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "vae_decode.json").write_text(json.dumps(results, indent=1))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import (block_compile, block_prefetch, block_stream, cfg_batch, checkpoint, compat, cuda_graphs, detect,
-               device_conds, guard_skip, host_copies, host_sigmas, kv_repeat, precision as precision_mod,
+               device_conds, group_norm, guard_skip, host_copies, host_sigmas, kv_repeat, precision as precision_mod,
                prompt_limits, qkv_rope, quantize, quantized_ops, sdpa, swiglu_fp8, te_quantize, vae_memory, vram_budget)
 from .errors import ModelFileError
 
@@ -499,6 +499,8 @@ def build_vae(parts: NewBieParts):
                              "the FLUX.1 VAE with 16 latent channels (ae.safetensors)")
     vae = comfy.sd.VAE(sd=parts.vae)
     vae_memory.fit(vae)
+    if group_norm.enabled() and group_norm.usable(vae.device):
+        group_norm.attach(vae)
     return vae
 
 
@@ -612,6 +614,7 @@ def load_newbie(parts: NewBieParts, precision: str = "fp16", te_precision: str |
          else f"compile: off (eager; {compile_why})"),
         sdpa.describe(device, *kv_repeat.from_options(model.model_options.get("transformer_options"))),
         qkv_rope.describe(model),
+        group_norm.describe(vae),
         *([guard_skip.describe()] if compiled else []),
         cuda_graphs.describe(model),
         "from: " + ", ".join(f"{k}={Path(str(v)).name}" for k, v in parts.paths.items()),
