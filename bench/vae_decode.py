@@ -81,6 +81,7 @@ def main():
     measure("nchw")
     with torch.inference_mode():
         ref = decoder.decode(latent).float()
+        image_ref = (vae.decode(cpu_latent) * 255).round()  # the 8-bit levels SaveImage writes
     results["nchw_max_abs"] = float(ref.abs().max())
     from torch.profiler import ProfilerActivity, profile
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
@@ -114,13 +115,18 @@ def main():
     measure("pack")
     with torch.inference_mode():
         results["pack_max_diff"] = float((decoder.decode(latent).float() - ref).abs().max())
+        levels = ((vae.decode(cpu_latent) * 255).round() - image_ref).abs()
+    results["pack_image_levels_max_diff"] = float(levels.max())
+    results["pack_image_levels_share_unequal"] = float((levels > 0).float().mean())
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         decoder.decode(latent)
         torch.cuda.synchronize()
     results["pack_top_cuda"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
     print(results["pack_top_cuda"], flush=True)
     print("max diff against nchw: channels_last", results["channels_last_max_diff"], "pack",
-          results["pack_max_diff"], "of the output's largest value", results["nchw_max_abs"], flush=True)
+          results["pack_max_diff"], "of the output's largest value", results["nchw_max_abs"], "; the 8-bit image:",
+          results["pack_image_levels_max_diff"], "levels at most,", results["pack_image_levels_share_unequal"],
+          "of the values unequal", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "vae_decode.json").write_text(json.dumps(results, indent=1))
 
