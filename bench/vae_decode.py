@@ -41,11 +41,45 @@ def timed(fn, runs: int) -> list[float]:
     return out
 
 
+def accuracy(vae, latent, results: dict, out: Path) -> None:
+    """--accuracy: the decoder's output in bf16, with PyTorch's GroupNorms and with the pack's, against the same
+    decode in fp32: the largest and the mean difference, relative to the fp32 output's largest value, and the share
+    of 8-bit levels that differ."""
+    import torch
+
+    from pipeline import group_norm
+
+    decoder = vae.first_stage_model
+    with torch.inference_mode():
+        decoder.float()
+        ref = decoder.decode(latent.float()).float()
+        decoder.to(torch.bfloat16)
+        forms = {"pytorch": lambda: decoder.decode(latent)}
+
+        def pack():
+            with group_norm.FastGroupNorm():
+                return decoder.decode(latent)
+        forms["pack"] = pack
+        scale = float(ref.abs().max())
+        levels_ref = ((ref.clamp(-1, 1) + 1) * 127.5).round()
+        for name, run in forms.items():
+            got = run().float()
+            levels = ((got.clamp(-1, 1) + 1) * 127.5).round()
+            results[f"bf16_{name}_vs_fp32"] = r = {
+                "max_rel": float((got - ref).abs().max()) / scale, "mean_rel": float((got - ref).abs().mean()) / scale,
+                "levels_max": float((levels - levels_ref).abs().max()),
+                "levels_unequal": float((levels != levels_ref).float().mean())}
+            print(f"bf16 {name} against fp32:", json.dumps(r), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vae_decode_accuracy.json").write_text(json.dumps(results, indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", type=Path, default=Path("/tmp/models"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--accuracy", action="store_true", help="only the bf16 decodes against fp32 (`accuracy`)")
     args = ap.parse_args()
     sys.path[:0] = [os.environ["COMFYUI_PATH"], str(REPO)]
     import torch
@@ -78,6 +112,9 @@ def main():
         results["forms"][form] = r
         print(form, json.dumps(r), flush=True)
 
+    if args.accuracy:
+        accuracy(vae, latent, results, args.out)
+        return
     measure("nchw")
     with torch.inference_mode():
         ref = decoder.decode(latent).float()
