@@ -407,6 +407,19 @@ COMMANDS = {
               "patcher, removed after: pack-bf16-dynvae is the code that stays) source bench/device_env.sh; python3 "
               "bench/run.py --configs upstream-gpu-only-native@none,pack-bf16@none,pack-bf16-dynvae@none --rounds 2 "
               "--warm 5 --timeout 120",
+    "run130": "(H100, a new machine, cuDNN attention; 9c30562) source bench/device_env.sh; python3 "
+              "bench/attention_backends.py --backends cudnn,cudnn-bhnd,cudnn-gqa,cudnn-gqa-bhnd,flash,flash-gqa; "
+              "python3 bench/vae_decode.py (its first form: nchw, channels_last, benchmark); python3 "
+              "bench/profile_sampling.py --variants bf16+compile,bf16+compile+graphs --steps 25 --profile-steps 2 "
+              "--warm 5",
+    "run131": "(H100, a new machine, cuDNN attention; c246e9d, the pack's VAE GroupNorms) source bench/device_env.sh; "
+              "python3 -m pytest -q tests/unit/test_group_norm.py (run131-pytest.log); python3 bench/run.py --configs "
+              "upstream-gpu-only-native@none,pack-bf16@none,pack-bf16-nogn@none --rounds 2 --warm 5 --timeout 120; "
+              "python3 bench/vae_decode.py",
+    "run132": "(the same H100, the next call) python3 -m pytest -q tests/unit/test_group_norm.py (run132-pytest.log); "
+              "python3 bench/run.py --configs upstream-gpu-only-native@none,pack-bf16@none,pack-fp16@none --rounds 2 "
+              "--warm 5 --timeout 120; python3 bench/vae_decode.py",
+    "run133": "(the same H100, the next call) python3 bench/vae_decode.py --accuracy",
     "run9": "python3 bench/seed_claims.py; for s in euler_ancestral dpmpp_2m; do python3 bench/run.py --sampler $s "
             "--steps 10 --configs pack-bf16-gpu-only@none; done",
 }
