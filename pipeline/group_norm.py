@@ -24,7 +24,9 @@ method under `FastGroupNorm`, a TorchFunctionMode that sends `F.group_norm` call
 everything else on unchanged. Whatever weights ComfyUI hands the layer (cast, offloaded, dynamic VRAM) are the
 ones normalised with, so this holds on every host the pack supports. Calls it leaves to PyTorch: a CPU or any
 non-CUDA tensor, a tensor that is not contiguous (channels-last), a dtype other than fp32/bf16/fp16, a group of
-fewer than `MIN_GROUP_VALUES` values (PyTorch's kernel is quick there), anything that needs gradients.
+fewer than `MIN_GROUP_VALUES` values (PyTorch's kernel is quick there), anything that needs gradients. Should
+the kernels fail on a system (a Triton that cannot compile them, say), the call and every later one go to PyTorch,
+with one warning in the log; running out of memory is raised as it is, for ComfyUI's tiled retry of the decode.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import env_switch
+from .oom import memory
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +138,25 @@ def _group_norm_arguments(input, num_groups, weight=None, bias=None, eps=1e-5):
     return input, num_groups, weight, bias, eps
 
 
+_failed: list[str] = []  # why the kernels failed in this process, once they have: then PyTorch's GroupNorm runs
+
+
+def _fast(x, groups, weight, bias, eps):
+    """group_norm's result, or None where the kernels failed (now or before) with anything but running out of
+    memory."""
+    if _failed:
+        return None
+    try:
+        return group_norm(x, groups, weight, bias, eps)
+    except Exception as e:  # noqa: BLE001 - any failure of the kernels but memory leaves the work to PyTorch's
+        if memory.is_oom(e):  # what the host counts as out of memory
+            raise
+        _failed.append(f"{type(e).__name__}: {e}")
+        log.warning("NewBie: the VAE's GroupNorm kernels failed (%s); PyTorch's GroupNorm runs from now on "
+                    "(%s=0 skips them)", _failed[0][:300], SWITCH)
+        return None
+
+
 class FastGroupNorm(TorchFunctionMode):
     """Sends the F.group_norm calls that `group_norm` takes to it; every other call runs as it would."""
 
@@ -143,7 +165,9 @@ class FastGroupNorm(TorchFunctionMode):
         if func is F.group_norm:
             x, groups, weight, bias, eps = _group_norm_arguments(*args, **kwargs)
             if takes(x, groups, weight, bias):
-                return group_norm(x, groups, weight, bias, eps)
+                out = _fast(x, groups, weight, bias, eps)
+                if out is not None:
+                    return out
         return func(*args, **kwargs)
 
 

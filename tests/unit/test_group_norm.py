@@ -120,6 +120,36 @@ def _groupnorms(model) -> int:
     return sum(1 for m in model.modules() if isinstance(m, torch.nn.GroupNorm))
 
 
+def test_kernels_that_fail_leave_the_work_to_pytorch_once_and_for_all(monkeypatch, caplog):
+    """A failure of the kernels (say, a Triton that cannot compile them) gives PyTorch's result with one warning, and
+    later calls go straight to PyTorch; running out of memory is raised for ComfyUI's tiled retry."""
+    attempts = []
+
+    def broken(*args):
+        attempts.append(1)
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(group_norm, "_failed", [])
+    monkeypatch.setattr(group_norm, "group_norm", broken)
+    monkeypatch.setattr(group_norm, "takes", lambda *a: True)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad(), group_norm.FastGroupNorm():
+        first, second = F.group_norm(x, 2), F.group_norm(x, 2)
+    assert torch.equal(first, F.group_norm(x, 2)) and torch.equal(second, first)
+    assert len(attempts) == 1, "tried once"
+    warnings = [r for r in caplog.records if "GroupNorm kernels failed" in r.getMessage()]
+    assert len(warnings) == 1 and "no compiler here" in warnings[0].getMessage()
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(group_norm, "_failed", [])
+    monkeypatch.setattr(group_norm, "group_norm", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError), torch.no_grad(), group_norm.FastGroupNorm():
+        F.group_norm(x, 2)
+    assert group_norm._failed == [], "running out of memory does not turn the kernels off"
+
+
 @pytest.mark.host
 def test_the_vae_decodes_and_encodes_through_the_mode_in_the_host(tiny_parts, monkeypatch):
     """The real host's VAE, given the patches: ComfyUI's own decode and encode (which load the VAE through its
