@@ -41,6 +41,19 @@ def timed(fn, runs: int) -> list[float]:
     return out
 
 
+def top_kernels(run) -> str:
+    """The profiler's table of the 25 kernels that took the most GPU time in one `run()` (printed too)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        run()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+    print(table, flush=True)
+    return table
+
+
 def accuracy(vae, latent, results: dict, out: Path) -> None:
     """--accuracy: the decoder's output in bf16, with PyTorch's GroupNorms and with the pack's, against the same
     decode in fp32: the largest and the mean difference, relative to the fp32 output's largest value, and the share
@@ -85,13 +98,9 @@ def main():
     import torch
     import comfy.model_management as mm
     from devkit import tiny_models
-    from pipeline import checkpoint, loader
+    from pipeline import loader
 
-    spec = tiny_models.FULL
-    path = args.models / tiny_models.SINGLE_FILE_NAMES["vae"].format(name=spec.name)
-    if not path.exists():
-        tiny_models.write_single_files(args.models, spec, device="cuda")
-    parts = loader.NewBieParts({}, {}, {}, checkpoint.load_state_dict(path, "VAE"), None, None, {"vae": str(path)})
+    parts = tiny_models.vae_parts(args.models)
     os.environ["NEWBIE_VAE_GROUP_NORM"] = "0"  # ComfyUI's VAE as it comes; the pack's GroupNorms are attached below
     vae = loader.build_vae(parts)
     mm.load_models_gpu([vae.patcher], force_full_load=True)
@@ -120,12 +129,7 @@ def main():
         ref = decoder.decode(latent).float()
         image_ref = (vae.decode(cpu_latent) * 255).round()  # the 8-bit levels SaveImage writes
     results["nchw_max_abs"] = float(ref.abs().max())
-    from torch.profiler import ProfilerActivity, profile
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        decoder.decode(latent)
-        torch.cuda.synchronize()
-    results["nchw_top_cuda"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
-    print(results["nchw_top_cuda"], flush=True)
+    results["nchw_top_cuda"] = top_kernels(lambda: decoder.decode(latent))
 
     for p in decoder.parameters():
         if p.dim() == 4:
@@ -133,11 +137,7 @@ def main():
     measure("channels_last")
     with torch.inference_mode():
         results["channels_last_max_diff"] = float((decoder.decode(latent).float() - ref).abs().max())
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        decoder.decode(latent)
-        torch.cuda.synchronize()
-    results["channels_last_top_cuda"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
-    print(results["channels_last_top_cuda"], flush=True)
+    results["channels_last_top_cuda"] = top_kernels(lambda: decoder.decode(latent))
     for p in decoder.parameters():
         if p.dim() == 4:
             p.data = p.data.contiguous()
@@ -155,11 +155,7 @@ def main():
         levels = ((vae.decode(cpu_latent) * 255).round() - image_ref).abs()
     results["pack_image_levels_max_diff"] = float(levels.max())
     results["pack_image_levels_share_unequal"] = float((levels > 0).float().mean())
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        decoder.decode(latent)
-        torch.cuda.synchronize()
-    results["pack_top_cuda"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
-    print(results["pack_top_cuda"], flush=True)
+    results["pack_top_cuda"] = top_kernels(lambda: decoder.decode(latent))
     print("max diff against nchw: channels_last", results["channels_last_max_diff"], "pack",
           results["pack_max_diff"], "of the output's largest value", results["nchw_max_abs"], "; the 8-bit image:",
           results["pack_image_levels_max_diff"], "levels at most,", results["pack_image_levels_share_unequal"],

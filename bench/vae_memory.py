@@ -28,13 +28,9 @@ def main():
     import torch
     import comfy.model_management as mm
     from devkit import tiny_models
-    from pipeline import checkpoint, loader
+    from pipeline import loader
 
-    spec = tiny_models.FULL
-    path = args.models / tiny_models.SINGLE_FILE_NAMES["vae"].format(name=spec.name)
-    if not path.exists():
-        tiny_models.write_single_files(args.models, spec, device="cuda")
-    parts = loader.NewBieParts({}, {}, {}, checkpoint.load_state_dict(path, "VAE"), None, None, {"vae": str(path)})
+    parts = tiny_models.vae_parts(args.models)
     results = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         vae = loader.build_vae(parts)  # the pack's VAE (its decode estimate is pipeline/vae_memory.py's)

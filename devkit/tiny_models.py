@@ -268,6 +268,17 @@ def write_single_files(root: Path, spec: ModelSpec = TINY, sds: dict | None = No
     return paths
 
 
+def vae_parts(root: Path, spec: ModelSpec = FULL, device: str = "cuda"):
+    """The pack's NewBieParts holding only `spec`'s VAE, from its single file under `root` (the whole single-file
+    layout written first where it is missing), as the VAE benches load it."""
+    from pipeline import checkpoint, loader
+
+    path = single_file_paths(root, spec)["vae"]
+    if not path.exists():
+        write_single_files(root, spec, device=device)
+    return loader.NewBieParts({}, {}, {}, checkpoint.load_state_dict(path, "VAE"), None, None, {"vae": str(path)})
+
+
 def write_folder_layout(root: Path, spec: ModelSpec = TINY, sds: dict | None = None) -> Path:
     """Write the official repository's diffusers-style folder under root/<name>/ and return it."""
     from pipeline import keymaps

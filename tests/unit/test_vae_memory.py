@@ -29,3 +29,16 @@ def test_decode_still_works_with_the_pack_estimate(tiny_parts):
 
     image = loader.build_vae(tiny_parts).decode(torch.randn(1, 16, 8, 8))
     assert image.shape[-3:-1] == (64, 64) and torch.isfinite(image).all()
+
+
+def test_the_benches_load_the_vae_alone_from_the_single_file_layout(tmp_path, comfy_import_path):
+    """devkit.tiny_models.vae_parts, as bench/vae_memory.py and bench/vae_decode.py load the full-size VAE: the
+    layout written where it is missing, the VAE read from it alone, and a VAE that decodes."""
+    from devkit import tiny_models
+    from pipeline import loader
+
+    parts = tiny_models.vae_parts(tmp_path, tiny_models.TINY, device="cpu")
+    assert parts.dit == {} and parts.gemma == {} and "decoder.conv_in.weight" in parts.vae
+    assert parts.paths["vae"] == str(tiny_models.single_file_paths(tmp_path, tiny_models.TINY)["vae"])
+    image = loader.build_vae(parts).decode(torch.randn(1, 16, 8, 8))
+    assert image.shape[-3:-1] == (64, 64) and torch.isfinite(image).all()
