@@ -70,11 +70,17 @@ def comfy_device_is_the_cpu(comfy_import_path, monkeypatch):
 def dynamic_vram_layers(comfy_import_path, monkeypatch):
     """ComfyUI's dynamic VRAM switched on (v0.33; a CPU host never turns it on): its layers are built without
     weights and its core patcher is the dynamic one. Skips on a host without it (v0.8)."""
-    import comfy.memory_management
+    monkeypatch.setattr(dynamic_vram_module(), "aimdo_enabled", True)
 
-    if not hasattr(comfy.memory_management, "aimdo_enabled"):
+
+def dynamic_vram_module():
+    """The host's `comfy.memory_management` with its dynamic-VRAM switch (`aimdo_enabled`); skips the test on a
+    host without them (v0.8 has neither the switch nor the module)."""
+    memory_management = pytest.importorskip("comfy.memory_management",
+                                            reason="this host has no dynamic VRAM (ComfyUI v0.8)")
+    if not hasattr(memory_management, "aimdo_enabled"):
         pytest.skip("this host has no dynamic VRAM (ComfyUI v0.8)")
-    monkeypatch.setattr(comfy.memory_management, "aimdo_enabled", True)
+    return memory_management
 
 
 @pytest.fixture(scope="module")

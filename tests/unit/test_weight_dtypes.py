@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 
+from conftest import dynamic_vram_module
 from devkit.dit_calls import dit_call
 
 pytestmark = pytest.mark.host
@@ -38,16 +39,14 @@ def test_fp16_weights_are_fp16_after_a_dynamic_vram_load(tiny_parts, dynamic_vra
 
 def test_the_settled_model_gives_what_a_load_without_dynamic_vram_gives(tiny_parts, comfy_import_path,
                                                                         monkeypatch):
-    import comfy.memory_management
-
     from pipeline import loader
+
+    memory_management = dynamic_vram_module()
 
     parts = _file_in(tiny_parts, torch.float32)  # wider than the model: the size ComfyUI budgets must shrink too
     plain, cfg, _, _ = loader.build_model(parts, "fp16", dynamic=False)
     expected = dit_call(plain, cfg)
-    if not hasattr(comfy.memory_management, "aimdo_enabled"):
-        pytest.skip("this host has no dynamic VRAM (ComfyUI v0.8)")
-    monkeypatch.setattr(comfy.memory_management, "aimdo_enabled", True)
+    monkeypatch.setattr(memory_management, "aimdo_enabled", True)
     settled, cfg, _, _ = loader.build_model(parts, "fp16", dynamic=False)
     assert torch.equal(dit_call(settled, cfg), expected)
     assert settled.model_size() == plain.model_size()  # what ComfyUI budgets for the model
@@ -74,16 +73,14 @@ def test_settling_leaves_quantized_and_matching_weights_alone(comfy_import_path)
 @pytest.mark.parametrize("precision", ["fp8", "int8", "bf16"])
 def test_quantized_and_bf16_dits_load_alike_with_and_without_dynamic_vram(tiny_parts, comfy_import_path,
                                                                           monkeypatch, precision):
-    import comfy.memory_management
-
     from pipeline import loader
+
+    memory_management = dynamic_vram_module()
 
     parts = _file_in(tiny_parts)
     plain, cfg, _, _ = loader.build_model(parts, precision, dynamic=False)
     expected = dit_call(plain, cfg)
-    if not hasattr(comfy.memory_management, "aimdo_enabled"):
-        pytest.skip("this host has no dynamic VRAM (ComfyUI v0.8)")
-    monkeypatch.setattr(comfy.memory_management, "aimdo_enabled", True)
+    monkeypatch.setattr(memory_management, "aimdo_enabled", True)
     settled, cfg, _, _ = loader.build_model(parts, precision, dynamic=False)
     assert torch.equal(dit_call(settled, cfg), expected)
     assert loader.settle_weight_dtypes(settled.model) == 0
