@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import dynamic_vram_module
 from devkit import dit_calls, tiny_models
 
 pytestmark = [pytest.mark.host, pytest.mark.usefixtures("comfy_on_cpu")]
@@ -61,12 +62,13 @@ def test_the_check_runs_where_comfys_layers_wait_for_their_weights(comfy_import_
     """Under dynamic VRAM (aimdo) ComfyUI's layers are made without weights until a state dict loads; the check
     must not depend on them (the server's check failed so, run108). Hosts without dynamic VRAM (v0.8) have no
     such layers."""
-    memory_management = pytest.importorskip("comfy.memory_management")
     from pipeline import kv_repeat
+
+    memory_management = dynamic_vram_module()
 
     dm = _patcher()[0].model.diffusion_model
     monkeypatch.setattr(kv_repeat, "_CHECKED", {})
-    monkeypatch.setattr(memory_management, "aimdo_enabled", True, raising=False)
+    monkeypatch.setattr(memory_management, "aimdo_enabled", True)
     assert kv_repeat.factor(dm) == 2
 
 
