@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from conftest import quantization_or_skip
 from devkit import quant_errors, stress, tiny_models
 from devkit.dit_calls import dit_call
 from pipeline.errors import ModelFileError
@@ -48,6 +49,8 @@ def test_fp8_round_trip_is_per_tensor_amax_over_448(tiny_dit):
 def test_int8_round_trip_is_per_output_channel(tiny_dit):
     from pipeline import quantize
 
+    quantization_or_skip("int8")
+
     w = tiny_dit["layers.0.feed_forward.w2.weight"].float()
     q, scale = quantize.quantize_weight(w, "int8")
     assert q.dtype == torch.int8 and scale.shape == (w.shape[0], 1)
@@ -77,6 +80,8 @@ def test_fp8_w2_multiplies_in_the_compute_dtype(tiny_dit):
     follow the input's range."""
     from pipeline import quantize
 
+    quantization_or_skip("int8")
+
     confs = quantize.layer_formats(quantize.quantize_state_dict(tiny_dit, "fp8"))
     flagged = sorted(k for k, c in confs.items() if c.get("full_precision_matrix_mult"))
     assert flagged and all(k.endswith(".feed_forward.w2") for k in flagged)
@@ -94,6 +99,7 @@ def test_int8_layers_multiply_in_the_compute_dtype_where_int8_matmuls_are_slow(t
     the dequantised weights; the int8 matmul (activations quantized per row) does not, and keeps int8 weights."""
     from pipeline import quantize, quantized_ops
 
+    quantization_or_skip("int8")
     q = quantize.quantize_state_dict(tiny_dit, "int8")
     int8_mm_model, cfg = _build(q, "int8")
     int8_mm = dit_call(int8_mm_model, cfg)
@@ -123,6 +129,7 @@ def _errors(sd) -> dict:
 
 def test_tiny_model_error_beats_a_plain_fp8_cast(tiny_dit):
     # Measured (CPU, fp32 compute): fp8 0.0063, int8 0.0024, plain fp8 cast 0.024.
+    quantization_or_skip("int8")
     err = _errors(tiny_dit)
     assert err["fp8"] < 0.01 and err["int8"] < 0.005, err
     assert err["fp8"] < err["plain_fp8_cast"] / 2, err
@@ -131,6 +138,7 @@ def test_tiny_model_error_beats_a_plain_fp8_cast(tiny_dit):
 def test_full_width_block_error_beats_a_plain_fp8_cast(comfy_import_path):
     # NewBie's real widths (dim 2304, FFN 9216, 24/8 heads), one block of each kind, random weights ~N(0, 1/fan_in).
     # Measured (CPU, fp32 compute): fp8 0.0048, int8 0.0025, plain fp8 cast 0.025.
+    quantization_or_skip("int8")
     spec = dataclasses.replace(tiny_models.TINY, dit=dataclasses.replace(tiny_models.FULL.dit, n_layers=1,
                                                                           n_refiner_layers=1))
     sd = tiny_models.random_dit(torch.bfloat16, spec)
@@ -152,6 +160,8 @@ def _save(tmp_path, sd, precision, name="q.safetensors"):
 @pytest.mark.parametrize("precision", ["fp8", "int8"])
 def test_saved_file_reloads_bit_identically_without_requantizing(tiny_dit, tmp_path, precision):
     from pipeline import loader, quantize
+
+    quantization_or_skip(precision)
 
     made = quantize.quantize_state_dict(tiny_dit, precision)
     path = tmp_path / f"tiny-{precision}.safetensors"
@@ -267,6 +277,7 @@ def test_lora_changes_a_quantized_model_like_the_16_bit_one(comfy_import_path, t
 
     from pipeline import lora
 
+    quantization_or_skip("int8")
     path, _ = lora_files.write_peft(tmp_path / "peft", dit)
     out = {}
     for precision in ("fp32", "fp8", "int8"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import quantization_or_skip
 from devkit.dit_calls import dit_call
 
 pytestmark = pytest.mark.host
@@ -50,6 +51,8 @@ def test_model_twin_is_the_same_dit_without_dynamic_vram(models_root, layout):
 def test_clip_twin_holds_the_same_text_encoders(models_root, layout, te_precision):
     from pipeline import quantize
 
+    if te_precision in quantize.FORMATS:
+        quantization_or_skip(te_precision, "text_encoder_precision")
     loaded = _load(models_root, layout, "bf16", te_precision)
     factory, args = loaded.clip.patcher.cached_patcher_init
     twin = factory(*args, disable_dynamic=True)

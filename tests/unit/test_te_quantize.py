@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import quantization_or_skip
 from devkit import quant_errors, tiny_models
 
 _clip = quant_errors.clip
@@ -33,6 +34,7 @@ def test_decoder_projections_are_quantized_embeddings_and_norms_are_not(tiny_par
 def test_only_gemma_runs_comfys_mixed_precision_operations(tiny_parts):
     from comfy.quant_ops import QuantizedTensor
 
+    quantization_or_skip("int8", "text_encoder_precision")
     te = _clip(tiny_parts, "int8").cond_stage_model
     assert te.gemma.operations._quant_config is not None
     assert getattr(te.jina.operations, "_quant_config", None) is None, "Jina stays 16-bit"
@@ -42,6 +44,7 @@ def test_only_gemma_runs_comfys_mixed_precision_operations(tiny_parts):
 
 
 def test_tiny_gemma_conditioning_error_beats_a_plain_fp8_cast(tiny_parts):
+    quantization_or_skip("int8", "text_encoder_precision")
     err = _errors(tiny_parts)
     # measured: fp8 0.122, int8 0.032, plain fp8 cast 0.155 (pipeline/te_quantize.py)
     assert err["fp8"] < 0.14 and err["int8"] < 0.04, err
@@ -51,6 +54,7 @@ def test_tiny_gemma_conditioning_error_beats_a_plain_fp8_cast(tiny_parts):
 def test_full_width_gemma_conditioning_error_beats_a_plain_fp8_cast(tiny_parts):
     """Gemma-3-4B's real width (2560, 8/4 heads, MLP 10240) with 3 decoder layers (the fewest that have a
     hidden_states[-2] ComfyUI accepts) and a tiny vocabulary."""
+    quantization_or_skip("int8", "text_encoder_precision")
     g = dataclasses.replace(tiny_models.FULL.gemma, vocab_size=tiny_models.TINY.gemma.vocab_size,
                             num_hidden_layers=3, tokenizer_vocab=tiny_models.TINY.gemma.tokenizer_vocab)
     spec = dataclasses.replace(tiny_models.TINY, gemma=g)
