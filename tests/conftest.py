@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import host_features  # noqa: E402
 from devkit import harness  # noqa: E402
 
 HOSTS = harness.find_hosts()
@@ -70,31 +71,7 @@ def comfy_device_is_the_cpu(comfy_import_path, monkeypatch):
 def dynamic_vram_layers(comfy_import_path, monkeypatch):
     """ComfyUI's dynamic VRAM switched on (v0.33; a CPU host never turns it on): its layers are built without
     weights and its core patcher is the dynamic one. Skips on a host without it (v0.8)."""
-    monkeypatch.setattr(dynamic_vram_module(), "aimdo_enabled", True)
-
-
-def quantization_or_skip(precision: str, option: str = "precision") -> None:
-    """Skips the test where the host lacks what the quantized `precision` needs for the loader's `option` (v0.8 has
-    no int8 format), by the product's own check and with its message (pipeline/compat.py; test_te_quantize holds
-    that message)."""
-    from pipeline import compat, quantize
-
-    try:
-        if option == "text_encoder_precision":
-            compat.require_text_encoder_quantization(precision)
-        compat.quant_layout(quantize.FORMATS[precision], precision, option)
-    except compat.QuantizationUnavailable as e:
-        pytest.skip(str(e))
-
-
-def dynamic_vram_module():
-    """The host's `comfy.memory_management` with its dynamic-VRAM switch (`aimdo_enabled`); skips the test on a
-    host without them (v0.8 has neither the switch nor the module)."""
-    memory_management = pytest.importorskip("comfy.memory_management",
-                                            reason="this host has no dynamic VRAM (ComfyUI v0.8)")
-    if not hasattr(memory_management, "aimdo_enabled"):
-        pytest.skip("this host has no dynamic VRAM (ComfyUI v0.8)")
-    return memory_management
+    monkeypatch.setattr(host_features.dynamic_vram_module(), "aimdo_enabled", True)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import dynamic_vram_module
 from devkit import dit_calls, tiny_models
+from host_features import dynamic_vram_module
 
 pytestmark = [pytest.mark.host, pytest.mark.usefixtures("comfy_on_cpu")]
 

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from conftest import quantization_or_skip
 from devkit import quant_errors, stress, tiny_models
 from devkit.dit_calls import dit_call
+from host_features import quantization_or_skip
 from pipeline.errors import ModelFileError
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import quantization_or_skip
 from devkit import stress, tiny_models
 from devkit.dit_calls import dit_call, dit_inputs
+from host_features import quantization_or_skip
 
 pytestmark = pytest.mark.host
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import quantization_or_skip
 from devkit.dit_calls import dit_call
+from host_features import quantization_or_skip
 
 pytestmark = pytest.mark.host
 

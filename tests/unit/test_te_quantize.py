@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import quantization_or_skip
 from devkit import quant_errors, tiny_models
+from host_features import quantization_or_skip
 
 _clip = quant_errors.clip
 _cond = quant_errors.conditioning

@@ -13,8 +13,8 @@ import copy
 import pytest
 import torch
 
-from conftest import dynamic_vram_module
 from devkit.dit_calls import dit_call
+from host_features import dynamic_vram_module
 
 pytestmark = pytest.mark.host
 
