@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import env_switch
+from . import env_switch, triton_ops
 from .oom import memory
 
 log = logging.getLogger(__name__)
@@ -61,14 +61,9 @@ def enabled() -> bool:
 
 
 def usable(device) -> bool:
-    """Whether the kernels can run for a VAE on `device`: a CUDA device with Triton."""
-    if torch.device(device).type != "cuda":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether the kernels can run for a VAE on `device`: a CUDA device with Triton (plain Triton kernels, launched
+    eagerly: the VAE is not compiled, so no `triton_op` is needed)."""
+    return triton_ops.available(device)
 
 
 def _cdiv(a: int, b: int) -> int:

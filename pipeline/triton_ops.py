@@ -13,12 +13,17 @@ def register(name: str):
     return wrap
 
 
-def runs_on(device, op) -> bool:
-    """Whether `op` (a `register`ed op, or None) can run for a model on `device`: a CUDA device with Triton."""
-    if torch.device(device).type != "cuda" or op is None:
+def available(device) -> bool:
+    """Whether Triton kernels can run for a model on `device`: a CUDA device with Triton."""
+    if torch.device(device).type != "cuda":
         return False
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def runs_on(device, op) -> bool:
+    """Whether `op` (a `register`ed op, or None) can run for a model on `device`: a CUDA device with Triton."""
+    return op is not None and available(device)
